@@ -1,0 +1,172 @@
+"""CIFAR-10 input pipeline.
+
+Two sources, one result:
+* `data_dir` set: the original CIFAR-10 binary files (`data_batch_{1..5}.bin`, `test_batch.bin`),
+  read with numpy, no network. Training and test sets keep CIFAR-10's own order.
+* `data_dir` empty: tensorflow-datasets `cifar10`, read through `tfds.data_source` (ArrayRecord,
+  no TensorFlow needed to read). Preparing it the first time (download or `manual_dir` archive)
+  needs TensorFlow, as tfds extracts and encodes with it: `pip install 'convnet_jax[tfds]'`.
+
+The chosen classes are kept and relabelled 0..k-1 in the order given. Images stay uint8 (4x less
+memory to keep on the device); `normalize` turns them into floats with the training-set
+per-channel mean and population std, the same for training and test images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from convnet_jax.errors import UserError
+
+IMAGE_SHAPE = (32, 32, 3)
+RECORD_BYTES = 1 + 32 * 32 * 3  # one label byte, then the R, G and B planes
+NUM_CIFAR10_CLASSES = 10
+TRAIN_FILES = tuple(f"data_batch_{index}.bin" for index in range(1, 6))
+TEST_FILES = ("test_batch.bin",)
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                       "ship", "truck")
+# The environment variable that points tests and tools at a local CIFAR-10 binary folder.
+DATA_DIR_ENV = "CONVNET_JAX_CIFAR10_DIR"
+
+
+class DataError(UserError):
+  """A data folder or file is missing, truncated or malformed; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train and test sets as uint8 NHWC images with int32 labels 0..k-1, and the statistics
+  (on the [0, 1] scale) that normalise them."""
+
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  mean: np.ndarray  # per channel, float32, (3,)
+  std: np.ndarray  # per channel, population std, float32, (3,)
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def check_binary_files(data_dir: str | os.PathLike) -> None:
+  """Checks, without reading them, that the CIFAR-10 binary files exist and hold whole records."""
+  folder = Path(data_dir)
+  if not folder.is_dir():
+    raise DataError(f"config.data_dir: {folder} is not a folder (expected the CIFAR-10 binary "
+                    f"files {', '.join(TRAIN_FILES + TEST_FILES)})")
+  for name in TRAIN_FILES + TEST_FILES:
+    path = folder / name
+    if not path.is_file():
+      raise DataError(f"{path}: file not found (config.data_dir must hold the CIFAR-10 binary "
+                      f"version: {', '.join(TRAIN_FILES + TEST_FILES)})")
+    size = path.stat().st_size
+    if size == 0 or size % RECORD_BYTES:
+      raise DataError(f"{path}: {size} bytes is not a whole number of {RECORD_BYTES}-byte "
+                      f"records (1 label byte + 3072 pixel bytes); truncated or not CIFAR-10")
+
+
+def read_binary_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """Reads one CIFAR-10 binary batch file into uint8 NHWC images and int32 labels."""
+  path = Path(path)
+  raw = np.fromfile(path, dtype=np.uint8)
+  if raw.size == 0 or raw.size % RECORD_BYTES:
+    raise DataError(f"{path}: {raw.size} bytes is not a whole number of {RECORD_BYTES}-byte "
+                    f"records (1 label byte + 3072 pixel bytes); truncated or not CIFAR-10")
+  records = raw.reshape(-1, RECORD_BYTES)
+  labels = records[:, 0].astype(np.int32)
+  bad = np.flatnonzero(labels >= NUM_CIFAR10_CLASSES)
+  if bad.size:
+    raise DataError(f"{path}: record {bad[0]} has label {labels[bad[0]]}, expected 0-9; "
+                    f"not a CIFAR-10 binary file")
+  # Each record stores three 32x32 planes (R, G, B); NHWC wants the channel last.
+  images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), labels
+
+
+def read_binary_split(data_dir: str | os.PathLike, names: Sequence[str]):
+  """Reads and concatenates CIFAR-10 binary files, in the order given."""
+  parts = [read_binary_file(Path(data_dir) / name) for name in names]
+  return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def read_tfds_split(split: str, tfds_data_dir: str = "", manual_dir: str = ""):
+  """Reads a split of tfds `cifar10` as uint8 NHWC images and int32 labels, preparing the data
+  set first if needed (download, or `manual_dir/cifar-10-binary.tar.gz` offline)."""
+  import tensorflow_datasets as tfds  # imported here: the binary path never needs it
+
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+  try:
+    source = tfds.data_source(
+        "cifar10", split=split, data_dir=tfds_data_dir or None, download=True,
+        builder_kwargs={"file_format": "array_record"},
+        download_and_prepare_kwargs={"download_config": download_config})
+    examples = [source[index] for index in range(len(source))]
+  except Exception as error:  # tfds raises many types: name the fix, keep the cause
+    raise DataError(
+        f"tfds could not provide cifar10/{split} ({type(error).__name__}: {error}). Offline, set "
+        f"config.data_dir to a folder with the CIFAR-10 binary files, or put "
+        f"cifar-10-binary.tar.gz in config.tfds_manual_dir; preparing with tfds needs "
+        f"TensorFlow: pip install 'convnet_jax[tfds]'") from error
+  images = np.stack([np.asarray(example["image"], dtype=np.uint8) for example in examples])
+  labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
+  if images.shape[1:] != IMAGE_SHAPE:
+    raise DataError(f"tfds cifar10/{split}: images of shape {images.shape[1:]}, "
+                    f"expected {IMAGE_SHAPE}")
+  return images, labels
+
+
+def select_classes(images: np.ndarray, labels: np.ndarray, classes: Sequence[int]):
+  """Keeps the examples of `classes` (in their original order) and relabels class classes[i]
+  as i."""
+  relabel = np.full(NUM_CIFAR10_CLASSES, -1, dtype=np.int32)
+  relabel[np.asarray(classes)] = np.arange(len(classes), dtype=np.int32)
+  new_labels = relabel[labels]
+  keep = new_labels >= 0
+  return images[keep], new_labels[keep]
+
+
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and population std of uint8 NHWC images on the [0, 1] scale."""
+  pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+  return pixels.mean(axis=0).astype(np.float32), pixels.std(axis=0).astype(np.float32)
+
+
+def normalize(images, mean, std):
+  """uint8 images -> float32 (images / 255 - mean) / std, on whatever device holds them."""
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def load_dataset(config) -> Dataset:
+  """Loads the data set the config names: CIFAR-10 restricted to `config.classes`."""
+  if config.data_dir:
+    check_binary_files(config.data_dir)
+    train_images, train_labels = read_binary_split(config.data_dir, TRAIN_FILES)
+    test_images, test_labels = read_binary_split(config.data_dir, TEST_FILES)
+  else:
+    train_images, train_labels = read_tfds_split("train", config.tfds_data_dir,
+                                                 config.tfds_manual_dir)
+    test_images, test_labels = read_tfds_split("test", config.tfds_data_dir,
+                                               config.tfds_manual_dir)
+  classes = tuple(config.classes)
+  train_images, train_labels = select_classes(train_images, train_labels, classes)
+  test_images, test_labels = select_classes(test_images, test_labels, classes)
+  if config.max_train_examples:
+    train_images = train_images[:config.max_train_examples]
+    train_labels = train_labels[:config.max_train_examples]
+  if config.max_test_examples:
+    test_images = test_images[:config.max_test_examples]
+    test_labels = test_labels[:config.max_test_examples]
+  if len(train_labels) == 0:
+    raise DataError(f"config.classes={classes}: no training image has these classes")
+  mean, std = channel_statistics(train_images)
+  return Dataset(train_images, train_labels, test_images, test_labels, mean, std,
+                 tuple(CIFAR10_CLASS_NAMES[c] for c in classes))

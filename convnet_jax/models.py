@@ -1,0 +1,211 @@
+"""The seed convnet of the specification, built from parameter-free batch-statistics BatchNorm.
+
+All modules are Flax linen modules: `model.init` returns the parameters as a plain pytree and
+`model.apply` is a pure function of (parameters, images). There is no mutable state: BatchNorm
+always normalises with the statistics of the batch at hand, in training and in evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BATCH_NORM_EPSILON = 1e-5
+
+
+def batch_norm(x: jax.Array, epsilon: float = BATCH_NORM_EPSILON) -> jax.Array:
+  """Normalises `x` (NHWC) per channel with the mean and biased variance of this batch.
+
+  Equivalent to PyTorch `BatchNorm2d(C, eps, momentum=None, affine=False,
+  track_running_stats=False)`. Statistics are computed in float32 whatever the input dtype.
+  """
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=(0, 1, 2))
+  # Two passes (variance of the centred values), as the formula reads: the one-pass
+  # E[x^2]-E[x]^2 loses precision when |mean| >> std.
+  variance = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+  return ((x32 - mean) * jax.lax.rsqrt(variance + epsilon)).astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """Batch-statistics BatchNorm with no running averages; optionally a learnable scale and offset."""
+
+  use_scale_and_offset: bool = False
+  epsilon: float = BATCH_NORM_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = batch_norm(x, self.epsilon)
+    if self.use_scale_and_offset:
+      channels = x.shape[-1]
+      scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+      offset = self.param("offset", nn.initializers.zeros, (channels,), jnp.float32)
+      y = y * scale.astype(y.dtype) + offset.astype(y.dtype)
+    return y
+
+
+def fan_in_uniform() -> nn.initializers.Initializer:
+  """U(-s, s) with s = sqrt(1 / fan_in), fan_in = all kernel dimensions but the output one.
+
+  That is kh*kw*in_channels for an HWIO convolution kernel and in_dim for a dense kernel,
+  the specification's (and PyTorch's default-style) initialisation.
+  """
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    fan_in = math.prod(shape[:-1])
+    bound = math.sqrt(1.0 / fan_in)
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 on NHWC (H and W even).
+
+  Written as a reshape and max rather than `nn.max_pool`: XLA's CPU gradient of `reduce_window`
+  (select-and-scatter) is ~25x slower than the gradient of a plain reduction.
+  """
+  batch, height, width, channels = x.shape
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return jnp.max(x, axis=(2, 4))
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'SAME' convolution (NHWC input, HWIO kernel) as one matrix product over patches.
+
+  XLA's CPU convolution gradients are slow (and slower still inside `lax.scan`); the patches are
+  plain slices, so forward and backward become dots that run at matmul speed.
+  """
+  kh, kw, cin, cout = kernel.shape
+  if kh == kw == 1:
+    return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+  _, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  patches = jnp.concatenate([padded[:, i:i + height, j:j + width, :]
+                             for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
+
+
+def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'SAME' convolution with XLA's native convolution (cuDNN on GPU, MXU on TPU)."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+CONV_IMPLEMENTATIONS = {"im2col": conv_im2col, "xla": conv_xla}
+
+
+def resolve_conv_implementation(name: str) -> str:
+  """'auto' picks 'im2col' on CPU and XLA's native convolution on accelerators."""
+  if name == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "xla"
+  return name
+
+
+class Conv(nn.Module):
+  """Bias-free, stride-1, 'SAME' convolution with the specification's uniform initialisation.
+
+  The kernel is an HWIO array named `kernel`, as in `nn.Conv`; `implementation` only changes how
+  the same convolution is computed.
+  """
+
+  features: int
+  kernel_size: int
+  dtype: Any = jnp.float32
+  implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param("kernel", fan_in_uniform(), shape, jnp.float32)
+    conv = CONV_IMPLEMENTATIONS[self.implementation]
+    return conv(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class ResidualBlock(nn.Module):
+  """out(x) = ReLU(BatchNorm(conv3x3(x))) + conv1x1(x); no ReLU after the sum."""
+
+  features: int
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = functools.partial(Conv, self.features, dtype=self.dtype,
+                             implementation=self.conv_implementation)
+    main = nn.relu(BatchNorm(name="bn")(conv(3, name="conv")(x)))
+    return main + conv(1, name="skip")(x)
+
+
+class SeedConvNet(nn.Module):
+  """The seed convnet: conv-BN-ReLU stem, three residual blocks with max-pools, global max-pool,
+  bias-free linear layer, scaled by `alpha`.
+
+  Returns logits (the softmax of the specification is applied by the loss and by prediction).
+  """
+
+  num_classes: int = 2
+  stem_features: int = 16
+  block_features: Sequence[int] = (32, 64, 128)
+  alpha: float = 0.125
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images.astype(self.dtype)
+    x = Conv(self.stem_features, 3, dtype=self.dtype, implementation=self.conv_implementation,
+             name="stem_conv")(x)
+    x = nn.relu(BatchNorm(name="stem_bn")(x))
+    for index, features in enumerate(self.block_features):
+      x = ResidualBlock(features, dtype=self.dtype, conv_implementation=self.conv_implementation,
+                        name=f"block{index + 1}")(x)
+      if index < len(self.block_features) - 1:
+        x = max_pool_2x2(x)
+    x = jnp.max(x, axis=(1, 2))  # global max-pool
+    x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=fan_in_uniform(), name="head")(x)
+    return (self.alpha * x).astype(jnp.float32)
+
+
+def create_model(config, num_classes: int) -> nn.Module:
+  """Builds the model named by `config.model` for `num_classes` outputs."""
+  dtype = jnp.dtype(config.dtype)
+  if config.model == "seed_convnet":
+    return SeedConvNet(num_classes=num_classes, dtype=dtype,
+                       conv_implementation=resolve_conv_implementation(config.conv_implementation))
+  raise ValueError(f"unknown model {config.model!r}")
+
+
+def count_parameters(params) -> int:
+  """Total number of scalar parameters in a pytree."""
+  return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+def describe_shapes(model: nn.Module, params, images: jax.Array) -> list[str]:
+  """The reference-style shape trace of one forward pass: each top-level layer's input and
+  output shape, computed abstractly (no FLOPs are spent)."""
+  lines = []
+
+  def record(next_fn, args, kwargs, context):
+    output = next_fn(*args, **kwargs)
+    module = context.module
+    parent = module.parent
+    if context.method_name == "__call__" and isinstance(parent, nn.Module) and \
+        not isinstance(parent.parent, nn.Module):  # direct children of the model only
+      in_shape = tuple(args[0].shape)
+      out_shape = tuple(output.shape)
+      lines.append(f"{module.name} ({type(module).__name__}): {in_shape} -> {out_shape}")
+    return output
+
+  def forward(params, images):
+    with nn.intercept_methods(record):
+      return model.apply({"params": params}, images)
+
+  jax.eval_shape(forward, params, images)
+  return lines

@@ -1,0 +1,238 @@
+"""Training and evaluation: pure `train_step`/`eval_step`, each epoch compiled as one program.
+
+The whole data set lives on the device as uint8; an epoch is one compiled call that shuffles
+with the PRNG key, runs `train_step` over the full batches with `lax.scan` and then over the
+short last batch, so the host never waits inside an epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state as flax_train_state
+
+from convnet_jax import input_pipeline
+from convnet_jax import models
+from convnet_jax import validation
+
+TrainState = flax_train_state.TrainState
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate at each step: linear from `learning_rate` to 0 over all of training."""
+  total_steps = config.num_epochs * steps_per_epoch
+  return optax.linear_schedule(config.learning_rate, 0.0, transition_steps=total_steps)
+
+
+def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with PyTorch's momentum formulation: v = m v + g; w = w - lr v."""
+  return optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
+
+
+def create_train_state(config, model, key: jax.Array, learning_rate_fn) -> TrainState:
+  """Initialises the parameters from `key` and the optimiser state."""
+  dummy = jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
+  params = model.init(key, dummy)["params"]
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=create_optimizer(config, learning_rate_fn))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean over the batch of -log softmax(logits)[label]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+  """One SGD step on a normalised batch. Returns the new state and the batch's summed loss and
+  number of correct predictions (sums, so that batches of any size add up exactly)."""
+
+  def loss_fn(params):
+    logits = state.apply_fn({"params": params}, images)
+    return cross_entropy_loss(logits, labels), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads)
+  count = labels.shape[0]
+  metrics = {"loss_sum": loss * count,
+             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+  return state, metrics
+
+
+def eval_step(params, apply_fn: Callable, images: jax.Array, labels: jax.Array):
+  """Predictions, summed loss and number correct for one normalised evaluation batch."""
+  logits = apply_fn({"params": params}, images)
+  predictions = jnp.argmax(logits, -1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return predictions, {"loss_sum": jnp.sum(losses),
+                       "correct": jnp.sum(predictions == labels).astype(jnp.float32)}
+
+
+def _sum_metrics(a, b):
+  return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
+                mean: jax.Array, std: jax.Array, *, batch_size: int, drop_last_batch: bool):
+  """One epoch: a fresh permutation from `key`, every example once (the last batch short unless
+  `drop_last_batch`). Returns the new state and the epoch's summed metrics."""
+  num_examples = labels.shape[0]
+  num_full = num_examples // batch_size
+  order = jax.random.permutation(key, num_examples)
+
+  def step(state, indices):
+    batch_images = input_pipeline.normalize(images[indices], mean, std)
+    return train_step(state, batch_images, labels[indices])
+
+  full_batches = order[:num_full * batch_size].reshape(num_full, batch_size)
+  state, per_step = jax.lax.scan(step, state, full_batches)
+  totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
+  if num_examples % batch_size and not drop_last_batch:
+    state, last = step(state, order[num_full * batch_size:])
+    totals = _sum_metrics(totals, last)
+  return state, totals
+
+
+def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std: jax.Array, *,
+             apply_fn: Callable, batch_size: int):
+  """Evaluates on the whole set in order, in batches of `batch_size` (the last one short), as
+  BatchNorm uses each batch's statistics. Returns predictions and summed metrics."""
+  num_examples = labels.shape[0]
+  num_full = num_examples // batch_size
+
+  def step(_, start):
+    batch_images = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
+    batch_labels = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
+    return None, eval_step(params, apply_fn, input_pipeline.normalize(batch_images, mean, std),
+                           batch_labels)
+
+  _, (predictions, per_step) = jax.lax.scan(step, None, jnp.arange(num_full) * batch_size)
+  predictions = predictions.reshape(-1)
+  totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
+  if num_examples % batch_size:
+    start = num_full * batch_size
+    last_predictions, last = eval_step(
+        params, apply_fn, input_pipeline.normalize(images[start:], mean, std), labels[start:])
+    predictions = jnp.concatenate([predictions, last_predictions])
+    totals = _sum_metrics(totals, last)
+  return predictions, totals
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -> int:
+  """79 for 10,000 examples in batches of 128 (the last one 16 long) unless it is dropped."""
+  if drop_last_batch:
+    return num_examples // batch_size
+  return math.ceil(num_examples / batch_size)
+
+
+def shape_trace(model, params, images: jax.Array, labels: jax.Array) -> list[str]:
+  """Reference-style trace of a training step's shapes: input, target, each layer, pooled
+  features and output."""
+  lines = [f"input: {tuple(images.shape)}", f"target: {tuple(labels.shape)}"]
+  layers = models.describe_shapes(model, params, images)
+  for line in layers:
+    if line.startswith("head "):
+      pooled = line.split(": ", 1)[1].split(" -> ")[0]
+      lines.append(f"global max-pool: {pooled}")
+    lines.append(line)
+  output = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images)
+  lines.append(f"output: {tuple(output.shape)}")
+  return lines
+
+
+class _RunFiles:
+  """The workdir's outputs: config.json, metrics.jsonl and preds."""
+
+  def __init__(self, workdir: Path):
+    self.workdir = workdir
+    self.config = workdir / "config.json"
+    self.metrics = workdir / "metrics.jsonl"
+    self.predictions = workdir / "preds"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains the configured model, evaluating after every epoch.
+
+  Prints one JSON line per epoch on stdout and writes config.json, metrics.jsonl and preds
+  (test predictions, one integer per line, in test order) to `workdir`. Returns the last
+  epoch's metrics. Raises `validation.UserError` for bad configs or data before any work.
+  """
+  validation.validate_config(config)
+  files = _RunFiles(Path(workdir))
+  validation.check_workdir(files.workdir, [files.metrics, files.predictions])
+
+  data = input_pipeline.load_dataset(config)
+  validation.check_batch_sizes(config, len(data.train_labels))
+  files.workdir.mkdir(parents=True, exist_ok=True)
+  files.config.write_text(config.to_json_best_effort(indent=2) + "\n")
+
+  model = models.create_model(config, data.num_classes)
+  num_steps = steps_per_epoch(len(data.train_labels), config.batch_size, config.drop_last_batch)
+  learning_rate_fn = create_learning_rate_fn(config, num_steps)
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  state = jax.jit(functools.partial(create_train_state, config, model,
+                                    learning_rate_fn=learning_rate_fn))(init_key)
+  logging.info("model %s: %d parameters; %d steps per epoch", config.model,
+               models.count_parameters(state.params), num_steps)
+
+  # The whole data set goes to the device once, as uint8.
+  train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
+  test_images, test_labels = jax.device_put((data.test_images, data.test_labels))
+  mean, std = jax.device_put((data.mean, data.std))
+
+  if config.trace_shapes:
+    batch = train_images[:config.batch_size].astype(jnp.float32)
+    for line in shape_trace(model, state.params, batch, train_labels[:config.batch_size]):
+      print(line, file=sys.stderr)
+
+  compile_start = time.perf_counter()
+  # Donating the state lets XLA update parameters and momenta in place.
+  run_epoch = jax.jit(functools.partial(
+      train_epoch, batch_size=config.batch_size, drop_last_batch=config.drop_last_batch),
+      donate_argnums=0).lower(state, train_images, train_labels,
+                              jax.random.fold_in(data_key, 0), mean, std).compile()
+  run_eval = jax.jit(functools.partial(
+      evaluate, apply_fn=model.apply, batch_size=config.eval_batch_size)).lower(
+          state.params, test_images, test_labels, mean, std).compile()
+  compile_seconds = time.perf_counter() - compile_start
+  logging.info("compiled the epoch and evaluation programs in %.2f s", compile_seconds)
+  print(f"compile time: {compile_seconds:.2f} s", file=sys.stderr)
+
+  num_train, num_test = len(data.train_labels), len(data.test_labels)
+  num_seen = num_steps * config.batch_size if config.drop_last_batch else num_train
+  record: dict[str, Any] = {}
+  start = time.perf_counter()
+  with files.metrics.open("w") as metrics_file:
+    for epoch in range(config.num_epochs):
+      learning_rate = float(learning_rate_fn(state.step))
+      state, train_totals = run_epoch(state, train_images, train_labels,
+                                      jax.random.fold_in(data_key, epoch), mean, std)
+      predictions, test_totals = run_eval(state.params, test_images, test_labels, mean, std)
+      train_totals, test_totals = jax.device_get((train_totals, test_totals))
+      record = {
+          "epoch": epoch,
+          "test_acc": float(test_totals["correct"]) / num_test,
+          "time": round(time.perf_counter() - start, 3),
+          "train_loss": float(train_totals["loss_sum"]) / num_seen,
+          "train_acc": float(train_totals["correct"]) / num_seen,
+          "test_loss": float(test_totals["loss_sum"]) / num_test,
+          "learning_rate": learning_rate,
+          "compile_time": round(compile_seconds, 3),
+      }
+      line = json.dumps(record)
+      print(line, flush=True)
+      metrics_file.write(line + "\n")
+      metrics_file.flush()
+  np.savetxt(files.predictions, np.asarray(predictions), fmt="%d")
+  return record

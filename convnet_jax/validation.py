@@ -1,0 +1,76 @@
+"""Checks of user input that run before any data loading or compilation.
+
+Each failure raises `UserError` (or `input_pipeline.DataError`, a subclass of it) with one line
+that names the config key or file and what was expected; `main` prints it and exits with 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from convnet_jax import input_pipeline
+from convnet_jax.errors import UserError
+
+MODELS = ("seed_convnet",)
+DATASETS = ("cifar10",)
+DTYPES = ("float32", "bfloat16")
+CONV_IMPLEMENTATIONS = ("auto", "im2col", "xla")
+
+
+def _require(condition: bool, key: str, expected: str, value) -> None:
+  if not condition:
+    raise UserError(f"config.{key}={value!r}: expected {expected}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(config) -> None:
+  """Raises `UserError` naming the first config key whose value is not usable."""
+  _require(config.model in MODELS, "model", f"one of {MODELS}", config.model)
+  _require(config.dataset in DATASETS, "dataset", f"one of {DATASETS}", config.dataset)
+  _require(config.dtype in DTYPES, "dtype", f"one of {DTYPES}", config.dtype)
+  _require(config.conv_implementation in CONV_IMPLEMENTATIONS, "conv_implementation",
+           f"one of {CONV_IMPLEMENTATIONS}", config.conv_implementation)
+  classes = config.classes
+  _require(isinstance(classes, (tuple, list)) and len(classes) >= 2, "classes",
+           "a tuple of at least two CIFAR-10 class ids", classes)
+  for class_id in classes:
+    _require(_is_int(class_id) and 0 <= class_id < input_pipeline.NUM_CIFAR10_CLASSES,
+             "classes", "class ids between 0 and 9", classes)
+  _require(len(set(classes)) == len(classes), "classes", "no repeated class id", classes)
+  for key in ("batch_size", "eval_batch_size", "num_epochs"):
+    _require(_is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
+  _require(_is_number(config.learning_rate) and config.learning_rate >= 0, "learning_rate",
+           "a non-negative number", config.learning_rate)
+  _require(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
+           "a number in [0, 1)", config.momentum)
+  _require(_is_int(config.seed), "seed", "an integer", config.seed)
+  for key in ("max_train_examples", "max_test_examples"):
+    _require(_is_int(config[key]) and config[key] >= 0, key, "0 (all) or a positive integer",
+             config[key])
+  if config.data_dir:
+    input_pipeline.check_binary_files(config.data_dir)
+
+
+def check_batch_sizes(config, num_train_examples: int) -> None:
+  """The batch must not be larger than the training set."""
+  _require(config.batch_size <= num_train_examples, "batch_size",
+           f"at most the {num_train_examples} training examples", config.batch_size)
+
+
+def check_workdir(workdir: Path, outputs: Iterable[Path]) -> None:
+  """Refuses a workdir that is a file or already holds a run's outputs, so nothing is
+  overwritten."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir}: exists and is not a folder")
+  existing = [path.name for path in outputs if path.exists()]
+  if existing:
+    raise UserError(f"--workdir {workdir}: already holds a run ({', '.join(existing)}); "
+                    f"choose a new workdir so nothing is overwritten")

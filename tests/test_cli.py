@@ -1,0 +1,107 @@
+"""The command line end to end on real CIFAR-10: output format, files, and clean errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, write_records
+
+
+def run_main(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "convnet_jax.main", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def read_cifar2_test_labels(cifar10_dir, limit=None):
+  """Test labels of classes 0 and 1, read straight from the file (label = first byte)."""
+  labels = np.fromfile(cifar10_dir / "test_batch.bin", np.uint8).reshape(-1, 3073)[:, 0]
+  labels = labels[labels <= 1]
+  return labels[:limit]
+
+
+def test_smoke_run_prints_json_lines_and_writes_outputs(cifar10_dir, tmp_path):
+  workdir = tmp_path / "run"
+  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+                    f"--workdir={workdir}", "--config.num_epochs=2",
+                    "--config.trace_shapes=True")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  records = [json.loads(line) for line in lines]  # stdout holds JSON lines only
+  assert [r["epoch"] for r in records] == [0, 1]
+  for record in records:
+    assert {"epoch", "test_acc", "time", "train_loss"} <= record.keys()
+    assert 0.0 <= record["test_acc"] <= 1.0 and record["time"] > 0
+  assert records[1]["time"] > records[0]["time"]
+  saved = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert saved == records
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["batch_size"] == 64 and config["num_epochs"] == 2
+  predictions = np.loadtxt(workdir / "preds", dtype=int)
+  labels = read_cifar2_test_labels(cifar10_dir, limit=100)
+  assert predictions.shape == (100,) and set(predictions.tolist()) <= {0, 1}
+  assert np.mean(predictions == labels) == pytest.approx(records[-1]["test_acc"])
+  # The reference-style trace of the first step, on stderr.
+  for expected in ["input: (64, 32, 32, 3)", "target: (64,)",
+                   "block1 (ResidualBlock): (64, 32, 32, 16) -> (64, 32, 32, 32)",
+                   "block2 (ResidualBlock): (64, 16, 16, 32) -> (64, 16, 16, 64)",
+                   "block3 (ResidualBlock): (64, 8, 8, 64) -> (64, 8, 8, 128)",
+                   "global max-pool: (64, 128)", "output: (64, 2)"]:
+    assert expected in result.stderr
+
+
+@pytest.fixture
+def broken_data_dirs(tmp_path, cifar10_dir):
+  """Copies of a tiny CIFAR folder with one file truncated or holding a bad label."""
+  dirs = {}
+  for kind in ("truncated", "bad_label"):
+    folder = tmp_path / kind
+    folder.mkdir()
+    for index in range(1, 6):
+      write_records(folder / f"data_batch_{index}.bin", [0, 1, 0, 1])
+    write_records(folder / "test_batch.bin", [0, 1] if kind == "truncated" else [0, 11])
+    dirs[kind] = folder
+  truncated = dirs["truncated"] / "test_batch.bin"
+  truncated.write_bytes(truncated.read_bytes()[:-7])
+  return dirs
+
+
+BAD_INPUTS = [
+    (["--config.batch_size=0"], "config.batch_size=0: expected a positive integer"),
+    (["--config.num_epochs=-1"], "config.num_epochs=-1: expected a positive integer"),
+    (["--config.learning_rate=-0.1"], "config.learning_rate=-0.1: expected a non-negative"),
+    (["--config.classes=(0,10)"], "config.classes=(0, 10): expected class ids between 0 and 9"),
+    (["--config.model=resnet9000"], "config.model='resnet9000': expected one of"),
+    (["--config.data_dir=/nonexistent/cifar"], "config.data_dir: /nonexistent/cifar is not a folder"),
+    (["--config.data_dir={truncated}"], "test_batch.bin: 6139 bytes is not a whole number"),
+    (["--config.data_dir={bad_label}"], "test_batch.bin: record 1 has label 11"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS)
+def test_bad_input_fails_cleanly_before_compiling(overrides, message, cifar10_dir,
+                                                  broken_data_dirs, tmp_path):
+  args = [arg.format(**broken_data_dirs) for arg in overrides]
+  if not any(arg.startswith("--config.data_dir") for arg in args):
+    args.append(f"--config.data_dir={cifar10_dir}")
+  result = run_main("--config", "configs/default.py", f"--workdir={tmp_path / 'w'}", *args)
+  assert result.returncode == 2
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+  assert "compile time" not in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_finished_run_is_never_overwritten(cifar10_dir, tmp_path):
+  workdir = tmp_path / "done"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text('{"epoch": 0}\n')
+  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+                    f"--workdir={workdir}")
+  assert result.returncode == 2 and "already holds a run" in result.stderr
+  assert (workdir / "metrics.jsonl").read_text() == '{"epoch": 0}\n'

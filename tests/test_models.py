@@ -1,0 +1,165 @@
+"""The model against the specification and against an independent numpy implementation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from convnet_jax import models
+
+
+def numpy_conv(x, w):
+  """Direct definition of a stride-1 'SAME' convolution, output pixel by output pixel."""
+  kh, kw, _, cout = w.shape
+  n, h, wd, _ = x.shape
+  xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = np.zeros((n, h, wd, cout))
+  for i in range(h):
+    for j in range(wd):
+      window = xp[:, i:i + kh, j:j + kw, :]
+      out[:, i, j, :] = np.tensordot(window, w, axes=([1, 2, 3], [0, 1, 2]))
+  return out
+
+
+def numpy_batch_norm(x, eps=1e-5):
+  mean = x.mean(axis=(0, 1, 2))
+  var = ((x - mean) ** 2).mean(axis=(0, 1, 2))  # biased
+  return (x - mean) / np.sqrt(var + eps)
+
+
+def numpy_seed_convnet(params, x):
+  """The specification's network written out in float64 numpy."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  relu = lambda a: np.maximum(a, 0)
+
+  def pool(a):
+    n, h, w, c = a.shape
+    return a.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+  def block(a, q):
+    return relu(numpy_batch_norm(numpy_conv(a, q["conv"]["kernel"]))) + \
+        numpy_conv(a, q["skip"]["kernel"])
+
+  a = relu(numpy_batch_norm(numpy_conv(x, p["stem_conv"]["kernel"])))
+  a = pool(block(a, p["block1"]))
+  a = pool(block(a, p["block2"]))
+  a = block(a, p["block3"]).max(axis=(1, 2))
+  return 0.125 * (a @ p["head"]["kernel"])
+
+
+def make_model(conv_implementation="im2col", dtype="float32"):
+  config = ConfigDict({"model": "seed_convnet", "dtype": dtype,
+                       "conv_implementation": conv_implementation})
+  return models.create_model(config, num_classes=2)
+
+
+def init_params(model, seed=0, size=8):
+  return model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
+
+
+def test_batch_norm_matches_formula():
+  rng = np.random.default_rng(0)
+  x = rng.normal(3.0, 2.0, size=(4, 5, 5, 3)) * np.array([1.0, 10.0, 0.1])
+  got = models.batch_norm(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), numpy_batch_norm(x), atol=1e-4)
+
+
+def test_batch_norm_module_has_no_state_and_optional_affine():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 4)), jnp.float32)
+  plain = models.BatchNorm()
+  variables = plain.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_leaves(variables) == []  # no parameters, no running statistics
+  affine = models.BatchNorm(use_scale_and_offset=True)
+  variables = affine.init(jax.random.key(0), x)
+  scale = jnp.arange(1.0, 5.0)
+  offset = jnp.full((4,), 0.5)
+  got = affine.apply({"params": {"scale": scale, "offset": offset}}, x)
+  expected = numpy_batch_norm(np.asarray(x, np.float64)) * np.arange(1.0, 5.0) + 0.5
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+  assert variables["params"]["scale"].shape == (4,)
+
+
+@pytest.mark.parametrize("implementation", ["im2col", "xla"])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_convolution_matches_direct_definition(implementation, kernel_size):
+  rng = np.random.default_rng(kernel_size)
+  x = rng.normal(size=(2, 5, 6, 3))
+  w = rng.normal(size=(kernel_size, kernel_size, 3, 4))
+  got = models.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(x, jnp.float32),
+                                                     jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), numpy_conv(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_parameter_shapes_and_count():
+  params = init_params(make_model())
+  shapes = {"/".join(path): leaf.shape for path, leaf in
+            _flatten(params)}
+  assert shapes == {
+      "stem_conv/kernel": (3, 3, 3, 16),
+      "block1/conv/kernel": (3, 3, 16, 32), "block1/skip/kernel": (1, 1, 16, 32),
+      "block2/conv/kernel": (3, 3, 32, 64), "block2/skip/kernel": (1, 1, 32, 64),
+      "block3/conv/kernel": (3, 3, 64, 128), "block3/skip/kernel": (1, 1, 64, 128),
+      "head/kernel": (128, 2),
+  }
+  assert models.count_parameters(params) == 108_208
+
+
+def _flatten(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def test_initial_weights_are_uniform_within_and_spanning_their_bounds():
+  params = init_params(make_model(), seed=3)
+  fan_ins = {"stem_conv/kernel": 27, "block1/conv/kernel": 144, "block1/skip/kernel": 16,
+             "block2/conv/kernel": 288, "block2/skip/kernel": 32,
+             "block3/conv/kernel": 576, "block3/skip/kernel": 64, "head/kernel": 128}
+  for path, leaf in _flatten(params):
+    name = "/".join(path)
+    bound = math.sqrt(1.0 / fan_ins[name])
+    w = np.asarray(leaf)
+    assert np.all(np.abs(w) <= bound), name
+    assert w.max() > 0.9 * bound and w.min() < -0.9 * bound, name  # spans the interval
+    # Uniform on [-s, s] has std s / sqrt(3).
+    assert abs(w.std() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3), name
+
+
+def test_layer_output_shapes_follow_the_specification():
+  model = make_model()
+  params = init_params(model)
+  lines = models.describe_shapes(model, params, jax.ShapeDtypeStruct((128, 32, 32, 3),
+                                                                    jnp.float32))
+  assert lines == [
+      "stem_conv (Conv): (128, 32, 32, 3) -> (128, 32, 32, 16)",
+      "stem_bn (BatchNorm): (128, 32, 32, 16) -> (128, 32, 32, 16)",
+      "block1 (ResidualBlock): (128, 32, 32, 16) -> (128, 32, 32, 32)",
+      "block2 (ResidualBlock): (128, 16, 16, 32) -> (128, 16, 16, 64)",
+      "block3 (ResidualBlock): (128, 8, 8, 64) -> (128, 8, 8, 128)",
+      "head (Dense): (128, 128) -> (128, 2)",
+  ]
+
+
+@pytest.mark.parametrize("implementation", ["im2col", "xla"])
+def test_forward_pass_matches_numpy_reference(implementation):
+  model = make_model(implementation)
+  params = init_params(model, seed=5)
+  x = np.random.default_rng(7).normal(size=(4, 8, 8, 3))
+  got = model.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), numpy_seed_convnet(params, x), rtol=1e-3,
+                             atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  model = make_model(dtype="bfloat16")
+  params = init_params(model)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+  x = np.random.default_rng(7).normal(size=(4, 8, 8, 3))
+  got = model.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), numpy_seed_convnet(params, x), atol=0.05)
