@@ -36,4 +36,14 @@ def get_config():
   config.seed = 0
 
   config.trace_shapes = False  # print the shapes of the first training step to stderr
+
+  # `python -m convnet_jax.benchmark`: synthetic data of the training set's size; empty lists
+  # mean the config's own batch_size / dtype.
+  config.benchmark = ml_collections.ConfigDict()
+  config.benchmark.batch_sizes = ()
+  config.benchmark.dtypes = ()
+  config.benchmark.num_examples = 10_000
+  config.benchmark.warmup_steps = 3
+  config.benchmark.num_steps = 20
+  config.benchmark.num_epochs = 2
   return config

@@ -10,4 +10,8 @@ def get_config():
   config.batch_size = 64
   config.eval_batch_size = 64
   config.num_epochs = 1
+  config.benchmark.num_examples = 200
+  config.benchmark.warmup_steps = 1
+  config.benchmark.num_steps = 3
+  config.benchmark.num_epochs = 1
   return config

@@ -93,11 +93,54 @@ def conv_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'SAME' convolution with XLA's native convolution (cuDNN on GPU, MXU on TPU)."""
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # The kernel is passed as OHWI: on XLA's CPU backend that layout ran the forward and input
+  # gradient convolutions fastest of the six orders measured (18 ms against 34 ms for HWIO).
+  return jax.lax.conv_general_dilated(x, kernel.transpose(3, 0, 1, 2), (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "OHWI", "NHWC"))
 
 
-CONV_IMPLEMENTATIONS = {"im2col": conv_im2col, "xla": conv_xla}
+def _kernel_gradient_by_shifts(x: jax.Array, output_gradient: jax.Array, kernel_shape):
+  """dL/dkernel of a stride-1 'SAME' convolution: for each tap (i, j), the shifted input
+  window times the output gradient, each as one plain 2-D matrix product."""
+  kh, kw, cin, cout = kernel_shape
+  _, height, width, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  gradient_rows = output_gradient.reshape(-1, cout)
+  taps = [padded[:, i:i + height, j:j + width, :].reshape(-1, cin).T @ gradient_rows
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+@jax.custom_vjp
+def conv_hybrid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'SAME' convolution: XLA's convolution for the forward pass and the input gradient,
+  matrix products for the kernel gradient.
+
+  On XLA's CPU backend the forward and input-gradient convolutions are fast (~20 ms for
+  128x32x32, 16->32) but the kernel-gradient convolution is ~15x slower (~300 ms); per-tap
+  matrix products compute it in ~70 ms without materialising im2col patches.
+  """
+  return conv_xla(x, kernel)
+
+
+def _conv_hybrid_forward(x, kernel):
+  return conv_xla(x, kernel), (x, kernel)
+
+
+def _conv_hybrid_backward(residuals, output_gradient):
+  x, kernel = residuals
+  # The input gradient of a 'SAME' convolution is the 'SAME' convolution of the output
+  # gradient with the kernel rotated by 180 degrees and its channel axes swapped.
+  flipped = jnp.flip(kernel, axis=(0, 1)).transpose(0, 1, 3, 2)
+  input_gradient = conv_xla(output_gradient, flipped)
+  kernel_gradient = _kernel_gradient_by_shifts(x, output_gradient, kernel.shape)
+  return input_gradient, kernel_gradient.astype(kernel.dtype)
+
+
+conv_hybrid.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
+
+
+CONV_IMPLEMENTATIONS = {"im2col": conv_im2col, "xla": conv_xla, "hybrid": conv_hybrid}
 
 
 def resolve_conv_implementation(name: str) -> str:

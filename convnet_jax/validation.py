@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Iterable
 
 from convnet_jax import input_pipeline
+from convnet_jax import models
 from convnet_jax.errors import UserError
 
 MODELS = ("seed_convnet",)
 DATASETS = ("cifar10",)
 DTYPES = ("float32", "bfloat16")
-CONV_IMPLEMENTATIONS = ("auto", "im2col", "xla")
+CONV_IMPLEMENTATIONS = ("auto",) + tuple(models.CONV_IMPLEMENTATIONS)
 
 
 def _require(condition: bool, key: str, expected: str, value) -> None:
@@ -57,6 +58,24 @@ def validate_config(config) -> None:
              config[key])
   if config.data_dir:
     input_pipeline.check_binary_files(config.data_dir)
+  if "benchmark" in config:
+    _validate_benchmark(config.benchmark)
+
+
+def _validate_benchmark(bench) -> None:
+  for size in bench.batch_sizes:
+    _require(_is_int(size) and size > 0, "benchmark.batch_sizes", "positive integers",
+             bench.batch_sizes)
+  for dtype in bench.dtypes:
+    _require(dtype in DTYPES, "benchmark.dtypes", f"names from {DTYPES}", bench.dtypes)
+  for key in ("num_examples", "num_steps", "num_epochs"):
+    _require(_is_int(bench[key]) and bench[key] > 0, f"benchmark.{key}", "a positive integer",
+             bench[key])
+  _require(_is_int(bench.warmup_steps) and bench.warmup_steps >= 0, "benchmark.warmup_steps",
+           "a non-negative integer", bench.warmup_steps)
+  for size in bench.batch_sizes or ():
+    _require(size <= bench.num_examples, "benchmark.batch_sizes",
+             f"sizes of at most benchmark.num_examples={bench.num_examples}", bench.batch_sizes)
 
 
 def check_batch_sizes(config, num_train_examples: int) -> None:

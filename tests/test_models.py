@@ -82,7 +82,7 @@ def test_batch_norm_module_has_no_state_and_optional_affine():
   assert variables["params"]["scale"].shape == (4,)
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla"])
+@pytest.mark.parametrize("implementation", ["im2col", "xla", "hybrid"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_convolution_matches_direct_definition(implementation, kernel_size):
   rng = np.random.default_rng(kernel_size)
@@ -91,6 +91,28 @@ def test_convolution_matches_direct_definition(implementation, kernel_size):
   got = models.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(x, jnp.float32),
                                                      jnp.asarray(w, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), numpy_conv(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["im2col", "xla", "hybrid"])
+def test_convolution_gradients_match_the_linear_map(implementation):
+  """The convolution is linear in each argument, so d<conv(x, w), r>/dw[k] = <conv(x, e_k), r>
+  with e_k the k-th basis kernel (and likewise for x), computed with the direct definition."""
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(2, 4, 4, 2))
+  w = rng.normal(size=(3, 3, 2, 3))
+  r = rng.normal(size=(2, 4, 4, 3))
+  conv = models.CONV_IMPLEMENTATIONS[implementation]
+  loss = lambda x, w: jnp.sum(conv(x, w) * jnp.asarray(r, jnp.float32))
+  grad_x, grad_w = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32),
+                                                  jnp.asarray(w, jnp.float32))
+  expected_w = np.zeros(w.size)
+  for k in range(w.size):
+    expected_w[k] = np.sum(numpy_conv(x, np.eye(w.size)[k].reshape(w.shape)) * r)
+  expected_x = np.zeros(x.size)
+  for k in range(x.size):
+    expected_x[k] = np.sum(numpy_conv(np.eye(x.size)[k].reshape(x.shape), w) * r)
+  np.testing.assert_allclose(np.asarray(grad_w).reshape(-1), expected_w, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(grad_x).reshape(-1), expected_x, rtol=1e-4, atol=1e-4)
 
 
 def test_parameter_shapes_and_count():
@@ -145,7 +167,7 @@ def test_layer_output_shapes_follow_the_specification():
   ]
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla"])
+@pytest.mark.parametrize("implementation", ["im2col", "xla", "hybrid"])
 def test_forward_pass_matches_numpy_reference(implementation):
   model = make_model(implementation)
   params = init_params(model, seed=5)

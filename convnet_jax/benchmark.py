@@ -1,0 +1,164 @@
+"""Accelerator benchmark: `python -m convnet_jax.benchmark --config configs/default.py [--workdir DIR]`.
+
+Times the configured model's compiled train step and epoch on synthetic data of the configured
+shape (the same programs `train` runs), on whatever backend JAX finds, and prints and saves a JSON
+report: backend, devices, versions, compile seconds, step time (median, min, max over
+`benchmark.num_steps` steps after warm-up, each ended with `block_until_ready`), images per second,
+achieved GFLOP/s from XLA's cost analysis, and the time of one whole epoch. Optionally over lists of
+batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from convnet_jax import input_pipeline
+from convnet_jax import models
+from convnet_jax import train
+from convnet_jax import validation
+from convnet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder for benchmark.json (default: print only).")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def _flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled program, from XLA's cost analysis (None if unavailable)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def _time_calls(fn, num_calls: int) -> list[float]:
+  times = []
+  for _ in range(num_calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
+                  num_classes: int) -> dict:
+  """Compiles and times the train step and one epoch for one batch size and dtype."""
+  config = config.copy_and_resolve_references()
+  config.batch_size, config.dtype = batch_size, dtype
+  model = models.create_model(config, num_classes)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE,
+                                    dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, num_classes, num_examples, dtype=np.int32))
+  mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
+  num_steps = train.steps_per_epoch(num_examples, batch_size, config.drop_last_batch)
+  learning_rate_fn = train.create_learning_rate_fn(config, num_steps)
+  state = jax.jit(functools.partial(train.create_train_state, config, model,
+                                    learning_rate_fn=learning_rate_fn))(jax.random.key(0))
+
+  batch = input_pipeline.normalize(images[:batch_size], mean, std)
+  start = time.perf_counter()
+  step = jax.jit(train.train_step, donate_argnums=0).lower(
+      state, batch, labels[:batch_size]).compile(compiler_options=train.compiler_options())
+  step_compile = time.perf_counter() - start
+  start = time.perf_counter()
+  epoch = train.compile_train_epoch(state, images, labels, jax.random.key(1), mean, std,
+                                    batch_size=batch_size,
+                                    drop_last_batch=config.drop_last_batch)
+  epoch_compile = time.perf_counter() - start
+
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = step(holder["state"], batch, labels[:batch_size])
+    return metrics
+
+  def run_epoch():
+    holder["state"], metrics = epoch(holder["state"], images, labels, jax.random.key(1), mean,
+                                     std)
+    return metrics
+
+  bench = config.benchmark
+  _time_calls(run_step, bench.warmup_steps)
+  step_times = _time_calls(run_step, bench.num_steps)
+  _time_calls(run_epoch, 1)  # warm-up
+  epoch_times = _time_calls(run_epoch, bench.num_epochs)
+  median = statistics.median(step_times)
+  flops = _flops(step)
+  return {
+      "batch_size": batch_size,
+      "dtype": dtype,
+      "conv_implementation": models.resolve_conv_implementation(config.conv_implementation),
+      "step_compile_seconds": round(step_compile, 3),
+      "epoch_compile_seconds": round(epoch_compile, 3),
+      "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_times), 2),
+                  "max": round(1e3 * max(step_times), 2), "count": len(step_times)},
+      "images_per_second": round(batch_size / median, 1),
+      "step_gflop": None if flops is None else round(flops / 1e9, 3),
+      "achieved_gflop_per_second": None if flops is None else round(flops / median / 1e9, 1),
+      "epoch_examples": num_examples,
+      "epoch_steps": num_steps,
+      "epoch_seconds": {"median": round(statistics.median(epoch_times), 3),
+                        "min": round(min(epoch_times), 3), "count": len(epoch_times)},
+  }
+
+
+def run_benchmark(config) -> dict:
+  """Benchmarks every (batch size, dtype) pair the config lists; returns the report."""
+  validation.validate_config(config)
+  bench = config.benchmark
+  devices = jax.devices()
+  report = {
+      "backend": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "model": config.model,
+      "data": "synthetic uint8 images of CIFAR shape",
+      "results": [],
+  }
+  num_classes = len(config.classes)
+  for batch_size in bench.batch_sizes or (config.batch_size,):
+    for dtype in bench.dtypes or (config.dtype,):
+      result = benchmark_one(config, batch_size, dtype, bench.num_examples, num_classes)
+      print(json.dumps(result), file=sys.stderr)
+      report["results"].append(result)
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    report = run_benchmark(FLAGS.config)
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  text = json.dumps(report, indent=2)
+  print(text)
+  if FLAGS.workdir:
+    Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(FLAGS.workdir) / "benchmark.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
