@@ -35,6 +35,12 @@ def get_config():
   config.nesterov = False
   config.seed = 0
 
+  # Checkpoints (orbax, in WORKDIR/checkpoints): every N epochs and at the end, keeping the
+  # newest few. Restarting with the same workdir and config resumes from the newest intact one.
+  config.checkpoint_every_epochs = 1
+  config.max_checkpoints_to_keep = 3
+  config.tensorboard = True  # scalars in WORKDIR/tensorboard (tensorboardX, no TensorFlow)
+  config.progress_bar = True  # an epoch bar with ETA on stderr, drawn only in a terminal
   config.trace_shapes = False  # print the shapes of the first training step to stderr
 
   # `python -m convnet_jax.benchmark`: synthetic data of the training set's size; empty lists

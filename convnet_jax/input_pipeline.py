@@ -65,6 +65,9 @@ def check_binary_files(data_dir: str | os.PathLike) -> None:
                     f"files {', '.join(TRAIN_FILES + TEST_FILES)})")
   for name in TRAIN_FILES + TEST_FILES:
     path = folder / name
+    if not path.is_file() and (folder / name.removesuffix(".bin")).is_file():
+      raise DataError(f"{folder}: holds the pickled CIFAR-10 'python version', which is not read "
+                      f"(unpickling can run code); use the binary version (*.bin files)")
     if not path.is_file():
       raise DataError(f"{path}: file not found (config.data_dir must hold the CIFAR-10 binary "
                       f"version: {', '.join(TRAIN_FILES + TEST_FILES)})")

@@ -35,6 +35,9 @@ def main(argv):
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except train.TrainingDiverged as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import optax
 from absl import logging
 from flax.training import train_state as flax_train_state
 
+from convnet_jax import checkpoints
 from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import validation
+from convnet_jax.errors import UserError
 
 TrainState = flax_train_state.TrainState
 
@@ -86,7 +88,8 @@ def _sum_metrics(a, b):
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
                 mean: jax.Array, std: jax.Array, *, batch_size: int, drop_last_batch: bool):
   """One epoch: a fresh permutation from `key`, every example once (the last batch short unless
-  `drop_last_batch`). Returns the new state and the epoch's summed metrics."""
+  `drop_last_batch`). Returns the new state and the epoch's summed metrics, with each step's
+  mean loss under "step_losses"."""
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
   order = jax.random.permutation(key, num_examples)
@@ -98,9 +101,14 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, key: ja
   full_batches = order[:num_full * batch_size].reshape(num_full, batch_size)
   state, per_step = jax.lax.scan(step, state, full_batches)
   totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
-  if num_examples % batch_size and not drop_last_batch:
+  step_losses = per_step["loss_sum"] / batch_size
+  remainder = num_examples % batch_size
+  if remainder and not drop_last_batch:
     state, last = step(state, order[num_full * batch_size:])
     totals = _sum_metrics(totals, last)
+    step_losses = jnp.concatenate([step_losses, last["loss_sum"][None] / remainder])
+  # Each step's mean loss, for naming the first non-finite one.
+  totals["step_losses"] = step_losses
   return state, totals
 
 
@@ -176,31 +184,69 @@ def shape_trace(model, params, images: jax.Array, labels: jax.Array) -> list[str
   return lines
 
 
-class _RunFiles:
-  """The workdir's outputs: config.json, metrics.jsonl and preds."""
+class RunFiles:
+  """The paths of a workdir's outputs."""
 
-  def __init__(self, workdir: Path):
-    self.workdir = workdir
-    self.config = workdir / "config.json"
-    self.metrics = workdir / "metrics.jsonl"
-    self.predictions = workdir / "preds"
+  def __init__(self, workdir: str | Path):
+    self.workdir = Path(workdir)
+    self.config = self.workdir / "config.json"
+    self.metrics = self.workdir / "metrics.jsonl"
+    self.predictions = self.workdir / "preds"
+    self.checkpoints = self.workdir / "checkpoints"
+    self.tensorboard = self.workdir / "tensorboard"
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the message names the step and epoch."""
+
+
+def _write_atomically(path: Path, text: str) -> None:
+  """Writes via a temporary file and a rename, so a kill never leaves a half-written file."""
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_text(text)
+  temporary.replace(path)
+
+
+def _first_nonfinite_step(step_losses) -> int | None:
+  bad = np.flatnonzero(~np.isfinite(np.asarray(step_losses)))
+  return int(bad[0]) if bad.size else None
+
+
+def _progress_bar(config, total: int, done: int):
+  """An epoch progress bar with ETA on stderr, only when stderr is a terminal."""
+  import tqdm  # imported here: only interactive runs draw one
+
+  enabled = config.progress_bar and sys.stderr.isatty()
+  return tqdm.tqdm(total=total, initial=done, unit="epoch", disable=not enabled,
+                   file=sys.stderr, dynamic_ncols=True)
+
+
+def _tensorboard_writer(config, files: RunFiles):
+  if not config.tensorboard:
+    return None
+  import tensorboardX  # imported here: writes event files without TensorFlow
+
+  return tensorboardX.SummaryWriter(str(files.tensorboard))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains the configured model, evaluating after every epoch.
+  """Trains the configured model, evaluating after every epoch; resumes from the workdir's
+  newest intact checkpoint if it holds one of the same config.
 
-  Prints one JSON line per epoch on stdout and writes config.json, metrics.jsonl and preds
-  (test predictions, one integer per line, in test order) to `workdir`. Returns the last
-  epoch's metrics. Raises `validation.UserError` for bad configs or data before any work.
+  Prints one JSON line per new epoch on stdout and keeps in `workdir`: config.json,
+  metrics.jsonl (every epoch so far), preds (final test predictions, one integer per line, in
+  test order), checkpoints/ (orbax) and tensorboard/ (event files). Returns the last epoch's
+  metrics. Raises `UserError` for bad configs, data or workdirs before any work, and
+  `TrainingDiverged` when the loss stops being finite (the last good checkpoint stays).
   """
   validation.validate_config(config)
-  files = _RunFiles(Path(workdir))
-  validation.check_workdir(files.workdir, [files.metrics, files.predictions])
+  files = RunFiles(workdir)
+  identity = validation.run_identity(config)
+  resuming = validation.check_workdir(files, identity)
 
   data = input_pipeline.load_dataset(config)
   validation.check_batch_sizes(config, len(data.train_labels))
   files.workdir.mkdir(parents=True, exist_ok=True)
-  files.config.write_text(config.to_json_best_effort(indent=2) + "\n")
 
   model = models.create_model(config, data.num_classes)
   num_steps = steps_per_epoch(len(data.train_labels), config.batch_size, config.drop_last_batch)
@@ -210,6 +256,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                     learning_rate_fn=learning_rate_fn))(init_key)
   logging.info("model %s: %d parameters; %d steps per epoch", config.model,
                models.count_parameters(state.params), num_steps)
+
+  store = checkpoints.CheckpointStore(files.checkpoints, config.max_checkpoints_to_keep)
+  fingerprint = checkpoints.config_fingerprint(identity)
+  history: list[dict[str, Any]] = []
+  if resuming:
+    try:
+      restored = store.restore_latest(state, fingerprint)
+    except checkpoints.ForeignCheckpointError as error:
+      raise UserError(str(error)) from None
+    if restored is not None:
+      state, record = restored
+      history = record["history"]
+      logging.info("resuming from %s after epoch %d", files.checkpoints, len(history))
+      print(f"resuming after epoch {len(history) - 1} from {files.checkpoints}", file=sys.stderr)
+  # Epochs after the newest checkpoint are recomputed, so the file restarts from its history.
+  _write_atomically(files.metrics, "".join(json.dumps(r) + "\n" for r in history))
+  _write_atomically(files.config, config.to_json_best_effort(indent=2) + "\n")
 
   # The whole data set goes to the device once, as uint8.
   train_images, train_labels = jax.device_put((data.train_images, data.train_labels))
@@ -233,15 +296,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   num_train, num_test = len(data.train_labels), len(data.test_labels)
   num_seen = num_steps * config.batch_size if config.drop_last_batch else num_train
-  record: dict[str, Any] = {}
+  writer = _tensorboard_writer(config, files)
+  progress = _progress_bar(config, config.num_epochs, len(history))
+  predictions = None
   start = time.perf_counter()
-  with files.metrics.open("w") as metrics_file:
-    for epoch in range(config.num_epochs):
+  try:
+    for epoch in range(len(history), config.num_epochs):
       learning_rate = float(learning_rate_fn(state.step))
+      epoch_start = time.perf_counter()
       state, train_totals = run_epoch(state, train_images, train_labels,
                                       jax.random.fold_in(data_key, epoch), mean, std)
       predictions, test_totals = run_eval(state.params, test_images, test_labels, mean, std)
       train_totals, test_totals = jax.device_get((train_totals, test_totals))
+      bad_step = _first_nonfinite_step(train_totals["step_losses"])
+      if bad_step is not None:
+        kept = f"epoch {len(history) - 1}" if history else "none yet"
+        raise TrainingDiverged(
+            f"non-finite loss at step {epoch * num_steps + bad_step} (epoch {epoch}, step "
+            f"{bad_step} of the epoch); the last good checkpoint ({kept}) is kept in "
+            f"{files.checkpoints}")
+      epoch_seconds = time.perf_counter() - epoch_start
       record = {
           "epoch": epoch,
           "test_acc": float(test_totals["correct"]) / num_test,
@@ -252,9 +326,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           "learning_rate": learning_rate,
           "compile_time": round(compile_seconds, 3),
       }
+      history.append(record)
+      if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+        store.save(epoch + 1, state, {"history": history, "config_fingerprint": fingerprint,
+                                      "data_key": np.asarray(
+                                          jax.random.key_data(data_key)).tolist()})
       line = json.dumps(record)
       print(line, flush=True)
-      metrics_file.write(line + "\n")
-      metrics_file.flush()
-  np.savetxt(files.predictions, np.asarray(predictions), fmt="%d")
-  return record
+      with files.metrics.open("a") as metrics_file:
+        metrics_file.write(line + "\n")
+      if writer is not None:
+        for name in ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate"):
+          writer.add_scalar(name, record[name], epoch + 1)
+        writer.add_scalar("step_time_ms", 1e3 * epoch_seconds / num_steps, epoch + 1)
+        writer.add_scalar("images_per_second", num_seen / epoch_seconds, epoch + 1)
+        writer.flush()
+      progress.update(1)
+  finally:
+    progress.close()
+    store.close()
+    if writer is not None:
+      writer.close()
+  if predictions is None:  # every epoch was already done: only the predictions may be missing
+    predictions, _ = run_eval(state.params, test_images, test_labels, mean, std)
+  _write_atomically(files.predictions, "".join(f"{p}\n" for p in np.asarray(predictions)))
+  return history[-1]

@@ -6,8 +6,7 @@ that names the config key or file and what was expected; `main` prints it and ex
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterable
+import json
 
 from convnet_jax import input_pipeline
 from convnet_jax import models
@@ -53,6 +52,10 @@ def validate_config(config) -> None:
   _require(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
            "a number in [0, 1)", config.momentum)
   _require(_is_int(config.seed), "seed", "an integer", config.seed)
+  for key in ("checkpoint_every_epochs", "max_checkpoints_to_keep"):
+    _require(_is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
+  for key in ("tensorboard", "progress_bar", "trace_shapes", "drop_last_batch", "nesterov"):
+    _require(isinstance(config[key], bool), key, "True or False", config[key])
   for key in ("max_train_examples", "max_test_examples"):
     _require(_is_int(config[key]) and config[key] >= 0, key, "0 (all) or a positive integer",
              config[key])
@@ -84,12 +87,46 @@ def check_batch_sizes(config, num_train_examples: int) -> None:
            f"at most the {num_train_examples} training examples", config.batch_size)
 
 
-def check_workdir(workdir: Path, outputs: Iterable[Path]) -> None:
-  """Refuses a workdir that is a file or already holds a run's outputs, so nothing is
-  overwritten."""
+# Keys that change how a run is shown or measured, not what it computes: a workdir may be
+# resumed with other values for them.
+PRESENTATION_KEYS = ("trace_shapes", "progress_bar", "tensorboard", "benchmark",
+                     "checkpoint_every_epochs", "max_checkpoints_to_keep")
+
+
+def run_identity(config) -> dict:
+  """The config values that define what a run computes, as plain JSON data."""
+  values = json.loads(config.to_json_best_effort())
+  return {key: value for key, value in values.items() if key not in PRESENTATION_KEYS}
+
+
+def check_workdir(files, identity: dict) -> bool:
+  """Checks the workdir before any work. Returns True when it holds a run of the same config to
+  resume, False when it is new; raises `UserError` for a file in its place, a corrupt workdir
+  or another config's run, so nothing already written is lost."""
+  workdir = files.workdir
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir}: exists and is not a folder")
-  existing = [path.name for path in outputs if path.exists()]
-  if existing:
-    raise UserError(f"--workdir {workdir}: already holds a run ({', '.join(existing)}); "
-                    f"choose a new workdir so nothing is overwritten")
+  run_outputs = [path for path in (files.metrics, files.predictions, files.checkpoints)
+                 if path.exists()]
+  if not files.config.exists():
+    if run_outputs:
+      raise UserError(f"--workdir {workdir}: holds {', '.join(p.name for p in run_outputs)} but "
+                      f"no config.json; not a convnet_jax run or corrupt. Choose a new workdir "
+                      f"so nothing is overwritten")
+    return False
+  try:
+    saved = json.loads(files.config.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise UserError(f"{files.config}: not valid JSON ({error}); corrupt workdir. Choose a new "
+                    f"workdir so nothing is overwritten") from None
+  if not isinstance(saved, dict):
+    raise UserError(f"{files.config}: expected a JSON object; corrupt workdir")
+  saved = {key: value for key, value in saved.items() if key not in PRESENTATION_KEYS}
+  if saved != identity:
+    differing = sorted(key for key in set(saved) | set(identity)
+                       if saved.get(key) != identity.get(key))
+    details = ", ".join(f"{key}: {identity.get(key)!r} here, {saved.get(key)!r} there"
+                        for key in differing[:3])
+    raise UserError(f"--workdir {workdir}: holds a run of another config ({details}); use a "
+                    f"new workdir or the same config to resume")
+  return True

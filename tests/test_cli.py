@@ -66,6 +66,11 @@ def broken_data_dirs(tmp_path, cifar10_dir):
     dirs[kind] = folder
   truncated = dirs["truncated"] / "test_batch.bin"
   truncated.write_bytes(truncated.read_bytes()[:-7])
+  pickled = tmp_path / "pickled"
+  pickled.mkdir()
+  for name in [f"data_batch_{index}" for index in range(1, 6)] + ["test_batch"]:
+    (pickled / name).write_bytes(b"\x80\x04not read")
+  dirs["pickled"] = pickled
   return dirs
 
 
@@ -78,6 +83,16 @@ BAD_INPUTS = [
     (["--config.data_dir=/nonexistent/cifar"], "config.data_dir: /nonexistent/cifar is not a folder"),
     (["--config.data_dir={truncated}"], "test_batch.bin: 6139 bytes is not a whole number"),
     (["--config.data_dir={bad_label}"], "test_batch.bin: record 1 has label 11"),
+    (["--config.data_dir={pickled}"], "pickled CIFAR-10 'python version', which is not read"),
+    (["--config.dtype=float16"], "config.dtype='float16': expected one of"),
+    (["--config.conv_implementation=fft"], "config.conv_implementation='fft': expected one of"),
+    (["--config.momentum=1.5"], "config.momentum=1.5: expected a number in [0, 1)"),
+    (["--config.eval_batch_size=0"], "config.eval_batch_size=0: expected a positive integer"),
+    (["--config.classes=(1,1)"], "config.classes=(1, 1): expected no repeated class id"),
+    (["--config.checkpoint_every_epochs=0"],
+     "config.checkpoint_every_epochs=0: expected a positive integer"),
+    (["--config.max_train_examples=10"],
+     "config.batch_size=128: expected at most the 10 training examples"),
 ]
 
 
@@ -94,14 +109,34 @@ def test_bad_input_fails_cleanly_before_compiling(overrides, message, cifar10_di
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr
   assert "compile time" not in result.stderr
-  assert not (tmp_path / "w").exists()
+  assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
-def test_a_finished_run_is_never_overwritten(cifar10_dir, tmp_path):
+def test_a_foreign_workdir_is_never_overwritten(cifar10_dir, tmp_path):
   workdir = tmp_path / "done"
   workdir.mkdir()
   (workdir / "metrics.jsonl").write_text('{"epoch": 0}\n')
   result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
                     f"--workdir={workdir}")
-  assert result.returncode == 2 and "already holds a run" in result.stderr
+  assert result.returncode == 2 and "no config.json; not a convnet_jax run" in result.stderr
   assert (workdir / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+
+def test_a_corrupt_config_json_is_detected(cifar10_dir, tmp_path):
+  (tmp_path / "config.json").write_text("{not json")
+  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+                    f"--workdir={tmp_path}")
+  assert result.returncode == 2
+  assert "config.json: not valid JSON" in result.stderr and "corrupt workdir" in result.stderr
+  assert (tmp_path / "config.json").read_text() == "{not json"
+
+
+def test_a_run_of_another_config_is_not_resumed(cifar10_dir, tmp_path):
+  args = ["--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+          f"--workdir={tmp_path}"]
+  assert run_main(*args).returncode == 0
+  before = (tmp_path / "metrics.jsonl").read_text()
+  result = run_main(*args, "--config.seed=7")
+  assert result.returncode == 2
+  assert "holds a run of another config (seed: 7 here, 0 there)" in result.stderr
+  assert (tmp_path / "metrics.jsonl").read_text() == before
