@@ -7,7 +7,13 @@ def get_config():
   """Returns the default configuration; other configs import it and override what differs."""
   config = ml_collections.ConfigDict()
 
+  # "seed_convnet" (the specification's net) or a CIFAR ResNet: "resnet18", "resnet34" (basic
+  # blocks) or "resnet50" (bottleneck blocks).
   config.model = "seed_convnet"
+  # ResNets only: channels of the stem and the first stage (the stages have 1, 2, 4 and 8 times
+  # this, times the block's expansion); 64 is the standard ResNet, smaller widths are for quick
+  # runs.
+  config.resnet_width = 64
   # Compute dtype for convolutions and matmuls ("float32" or "bfloat16"); parameters and
   # BatchNorm statistics stay float32.
   config.dtype = "float32"
@@ -30,9 +36,20 @@ def get_config():
   config.eval_batch_size = 128
   config.drop_last_batch = False  # False: every example once per epoch, last batch short
   config.num_epochs = 5
-  config.learning_rate = 0.1  # decays linearly to 0 over all steps
+  # Training-set augmentation on the device: 4-pixel zero pad, random crop back to 32x32 and
+  # random horizontal flip, fresh every epoch. The test set is only normalised.
+  config.augment = False
+  config.learning_rate = 0.1  # the peak; `schedule` says how it changes
+  # "linear" (to 0 over all steps), "step" (times lr_decay_factor at each epoch of
+  # lr_boundaries_epochs) or "cosine" (half a cosine from learning_rate to 0 over all steps).
+  config.schedule = "linear"
+  config.lr_boundaries_epochs = ()  # "step" only: increasing epochs in (0, num_epochs)
+  config.lr_decay_factor = 0.1  # "step" only
   config.momentum = 0.9
   config.nesterov = False
+  # PyTorch SGD's weight decay (gradient += weight_decay * parameter, before the momentum), on
+  # every parameter, BatchNorm's scale and offset included.
+  config.weight_decay = 0.0
   config.seed = 0
 
   # Checkpoints (orbax, in WORKDIR/checkpoints): every N epochs and at the end, keeping the

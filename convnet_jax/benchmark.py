@@ -82,7 +82,8 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   start = time.perf_counter()
   epoch = train.compile_train_epoch(state, images, labels, jax.random.key(1), mean, std,
                                     batch_size=batch_size,
-                                    drop_last_batch=config.drop_last_batch)
+                                    drop_last_batch=config.drop_last_batch,
+                                    augment=config.augment)
   epoch_compile = time.perf_counter() - start
 
   holder = {"state": state}

@@ -9,7 +9,9 @@ Two sources, one result:
 
 The chosen classes are kept and relabelled 0..k-1 in the order given. Images stay uint8 (4x less
 memory to keep on the device); `normalize` turns them into floats with the training-set
-per-channel mean and population std, the same for training and test images.
+per-channel mean and population std, the same for training and test images. `augment` (the
+training-set augmentation: zero pad, random crop, random horizontal flip) works on the uint8
+images on the device, before `normalize`; test images are only normalised.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +34,8 @@ TRAIN_FILES = tuple(f"data_batch_{index}.bin" for index in range(1, 6))
 TEST_FILES = ("test_batch.bin",)
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                        "ship", "truck")
+# Zero pixels added on each border before the random crop (torchvision RandomCrop(32, padding=4)).
+AUGMENT_PADDING = 4
 # The environment variable that points tests and tools at a local CIFAR-10 binary folder.
 DATA_DIR_ENV = "CONVNET_JAX_CIFAR10_DIR"
 
@@ -146,6 +151,28 @@ def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def normalize(images, mean, std):
   """uint8 images -> float32 (images / 255 - mean) / std, on whatever device holds them."""
   return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING) -> jax.Array:
+  """Random crop and horizontal flip of a batch of NHWC images, independently per image.
+
+  Each image is padded with `padding` zeros (black, before normalisation, like torchvision's
+  `RandomCrop(size, padding=4)` followed by `Normalize`), cropped back to its size at a uniformly
+  random offset in [0, 2 * padding] along each axis, and mirrored left-right with probability 1/2.
+  The dtype is kept (uint8 on the device). A pure function of `key`: the same key gives the same
+  batch.
+  """
+  batch, height, width, channels = images.shape
+  offset_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(offset_key, (batch, 2), 0, 2 * padding + 1)
+  flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
+  cropped = jax.vmap(crop)(padded, offsets)
+  return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1, :], cropped)
 
 
 def load_dataset(config) -> Dataset:

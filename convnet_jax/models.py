@@ -1,4 +1,5 @@
-"""The seed convnet of the specification, built from parameter-free batch-statistics BatchNorm.
+"""The seed convnet of the specification and the CIFAR ResNet family (ResNet-18/34 with basic
+blocks, ResNet-50 with bottleneck blocks), built from batch-statistics BatchNorm.
 
 All modules are Flax linen modules: `model.init` returns the parameters as a plain pytree and
 `model.apply` is a pure function of (parameters, images). There is no mutable state: BatchNorm
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -64,6 +65,17 @@ def fan_in_uniform() -> nn.initializers.Initializer:
   return init
 
 
+def uniform_bias(fan_in: int) -> nn.initializers.Initializer:
+  """U(-s, s) with s = sqrt(1 / fan_in) for a bias, PyTorch's default for `nn.Linear` (the bias'
+  own shape does not carry the fan-in, so it is given)."""
+  bound = math.sqrt(1.0 / fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 on NHWC (H and W even).
 
@@ -75,27 +87,44 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.max(x, axis=(2, 4))
 
 
-def conv_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'SAME' convolution (NHWC input, HWIO kernel) as one matrix product over patches.
+def conv_output_size(size: int, strides: int) -> int:
+  """Output height (or width) of an odd-kernel convolution padded with kernel_size // 2 zeros on
+  each side: `size` for stride 1, 16 for 32 at stride 2 (PyTorch's `padding=k // 2`)."""
+  return (size - 1) // strides + 1
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+  """Convolution (NHWC input, HWIO kernel, odd kernel size, kernel_size // 2 zeros of padding on
+  each side, the same stride along height and width) as one matrix product over patches.
 
   XLA's CPU convolution gradients are slow (and slower still inside `lax.scan`); the patches are
-  plain slices, so forward and backward become dots that run at matmul speed.
+  plain slices, so forward and backward become dots that run at matmul speed. With a stride the
+  patches are strided slices, so only the output pixels that are kept get computed.
+  Output pixel i is centred on input pixel strides * i, as in PyTorch (XLA's 'SAME' would pad
+  only after the image for stride 2 and shift the windows by one pixel).
   """
   kh, kw, cin, cout = kernel.shape
   if kh == kw == 1:
+    if strides > 1:
+      x = x[:, ::strides, ::strides, :]
     return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
   _, height, width, _ = x.shape
+  out_height, out_width = conv_output_size(height, strides), conv_output_size(width, strides)
   padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  patches = jnp.concatenate([padded[:, i:i + height, j:j + width, :]
+  row_span, column_span = strides * (out_height - 1) + 1, strides * (out_width - 1) + 1
+  patches = jnp.concatenate([padded[:, i:i + row_span:strides, j:j + column_span:strides, :]
                              for i in range(kh) for j in range(kw)], axis=-1)
   return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
-def conv_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'SAME' convolution with XLA's native convolution (cuDNN on GPU, MXU on TPU)."""
+def conv_xla(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+  """The same convolution as `conv_im2col` with XLA's native convolution (cuDNN on GPU, MXU on
+  TPU); for stride 1 this is 'SAME' padding."""
+  kh, kw, _, _ = kernel.shape
   # The kernel is passed as OHWI: on XLA's CPU backend that layout ran the forward and input
   # gradient convolutions fastest of the six orders measured (18 ms against 34 ms for HWIO).
-  return jax.lax.conv_general_dilated(x, kernel.transpose(3, 0, 1, 2), (1, 1), "SAME",
+  return jax.lax.conv_general_dilated(x, kernel.transpose(3, 0, 1, 2), (strides, strides),
+                                      ((kh // 2, kh // 2), (kw // 2, kw // 2)),
                                       dimension_numbers=("NHWC", "OHWI", "NHWC"))
 
 
@@ -111,8 +140,16 @@ def _kernel_gradient_by_shifts(x: jax.Array, output_gradient: jax.Array, kernel_
   return jnp.stack(taps).reshape(kernel_shape)
 
 
+def conv_hybrid(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+  """XLA's convolution for the forward pass and the input gradient, matrix products for the
+  kernel gradient (stride 1; strided convolutions, only in ResNet stage openings, use im2col)."""
+  if strides != 1:
+    return conv_im2col(x, kernel, strides)
+  return _conv_hybrid_stride1(x, kernel)
+
+
 @jax.custom_vjp
-def conv_hybrid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv_hybrid_stride1(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'SAME' convolution: XLA's convolution for the forward pass and the input gradient,
   matrix products for the kernel gradient.
 
@@ -137,7 +174,7 @@ def _conv_hybrid_backward(residuals, output_gradient):
   return input_gradient, kernel_gradient.astype(kernel.dtype)
 
 
-conv_hybrid.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
+_conv_hybrid_stride1.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
 
 
 CONV_IMPLEMENTATIONS = {"im2col": conv_im2col, "xla": conv_xla, "hybrid": conv_hybrid}
@@ -151,7 +188,8 @@ def resolve_conv_implementation(name: str) -> str:
 
 
 class Conv(nn.Module):
-  """Bias-free, stride-1, 'SAME' convolution with the specification's uniform initialisation.
+  """Bias-free convolution with the specification's uniform initialisation: odd square kernel,
+  kernel_size // 2 zeros of padding on each side, stride `strides` (1: 'SAME').
 
   The kernel is an HWIO array named `kernel`, as in `nn.Conv`; `implementation` only changes how
   the same convolution is computed.
@@ -159,6 +197,7 @@ class Conv(nn.Module):
 
   features: int
   kernel_size: int
+  strides: int = 1
   dtype: Any = jnp.float32
   implementation: str = "im2col"
 
@@ -167,7 +206,7 @@ class Conv(nn.Module):
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", fan_in_uniform(), shape, jnp.float32)
     conv = CONV_IMPLEMENTATIONS[self.implementation]
-    return conv(x.astype(self.dtype), kernel.astype(self.dtype))
+    return conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
 
 
 class ResidualBlock(nn.Module):
@@ -191,6 +230,9 @@ class SeedConvNet(nn.Module):
 
   Returns logits (the softmax of the specification is applied by the loss and by prediction).
   """
+
+  # How the shape trace names the pooling before the head.
+  global_pool_name: ClassVar[str] = "global max-pool"
 
   num_classes: int = 2
   stem_features: int = 16
@@ -216,12 +258,125 @@ class SeedConvNet(nn.Module):
     return (self.alpha * x).astype(jnp.float32)
 
 
+def _projection_shortcut(x: jax.Array, features: int, strides: int, dtype: Any,
+                         conv_implementation: str) -> jax.Array:
+  """The identity, or a 1x1 convolution (with the block's stride) and BatchNorm where the block
+  changes the number of channels or the resolution."""
+  if strides == 1 and x.shape[-1] == features:
+    return x
+  x = Conv(features, 1, strides=strides, dtype=dtype, implementation=conv_implementation,
+           name="shortcut_conv")(x)
+  return BatchNorm(use_scale_and_offset=True, name="shortcut_bn")(x)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: relu(bn(conv3x3(relu(bn(conv3x3_stride(x))))) + shortcut(x)), with
+  `features` output channels."""
+
+  expansion: ClassVar[int] = 1
+
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = functools.partial(Conv, self.features, 3, dtype=self.dtype,
+                             implementation=self.conv_implementation)
+    batch_norm_layer = functools.partial(BatchNorm, use_scale_and_offset=True)
+    y = conv(strides=self.strides, name="conv1")(x)
+    y = nn.relu(batch_norm_layer(name="bn1")(y))
+    y = batch_norm_layer(name="bn2")(conv(name="conv2")(y))
+    shortcut = _projection_shortcut(x, self.features, self.strides, self.dtype,
+                                    self.conv_implementation)
+    return nn.relu(y + shortcut)
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet bottleneck block: 1x1 reduce to `features`, 3x3 (with the stride), 1x1 expand to
+  4 * `features`, each followed by BatchNorm, ReLU after the first two and after the sum with the
+  shortcut. The stride sits on the 3x3 convolution, as in torchvision and the CIFAR tutorial."""
+
+  expansion: ClassVar[int] = 4
+
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = functools.partial(Conv, dtype=self.dtype, implementation=self.conv_implementation)
+    batch_norm_layer = functools.partial(BatchNorm, use_scale_and_offset=True)
+    out_features = self.features * self.expansion
+    y = nn.relu(batch_norm_layer(name="bn1")(conv(self.features, 1, name="conv1")(x)))
+    y = conv(self.features, 3, strides=self.strides, name="conv2")(y)
+    y = nn.relu(batch_norm_layer(name="bn2")(y))
+    y = batch_norm_layer(name="bn3")(conv(out_features, 1, name="conv3")(y))
+    shortcut = _projection_shortcut(x, out_features, self.strides, self.dtype,
+                                    self.conv_implementation)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """The CIFAR ResNet: 3x3 stem convolution with `width` channels, BatchNorm and ReLU, no stem
+  pooling; four stages of `stage_sizes` blocks with width, 2, 4 and 8 times width channels (times
+  the block's expansion), stride 2 at the start of stages 2-4; global average pool; linear layer
+  with bias. BatchNorm uses batch statistics, with a learnable scale and offset.
+
+  Returns logits.
+  """
+
+  global_pool_name: ClassVar[str] = "global average-pool"
+
+  stage_sizes: Sequence[int]
+  block_cls: type
+  num_classes: int = 10
+  width: int = 64
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images.astype(self.dtype)
+    x = Conv(self.width, 3, dtype=self.dtype, implementation=self.conv_implementation,
+             name="stem_conv")(x)
+    x = nn.relu(BatchNorm(use_scale_and_offset=True, name="stem_bn")(x))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        x = self.block_cls(self.width * 2**stage, strides=2 if stage > 0 and block == 0 else 1,
+                           dtype=self.dtype, conv_implementation=self.conv_implementation,
+                           name=f"stage{stage + 1}_block{block + 1}")(x)
+    # The mean is taken in float32 so that bfloat16 activations do not lose the small ones.
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=fan_in_uniform(), bias_init=uniform_bias(x.shape[-1]),
+                 name="head")(x)
+    return x.astype(jnp.float32)
+
+
+# The ResNets `config.model` can name: blocks per stage and the block type.
+RESNETS = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet34": ((3, 4, 6, 3), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), BottleneckBlock),
+}
+
+
 def create_model(config, num_classes: int) -> nn.Module:
-  """Builds the model named by `config.model` for `num_classes` outputs."""
+  """Builds the model named by `config.model` ("seed_convnet" or a key of `RESNETS`) for
+  `num_classes` outputs; ResNets take their base width from `config.resnet_width`."""
   dtype = jnp.dtype(config.dtype)
+  conv_implementation = resolve_conv_implementation(config.conv_implementation)
   if config.model == "seed_convnet":
     return SeedConvNet(num_classes=num_classes, dtype=dtype,
-                       conv_implementation=resolve_conv_implementation(config.conv_implementation))
+                       conv_implementation=conv_implementation)
+  if config.model in RESNETS:
+    stage_sizes, block_cls = RESNETS[config.model]
+    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
+                  width=config.resnet_width, dtype=dtype,
+                  conv_implementation=conv_implementation)
   raise ValueError(f"unknown model {config.model!r}")
 
 

@@ -33,14 +33,40 @@ TrainState = flax_train_state.TrainState
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
-  """The learning rate at each step: linear from `learning_rate` to 0 over all of training."""
+  """The learning rate at each step, from `config.schedule`:
+
+  * "linear": from `learning_rate` to 0 over all of training (the seed run);
+  * "step": `learning_rate`, multiplied by `lr_decay_factor` at each epoch of
+    `lr_boundaries_epochs`, from the first step of that epoch on (PyTorch's MultiStepLR stepped
+    once per epoch);
+  * "cosine": learning_rate * (1 + cos(pi * step / total_steps)) / 2, reaching 0 at the end.
+  """
   total_steps = config.num_epochs * steps_per_epoch
-  return optax.linear_schedule(config.learning_rate, 0.0, transition_steps=total_steps)
+  schedule = config.schedule
+  if schedule == "linear":
+    return optax.linear_schedule(config.learning_rate, 0.0, transition_steps=total_steps)
+  if schedule == "step":
+    return optax.piecewise_constant_schedule(
+        config.learning_rate,
+        {epoch * steps_per_epoch: config.lr_decay_factor for epoch in config.lr_boundaries_epochs})
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(config.learning_rate, decay_steps=total_steps)
+  raise ValueError(f"unknown schedule {schedule!r}")
 
 
 def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with PyTorch's momentum formulation: v = m v + g; w = w - lr v."""
-  return optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
+  """SGD with PyTorch's momentum formulation: v = m v + g; w = w - lr v (Nesterov:
+  w = w - lr (g + m v)).
+
+  Weight decay is PyTorch SGD's: g = g + weight_decay * w before the momentum, on every parameter
+  (convolution and linear weights, the linear bias and BatchNorm's scale and offset alike), as the
+  PyTorch CIFAR tutorial applies it to `model.parameters()`.
+  """
+  sgd = optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
+  weight_decay = config.weight_decay
+  if not weight_decay:
+    return sgd
+  return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
 
 
 def create_train_state(config, model, key: jax.Array, learning_rate_fn) -> TrainState:
@@ -85,26 +111,41 @@ def _sum_metrics(a, b):
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+# Folded into each epoch's key to give the augmentation its own stream of keys, so that the
+# shuffle keeps using the epoch key itself (and the runs without augmentation stay as they were).
+AUGMENT_KEY_STREAM = 1
+
+
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
-                mean: jax.Array, std: jax.Array, *, batch_size: int, drop_last_batch: bool):
+                mean: jax.Array, std: jax.Array, *, batch_size: int, drop_last_batch: bool,
+                augment: bool = False):
   """One epoch: a fresh permutation from `key`, every example once (the last batch short unless
-  `drop_last_batch`). Returns the new state and the epoch's summed metrics, with each step's
-  mean loss under "step_losses"."""
+  `drop_last_batch`). With `augment`, each gathered uint8 batch is randomly cropped and flipped
+  (`input_pipeline.augment`) before normalisation, under the key
+  fold_in(fold_in(key, AUGMENT_KEY_STREAM), step index within the epoch), so every image gets a
+  fresh augmentation every epoch. Returns the new state and the epoch's summed metrics, with each
+  step's mean loss under "step_losses"."""
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
   order = jax.random.permutation(key, num_examples)
+  augment_key = jax.random.fold_in(key, AUGMENT_KEY_STREAM)
 
-  def step(state, indices):
-    batch_images = input_pipeline.normalize(images[indices], mean, std)
+  def step(state, batch):
+    indices, step_index = batch
+    batch_images = images[indices]
+    if augment:
+      batch_images = input_pipeline.augment(jax.random.fold_in(augment_key, step_index),
+                                            batch_images)
+    batch_images = input_pipeline.normalize(batch_images, mean, std)
     return train_step(state, batch_images, labels[indices])
 
   full_batches = order[:num_full * batch_size].reshape(num_full, batch_size)
-  state, per_step = jax.lax.scan(step, state, full_batches)
+  state, per_step = jax.lax.scan(step, state, (full_batches, jnp.arange(num_full)))
   totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
   step_losses = per_step["loss_sum"] / batch_size
   remainder = num_examples % batch_size
   if remainder and not drop_last_batch:
-    state, last = step(state, order[num_full * batch_size:])
+    state, last = step(state, (order[num_full * batch_size:], num_full))
     totals = _sum_metrics(totals, last)
     step_losses = jnp.concatenate([step_losses, last["loss_sum"][None] / remainder])
   # Each step's mean loss, for naming the first non-finite one.
@@ -147,11 +188,11 @@ def compiler_options() -> dict[str, Any]:
 
 
 def compile_train_epoch(state, images, labels, key, mean, std, *, batch_size: int,
-                        drop_last_batch: bool):
+                        drop_last_batch: bool, augment: bool = False):
   """Compiles `train_epoch` ahead of time for these shapes; the state argument is donated."""
   # Donating the state lets XLA update parameters and momenta in place.
   return jax.jit(functools.partial(train_epoch, batch_size=batch_size,
-                                   drop_last_batch=drop_last_batch),
+                                   drop_last_batch=drop_last_batch, augment=augment),
                  donate_argnums=0).lower(state, images, labels, key, mean, std).compile(
                      compiler_options=compiler_options())
 
@@ -171,13 +212,13 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -
 
 def shape_trace(model, params, images: jax.Array, labels: jax.Array) -> list[str]:
   """Reference-style trace of a training step's shapes: input, target, each layer, pooled
-  features and output."""
+  features (named by the model's `global_pool_name`) and output."""
   lines = [f"input: {tuple(images.shape)}", f"target: {tuple(labels.shape)}"]
   layers = models.describe_shapes(model, params, images)
   for line in layers:
     if line.startswith("head "):
       pooled = line.split(": ", 1)[1].split(" -> ")[0]
-      lines.append(f"global max-pool: {pooled}")
+      lines.append(f"{model.global_pool_name}: {pooled}")
     lines.append(line)
   output = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images)
   lines.append(f"output: {tuple(output.shape)}")
@@ -287,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   compile_start = time.perf_counter()
   run_epoch = compile_train_epoch(state, train_images, train_labels, data_key, mean, std,
                                   batch_size=config.batch_size,
-                                  drop_last_batch=config.drop_last_batch)
+                                  drop_last_batch=config.drop_last_batch,
+                                  augment=config.augment)
   run_eval = compile_evaluate(state.params, test_images, test_labels, mean, std,
                               apply_fn=model.apply, batch_size=config.eval_batch_size)
   compile_seconds = time.perf_counter() - compile_start

@@ -12,7 +12,8 @@ from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax.errors import UserError
 
-MODELS = ("seed_convnet",)
+MODELS = ("seed_convnet", "resnet18", "resnet34", "resnet50")
+SCHEDULES = ("linear", "step", "cosine")
 DATASETS = ("cifar10",)
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLEMENTATIONS = ("auto",) + tuple(models.CONV_IMPLEMENTATIONS)
@@ -51,11 +52,20 @@ def validate_config(config) -> None:
            "a non-negative number", config.learning_rate)
   _require(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
            "a number in [0, 1)", config.momentum)
+  for key in ("nesterov", "augment", "drop_last_batch", "tensorboard", "progress_bar",
+              "trace_shapes"):
+    _require(isinstance(config[key], bool), key, "True or False", config[key])
+  # PyTorch refuses Nesterov without momentum too: it would silently be plain SGD.
+  _require(not config.nesterov or config.momentum > 0, "nesterov",
+           "False when config.momentum is 0 (Nesterov needs momentum)", config.nesterov)
+  _require(_is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
+           "a non-negative number", config.weight_decay)
+  _validate_schedule(config)
+  _require(_is_int(config.resnet_width) and config.resnet_width > 0, "resnet_width",
+           "a positive integer", config.resnet_width)
   _require(_is_int(config.seed), "seed", "an integer", config.seed)
   for key in ("checkpoint_every_epochs", "max_checkpoints_to_keep"):
     _require(_is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
-  for key in ("tensorboard", "progress_bar", "trace_shapes", "drop_last_batch", "nesterov"):
-    _require(isinstance(config[key], bool), key, "True or False", config[key])
   for key in ("max_train_examples", "max_test_examples"):
     _require(_is_int(config[key]) and config[key] >= 0, key, "0 (all) or a positive integer",
              config[key])
@@ -79,6 +89,21 @@ def _validate_benchmark(bench) -> None:
   for size in bench.batch_sizes or ():
     _require(size <= bench.num_examples, "benchmark.batch_sizes",
              f"sizes of at most benchmark.num_examples={bench.num_examples}", bench.batch_sizes)
+
+
+def _validate_schedule(config) -> None:
+  _require(config.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", config.schedule)
+  if config.schedule != "step":
+    return  # the boundaries and factor are not used
+  boundaries = config.lr_boundaries_epochs
+  _require(isinstance(boundaries, (tuple, list)) and all(_is_int(b) for b in boundaries),
+           "lr_boundaries_epochs", "a tuple of integer epochs", boundaries)
+  _require(all(0 < b < config.num_epochs for b in boundaries), "lr_boundaries_epochs",
+           f"epochs between 1 and num_epochs - 1 = {config.num_epochs - 1}", boundaries)
+  _require(all(a < b for a, b in zip(boundaries, boundaries[1:])), "lr_boundaries_epochs",
+           "strictly increasing epochs", boundaries)
+  _require(_is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
+           "lr_decay_factor", "a number in (0, 1]", config.lr_decay_factor)
 
 
 def check_batch_sizes(config, num_train_examples: int) -> None:

@@ -80,6 +80,8 @@ BAD_INPUTS = [
     (["--config.learning_rate=-0.1"], "config.learning_rate=-0.1: expected a non-negative"),
     (["--config.classes=(0,10)"], "config.classes=(0, 10): expected class ids between 0 and 9"),
     (["--config.model=resnet9000"], "config.model='resnet9000': expected one of"),
+    (["--config.schedule=step", "--config.lr_boundaries_epochs=(3,9)"],
+     "config.lr_boundaries_epochs=(3, 9): expected epochs between 1 and num_epochs - 1 = 4"),
     (["--config.data_dir=/nonexistent/cifar"], "config.data_dir: /nonexistent/cifar is not a folder"),
     (["--config.data_dir={truncated}"], "test_batch.bin: 6139 bytes is not a whole number"),
     (["--config.data_dir={bad_label}"], "test_batch.bin: record 1 has label 11"),
