@@ -341,6 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   writer = _tensorboard_writer(config, files)
   progress = _progress_bar(config, config.num_epochs, len(history))
   predictions = None
+  saved_epochs = len(history)  # epochs in the newest checkpoint on disk
   start = time.perf_counter()
   try:
     for epoch in range(len(history), config.num_epochs):
@@ -352,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       train_totals, test_totals = jax.device_get((train_totals, test_totals))
       bad_step = _first_nonfinite_step(train_totals["step_losses"])
       if bad_step is not None:
-        kept = f"epoch {len(history) - 1}" if history else "none yet"
+        kept = f"after epoch {saved_epochs - 1}" if saved_epochs else "none yet"
         raise TrainingDiverged(
             f"non-finite loss at step {epoch * num_steps + bad_step} (epoch {epoch}, step "
             f"{bad_step} of the epoch); the last good checkpoint ({kept}) is kept in "
@@ -373,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         store.save(epoch + 1, state, {"history": history, "config_fingerprint": fingerprint,
                                       "data_key": np.asarray(
                                           jax.random.key_data(data_key)).tolist()})
+        saved_epochs = epoch + 1
       line = json.dumps(record)
       print(line, flush=True)
       with files.metrics.open("a") as metrics_file:
