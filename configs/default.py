@@ -52,6 +52,18 @@ def get_config():
   config.weight_decay = 0.0
   config.seed = 0
 
+  # Replicas: train this many models at once in one compiled program (vmap over parameters,
+  # optimiser states and data order), for multi-seed statistics and dense sweeps. Replica i has
+  # seed replica_seeds[i] (empty: seed + i) and peak learning rate / momentum
+  # replica_learning_rates[i] / replica_momenta[i] (empty: learning_rate / momentum for all).
+  config.num_replicas = 1
+  config.replica_seeds = ()
+  config.replica_learning_rates = ()
+  config.replica_momenta = ()
+  # Data parallel: each batch is split over this many devices (0: all devices, of all processes
+  # in a jax.distributed run); batch sizes must be multiples of it. Same math as one device.
+  config.num_devices = 0
+
   # Checkpoints (orbax, in WORKDIR/checkpoints): every N epochs and at the end, keeping the
   # newest few. Restarting with the same workdir and config resumes from the newest intact one.
   config.checkpoint_every_epochs = 1
@@ -60,8 +72,8 @@ def get_config():
   config.progress_bar = True  # an epoch bar with ETA on stderr, drawn only in a terminal
   config.trace_shapes = False  # print the shapes of the first training step to stderr
 
-  # `python -m convnet_jax.benchmark`: synthetic data of the training set's size; empty lists
-  # mean the config's own batch_size / dtype.
+  # `python -m convnet_jax.benchmark`: synthetic data of the training set's size; empty
+  # batch_sizes / dtypes mean the config's own.
   config.benchmark = ml_collections.ConfigDict()
   config.benchmark.batch_sizes = ()
   config.benchmark.dtypes = ()
@@ -69,4 +81,6 @@ def get_config():
   config.benchmark.warmup_steps = 3
   config.benchmark.num_steps = 20
   config.benchmark.num_epochs = 2
+  # Also time one epoch of N replicas trained together, for each N listed (empty: skip).
+  config.benchmark.num_replicas = ()
   return config

@@ -5,7 +5,9 @@ shape (the same programs `train` runs), on whatever backend JAX finds, and print
 report: backend, devices, versions, compile seconds, step time (median, min, max over
 `benchmark.num_steps` steps after warm-up, each ended with `block_until_ready`), images per second,
 achieved GFLOP/s from XLA's cost analysis, and the time of one whole epoch. Optionally over lists of
-batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`).
+batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`), and the epoch
+time and throughput of N models trained together (`config.benchmark.num_replicas`, e.g.
+"(1, 2, 4, 8, 16)").
 """
 
 from __future__ import annotations
@@ -70,9 +72,8 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   labels = jnp.asarray(rng.integers(0, num_classes, num_examples, dtype=np.int32))
   mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
   num_steps = train.steps_per_epoch(num_examples, batch_size, config.drop_last_batch)
-  learning_rate_fn = train.create_learning_rate_fn(config, num_steps)
   state = jax.jit(functools.partial(train.create_train_state, config, model,
-                                    learning_rate_fn=learning_rate_fn))(jax.random.key(0))
+                                    steps_per_epoch=num_steps))(jax.random.key(0))
 
   batch = input_pipeline.normalize(images[:batch_size], mean, std)
   start = time.perf_counter()
@@ -122,8 +123,51 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   }
 
 
+def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes: int) -> dict:
+  """Times one epoch of `num_replicas` models trained together (the vmapped epoch program of
+  `train`; one model: the plain program) on synthetic data. Throughput counts every replica's
+  images."""
+  config = config.copy_and_resolve_references()
+  config.num_replicas = num_replicas
+  config.replica_seeds = config.replica_learning_rates = config.replica_momenta = ()
+  model = models.create_model(config, num_classes)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE,
+                                    dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, num_classes, num_examples, dtype=np.int32))
+  mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
+  num_steps = train.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
+  state, data_key = train.create_run_state(config, model, num_steps, mesh=None)
+  replicated = num_replicas > 1
+  start = time.perf_counter()
+  epoch = train.compile_train_epoch(state, images, labels, data_key, mean, std,
+                                    batch_size=config.batch_size,
+                                    drop_last_batch=config.drop_last_batch,
+                                    augment=config.augment, replicated=replicated)
+  compile_seconds = time.perf_counter() - start
+  holder = {"state": state}
+
+  def run_epoch():
+    holder["state"], metrics = epoch(holder["state"], images, labels, data_key, mean, std)
+    return metrics
+
+  _time_calls(run_epoch, 1)  # warm-up
+  epoch_times = _time_calls(run_epoch, config.benchmark.num_epochs)
+  median = statistics.median(epoch_times)
+  return {
+      "num_replicas": num_replicas,
+      "batch_size": config.batch_size,
+      "epoch_compile_seconds": round(compile_seconds, 3),
+      "epoch_examples": num_examples,
+      "epoch_seconds": {"median": round(median, 3), "min": round(min(epoch_times), 3),
+                        "max": round(max(epoch_times), 3), "count": len(epoch_times)},
+      "images_per_second": round(num_replicas * num_examples / median, 1),
+  }
+
+
 def run_benchmark(config) -> dict:
-  """Benchmarks every (batch size, dtype) pair the config lists; returns the report."""
+  """Benchmarks every (batch size, dtype) pair the config lists, and every replica count of
+  `benchmark.num_replicas`; returns the report."""
   validation.validate_config(config)
   bench = config.benchmark
   devices = jax.devices()
@@ -143,6 +187,12 @@ def run_benchmark(config) -> dict:
       result = benchmark_one(config, batch_size, dtype, bench.num_examples, num_classes)
       print(json.dumps(result), file=sys.stderr)
       report["results"].append(result)
+  if bench.num_replicas:
+    report["replica_results"] = []
+  for num_replicas in bench.num_replicas:
+    result = benchmark_replicas(config, num_replicas, bench.num_examples, num_classes)
+    print(json.dumps(result), file=sys.stderr)
+    report["replica_results"].append(result)
   return report
 
 

@@ -1,11 +1,13 @@
 """Command line: `python -m convnet_jax.main --config configs/default.py [--workdir DIR]`.
 
-Only parses flags and hands over to `train.train_and_evaluate`.
+Only parses flags (starting JAX's multi-process runtime when asked) and hands over to
+`train.train_and_evaluate`.
 """
 
 import sys
 import time
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -19,12 +21,27 @@ flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and 
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config"])
+flags.DEFINE_bool("distributed", False, "Multi-process run: call jax.distributed.initialize() "
+                  "first, which finds the cluster itself on Cloud TPU, SLURM and Open MPI, or "
+                  "from the three flags below.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies "
+                    "--distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 (with "
+                     "--coordinator_address).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   workdir = FLAGS.workdir
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    if not workdir:  # processes started seconds apart would each name their own
+      print("error: --workdir: expected the same folder for every process of a multi-process "
+            "run", file=sys.stderr)
+      sys.exit(2)
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   if not workdir:
     config_name = FLAGS["config"].value and FLAGS["config"].config_filename
     stem = config_name.rsplit("/", 1)[-1].removesuffix(".py") if config_name else "run"

@@ -61,19 +61,38 @@ def learning_rate_drops(records: Sequence[dict]) -> list[int]:
   return drops
 
 
+def _series(records: Sequence[dict], key: str, transform=lambda v: v):
+  """Per epoch: the value of `key`, or for a replicated run (a list per epoch) the mean, min and
+  max over the replicas that have not diverged (null)."""
+  values = [record[key] for record in records]
+  if not isinstance(values[0], list):
+    return [transform(v) for v in values], None, None
+  kept = [[transform(v) for v in epoch if v is not None] or [float("nan")] for epoch in values]
+  return ([sum(epoch) / len(epoch) for epoch in kept], [min(epoch) for epoch in kept],
+          [max(epoch) for epoch in kept])
+
+
 def plot_curves(records: Sequence[dict], title: str = "") -> Figure:
   """A figure with two panels, loss and error (1 - accuracy), train and test, against epochs
-  trained (epoch e's record is plotted at e + 1), and a vertical line where the lr drops."""
+  trained (epoch e's record is plotted at e + 1), and a vertical line where the lr drops. For a
+  replicated run: the replicas' mean, with their min-max range shaded."""
   epochs_trained = [record["epoch"] + 1 for record in records]
   figure = Figure(figsize=(10, 4), layout="constrained")
   FigureCanvasAgg(figure)
   loss_axes, error_axes = figure.subplots(1, 2)
   for split, style in (("train", "-"), ("test", "--")):
-    loss_axes.plot(epochs_trained, [r[f"{split}_loss"] for r in records], style, marker=".",
-                   label=split)
-    error_axes.plot(epochs_trained, [1 - r[f"{split}_acc"] for r in records], style, marker=".",
-                    label=split)
-  drops = learning_rate_drops(records) if "learning_rate" in records[0] else []
+    for axes, key, transform in ((loss_axes, f"{split}_loss", lambda v: v),
+                                 (error_axes, f"{split}_acc", lambda v: 1 - v)):
+      middle, low, high = _series(records, key, transform)
+      line, = axes.plot(epochs_trained, middle, style, marker=".",
+                        label=split if low is None else f"{split} (replica mean, min-max)")
+      if low is not None:
+        axes.fill_between(epochs_trained, low, high, color=line.get_color(), alpha=0.2)
+  drops = []
+  if "learning_rate" in records[0]:
+    # Replicas share the schedule's shape, so the first replica's rates show the drops.
+    drops = learning_rate_drops([dict(r, learning_rate=r["learning_rate"][0]) if isinstance(
+        r["learning_rate"], list) else r for r in records])
   for axes, name in ((loss_axes, "loss"), (error_axes, "error (1 - accuracy)")):
     for index, epoch in enumerate(drops):
       # The lr drops at the start of epoch `epoch`, i.e. after `epoch` epochs of training.

@@ -64,6 +64,7 @@ def validate_config(config) -> None:
   _require(_is_int(config.resnet_width) and config.resnet_width > 0, "resnet_width",
            "a positive integer", config.resnet_width)
   _require(_is_int(config.seed), "seed", "an integer", config.seed)
+  _validate_replicas(config)
   for key in ("checkpoint_every_epochs", "max_checkpoints_to_keep"):
     _require(_is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
   for key in ("max_train_examples", "max_test_examples"):
@@ -75,10 +76,42 @@ def validate_config(config) -> None:
     _validate_benchmark(config.benchmark)
 
 
+def _validate_replicas(config) -> None:
+  count = config.num_replicas
+  _require(_is_int(count) and count > 0, "num_replicas", "a positive integer", count)
+  for key, check, expected in (
+      ("replica_seeds", _is_int, "integer seeds"),
+      ("replica_learning_rates", lambda v: _is_number(v) and v >= 0, "non-negative numbers"),
+      ("replica_momenta", lambda v: _is_number(v) and 0 <= v < 1, "numbers in [0, 1)")):
+    values = config[key]
+    _require(isinstance(values, (tuple, list)) and (not values or len(values) == count), key,
+             f"() or a tuple of num_replicas={count} values", values)
+    _require(all(check(v) for v in values), key, expected, values)
+  _require(not config.nesterov or all(m > 0 for m in config.replica_momenta), "nesterov",
+           "False when a replica's momentum is 0 (Nesterov needs momentum)", config.nesterov)
+  _require(_is_int(config.num_devices) and config.num_devices >= 0, "num_devices",
+           "0 (all devices) or a positive integer", config.num_devices)
+
+
+def check_devices(config, device_count: int) -> None:
+  """Data parallel needs the devices asked for and batches that split evenly over them."""
+  _require(config.num_devices <= device_count, "num_devices",
+           f"at most the {device_count} devices JAX sees (jax.device_count())",
+           config.num_devices)
+  count = config.num_devices or device_count
+  for key in ("batch_size", "eval_batch_size"):
+    _require(config[key] % count == 0, key,
+             f"a multiple of the {count} data-parallel devices (config.num_devices, 0: all "
+             f"jax.device_count())", config[key])
+
+
 def _validate_benchmark(bench) -> None:
   for size in bench.batch_sizes:
     _require(_is_int(size) and size > 0, "benchmark.batch_sizes", "positive integers",
              bench.batch_sizes)
+  for count in bench.num_replicas:
+    _require(_is_int(count) and count > 0, "benchmark.num_replicas", "positive integers",
+             bench.num_replicas)
   for dtype in bench.dtypes:
     _require(dtype in DTYPES, "benchmark.dtypes", f"names from {DTYPES}", bench.dtypes)
   for key in ("num_examples", "num_steps", "num_epochs"):
@@ -112,10 +145,10 @@ def check_batch_sizes(config, num_train_examples: int) -> None:
            f"at most the {num_train_examples} training examples", config.batch_size)
 
 
-# Keys that change how a run is shown or measured, not what it computes: a workdir may be
-# resumed with other values for them.
+# Keys that change how a run is shown, measured or spread over devices, not what it computes: a
+# workdir may be resumed with other values for them (e.g. on a machine with more devices).
 PRESENTATION_KEYS = ("trace_shapes", "progress_bar", "tensorboard", "benchmark",
-                     "checkpoint_every_epochs", "max_checkpoints_to_keep")
+                     "checkpoint_every_epochs", "max_checkpoints_to_keep", "num_devices")
 
 
 def run_identity(config) -> dict:

@@ -20,7 +20,7 @@ def seed_convnet_forward_flops_per_image() -> int:
 def test_benchmark_report_on_smoke_config(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "convnet_jax.benchmark", "--config", "configs/smoke.py",
-       f"--workdir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+       f"--workdir={tmp_path}", "--config.benchmark.num_replicas=(1, 3)"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert report == json.loads((tmp_path / "benchmark.json").read_text())
@@ -38,6 +38,13 @@ def test_benchmark_report_on_smoke_config(tmp_path):
   assert run["achieved_gflop_per_second"] == pytest.approx(
       run["step_gflop"] / (step["median"] / 1e3), rel=0.02)
   assert run["step_compile_seconds"] > 0 and run["epoch_seconds"]["median"] > 0
+  # Replicas: every replica's images count towards the throughput of one epoch.
+  assert [r["num_replicas"] for r in report["replica_results"]] == [1, 3]
+  for replicas in report["replica_results"]:
+    epoch_seconds = replicas["epoch_seconds"]
+    assert epoch_seconds["count"] == 1 and epoch_seconds["min"] <= epoch_seconds["median"]
+    assert replicas["images_per_second"] == pytest.approx(
+        replicas["num_replicas"] * 200 / epoch_seconds["median"], rel=0.01)
 
 
 def test_benchmark_rejects_bad_lists():

@@ -1,7 +1,6 @@
 """The command line end to end on real CIFAR-10: output format, files, and clean errors."""
 
 import json
-import shutil
 import subprocess
 import sys
 

@@ -11,7 +11,6 @@ import sys
 import termios
 import time
 
-import numpy as np
 import pytest
 
 from conftest import REPO_ROOT

@@ -104,3 +104,23 @@ def test_the_command_exits_with_status_2_on_an_empty_workdir(tmp_path):
 def test_read_history_raises_user_error(tmp_path):
   with pytest.raises(UserError, match="file not found"):
     plot.read_history(tmp_path)
+
+
+def test_replicated_run_plots_the_mean_and_the_min_max_band():
+  records = [{"epoch": 0, "train_loss": [0.6, 0.8, None], "train_acc": [0.7, 0.5, None],
+              "test_loss": [0.5, 0.7, None], "test_acc": [0.8, 0.6, None],
+              "learning_rate": [0.1, 0.05, 9.0]},
+             {"epoch": 1, "train_loss": [0.2, 0.4, None], "train_acc": [0.9, 0.7, None],
+              "test_loss": [0.3, 0.5, None], "test_acc": [0.9, 0.7, None],
+              "learning_rate": [0.01, 0.005, 0.9]}]
+  figure = plot.plot_curves(records)
+  loss_axes, error_axes = figure.axes
+  train_loss = loss_axes.get_lines()[0]
+  assert list(train_loss.get_xdata()) == [1, 2]
+  assert list(train_loss.get_ydata()) == pytest.approx([0.7, 0.3])  # the diverged one left out
+  test_error = error_axes.get_lines()[1]
+  assert list(test_error.get_ydata()) == pytest.approx([0.3, 0.2])
+  band = error_axes.collections[1].get_paths()[0].vertices[:, 1]  # test error's min-max range
+  assert min(band) == pytest.approx(0.1) and max(band) == pytest.approx(0.4)
+  # The first replica's rates drop tenfold after a flat start: one lr drop line.
+  assert len([line for line in loss_axes.get_lines() if line.get_linestyle() == ":"]) == 1

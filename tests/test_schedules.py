@@ -64,8 +64,7 @@ def test_resnet18_config_drops_at_epochs_100_and_150_in_steps():
 
 
 def _run_optimizer(config, params, gradients, steps_per_epoch=2):
-  optimizer = train.create_optimizer(config,
-                                     train.create_learning_rate_fn(config, steps_per_epoch))
+  optimizer = train.create_optimizer(config, steps_per_epoch)
   params = {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
   state = optimizer.init(params)
   for gradient in gradients:

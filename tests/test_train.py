@@ -29,8 +29,7 @@ def test_learning_rate_first_middle_last_step():
 
 def test_sgd_momentum_matches_pytorch_formula():
   config = default_config.get_config()
-  schedule = train.create_learning_rate_fn(config, steps_per_epoch=2)  # 10 steps in all
-  optimizer = train.create_optimizer(config, schedule)
+  optimizer = train.create_optimizer(config, steps_per_epoch=2)  # 10 steps in all
   w0 = np.array([1.0, -2.0, 0.5])
   g1 = np.array([0.3, -0.1, 2.0])
   g2 = np.array([-1.0, 0.4, 0.2])

@@ -1,0 +1,126 @@
+"""Data parallel over several CPU devices (XLA's host-platform device count) and over two
+processes on localhost (jax.distributed): BatchNorm over the global batch, and whole runs that
+match one device. Each case runs in a subprocess, as JAX fixes its devices when it starts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+# The smoke run for one epoch: 200 training images in batches of 64 (3 full batches and one of
+# 8) and 100 test images (batches of 64 and 36), so every batch splits over 2 or 4 devices.
+RUN_ARGS = ("--config", "configs/smoke.py", "--config.tensorboard=False")
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate")
+
+
+def _environment(devices_per_process):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count="
+              f"{devices_per_process}", JAX_PLATFORMS="cpu")
+
+
+def _run_main(args, devices_per_process=1):
+  return subprocess.run([sys.executable, "-m", "convnet_jax.main", *args], cwd=REPO_ROOT,
+                        env=_environment(devices_per_process), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _read(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return records, np.loadtxt(workdir / "preds", dtype=int)
+
+
+def _assert_matches(records, predictions, expected):
+  expected_records, expected_predictions = expected
+  assert len(records) == len(expected_records) == 1
+  for key in METRICS:
+    assert records[0][key] == pytest.approx(expected_records[0][key], abs=1e-5), key
+  np.testing.assert_array_equal(predictions, expected_predictions)
+
+
+@pytest.fixture(scope="module")
+def one_device(cifar10_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one_device") / "run"
+  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "on 1 devices" in result.stderr
+  return _read(workdir)
+
+
+def test_four_devices_match_one_device(one_device, cifar10_dir, tmp_path):
+  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}"],
+                     devices_per_process=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "on 4 devices" in result.stderr
+  _assert_matches(*_read(tmp_path), one_device)
+
+
+def test_two_processes_on_localhost_match_one_device(one_device, cifar10_dir, tmp_path):
+  with socket.socket() as probe:  # a free port for the coordinator
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  workdir = tmp_path / "run"
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "convnet_jax.main", *RUN_ARGS, f"--config.data_dir={cifar10_dir}",
+       f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={index}"], cwd=REPO_ROOT, env=_environment(2), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for index in range(2)]
+  outputs = [process.communicate(timeout=600) for process in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  assert "on 4 devices" in outputs[0][1]  # 2 processes x 2 devices
+  # Only process 0 prints the epoch lines (gloo's own connection lines aside).
+  printed = [[line for line in stdout.splitlines() if line.startswith("{")]
+             for stdout, _ in outputs]
+  assert len(printed[0]) == 1 and printed[1] == []
+  records, predictions = _read(workdir)
+  assert json.loads(printed[0][0]) == records[0]
+  _assert_matches(records, predictions, one_device)
+  assert (workdir / "checkpoints" / "1").is_dir()
+
+
+SHARDED_BATCH_NORM = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from convnet_jax import models, train
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (train.DATA_AXIS,))
+batch = NamedSharding(mesh, P(train.DATA_AXIS))
+x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 2, 2, 3)).astype(np.float32)
+x[:2] += 5.0  # the first device's quarter has other statistics than the whole batch
+normalise = jax.jit(lambda x: models.batch_norm(train.shard_batch(x, batch)))
+y = normalise(jax.device_put(x, batch))
+print(json.dumps({"devices": len(y.sharding.device_set),
+                  "shard_rows": [s.data.shape[0] for s in y.addressable_shards],
+                  "all_reduce": "all-reduce" in normalise.lower(x).compile().as_text(),
+                  "y": np.asarray(y).tolist()}))
+"""
+
+
+def test_batch_norm_statistics_span_the_global_batch():
+  result = subprocess.run([sys.executable, "-c", "import json\n" + SHARDED_BATCH_NORM],
+                          cwd=REPO_ROOT, env=_environment(4), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 4 and out["shard_rows"] == [2, 2, 2, 2] and out["all_reduce"]
+  x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 2, 2, 3)).astype(np.float64)
+  x[:2] += 5.0
+  # PyTorch's BatchNorm2d in training mode, over all 8 examples: biased variance, eps 1e-5.
+  mean = x.mean(axis=(0, 1, 2))
+  variance = ((x - mean) ** 2).mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(out["y"], (x - mean) / np.sqrt(variance + 1e-5), atol=1e-5)
+
+
+def test_batch_that_does_not_split_is_refused_before_work(cifar10_dir, tmp_path):
+  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/w",
+                      "--config.num_devices=3"], devices_per_process=4)
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == ["error: config.batch_size=64: expected a multiple of the 3 data-parallel "
+                    "devices (config.num_devices, 0: all jax.device_count())"]
+  assert "compile time" not in result.stderr and not (tmp_path / "w").exists()
