@@ -12,7 +12,6 @@ time and throughput of N models trained together (`config.benchmark.num_replicas
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
 import sys
@@ -60,20 +59,28 @@ def _time_calls(fn, num_calls: int) -> list[float]:
   return times
 
 
-def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
-                  num_classes: int) -> dict:
-  """Compiles and times the train step and one epoch for one batch size and dtype."""
-  config = config.copy_and_resolve_references()
-  config.batch_size, config.dtype = batch_size, dtype
+def _synthetic_run(config, num_examples: int, num_classes: int):
+  """The configured train state (one model or replicas, on one device) and its data key, random
+  uint8 images and labels of CIFAR shape on the device, a fixed mean and std, and the steps per
+  epoch."""
   model = models.create_model(config, num_classes)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE,
                                     dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, num_classes, num_examples, dtype=np.int32))
   mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
-  num_steps = train.steps_per_epoch(num_examples, batch_size, config.drop_last_batch)
-  state = jax.jit(functools.partial(train.create_train_state, config, model,
-                                    steps_per_epoch=num_steps))(jax.random.key(0))
+  num_steps = train.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
+  state, data_key = train.create_run_state(config, model, num_steps, mesh=None)
+  return state, data_key, images, labels, mean, std, num_steps
+
+
+def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
+                  num_classes: int) -> dict:
+  """Compiles and times the train step and one epoch for one batch size and dtype."""
+  config = config.copy_and_resolve_references()
+  config.batch_size, config.dtype, config.num_replicas = batch_size, dtype, 1
+  state, _, images, labels, mean, std, num_steps = _synthetic_run(config, num_examples,
+                                                                  num_classes)
 
   batch = input_pipeline.normalize(images[:batch_size], mean, std)
   start = time.perf_counter()
@@ -130,14 +137,8 @@ def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes
   config = config.copy_and_resolve_references()
   config.num_replicas = num_replicas
   config.replica_seeds = config.replica_learning_rates = config.replica_momenta = ()
-  model = models.create_model(config, num_classes)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE,
-                                    dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, num_classes, num_examples, dtype=np.int32))
-  mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
-  num_steps = train.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
-  state, data_key = train.create_run_state(config, model, num_steps, mesh=None)
+  state, data_key, images, labels, mean, std, _ = _synthetic_run(config, num_examples,
+                                                                 num_classes)
   replicated = num_replicas > 1
   start = time.perf_counter()
   epoch = train.compile_train_epoch(state, images, labels, data_key, mean, std,
