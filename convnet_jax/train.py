@@ -539,7 +539,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       state, train_totals = run_epoch(state, train_images, train_labels,
                                       fold_in(data_key, epoch), mean, std)
       predictions, test_totals = run_eval(state.params, test_images, test_labels, mean, std)
-      train_totals, test_totals = jax.device_get((train_totals, test_totals))
+      # Float64 on the host, so that an accuracy is exactly correct / count.
+      train_totals, test_totals = jax.tree_util.tree_map(
+          lambda x: np.asarray(x, np.float64), jax.device_get((train_totals, test_totals)))
       bad_steps = _nonfinite_steps(train_totals["step_losses"])
       if np.all(bad_steps >= 0):
         bad_step = int(np.min(bad_steps))
