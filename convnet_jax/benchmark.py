@@ -33,10 +33,15 @@ from convnet_jax import validation
 from convnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Folder for benchmark.json (default: print only).")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                lock_config=True)
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so the module imports beside the other
+  commands (which define flags of the same names)."""
+  flags.DEFINE_string("workdir", None, "Folder for benchmark.json (default: print only).")
+  config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config"])
 
 
 def _flops(compiled) -> float | None:
@@ -213,4 +218,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

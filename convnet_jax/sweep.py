@@ -593,11 +593,16 @@ def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> li
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Sweep folder: sweep.json, sweep.db, trials/NNNN, "
-                    "trials.md, trials.csv, objective.png. Run again to resume.")
-config_flags.DEFINE_config_file("config", None, "Sweep configuration file (a get_config() and "
-                                "a sweep(trial) function).", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs, so the module imports beside the other
+  commands (which define flags of the same names)."""
+  flags.DEFINE_string("workdir", None, "Sweep folder: sweep.json, sweep.db, trials/NNNN, "
+                      "trials.md, trials.csv, objective.png. Run again to resume.")
+  config_flags.DEFINE_config_file("config", None, "Sweep configuration file (a get_config() and "
+                                  "a sweep(trial) function).", lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -629,4 +634,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from flax.training import train_state as flax_train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
