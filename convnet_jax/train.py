@@ -529,8 +529,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   saved_epochs = len(history)  # epochs in the newest checkpoint on disk
   # Replicas whose loss has stopped being finite; from then on their metrics are null.
   diverged = np.zeros(config.num_replicas if replicated else (), bool)
-  for record in history:
-    diverged |= np.asarray([v is None for v in record["test_acc"]]) if replicated else False
+  if replicated and history:
+    diverged[history[-1]["diverged"]] = True
+  seeds = replica_settings(config)["seed"]
   start = time.perf_counter()
   try:
     for epoch in range(len(history), config.num_epochs):
@@ -569,7 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       }
       if replicated:
         record.update(replica_summary(record["test_acc"]), diverged=np.flatnonzero(
-            diverged).tolist(), seeds=replica_settings(config)["seed"])
+            diverged).tolist(), seeds=seeds)
       history.append(record)
       if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
         store.save(epoch + 1, state, {"history": history, "config_fingerprint": fingerprint,
@@ -598,11 +599,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     rows = np.asarray(predictions).reshape(-1, num_test).T
     _write_atomically(files.predictions,
                       "".join(" ".join(map(str, row)) + "\n" for row in rows))
-    if replicated:
-      summary = replica_summary(history[-1]["test_acc"])
-      print(f"final test accuracy over {config.num_replicas - int(diverged.sum())} replicas "
-            f"(seeds {history[-1]['seeds']}): mean {summary.get('test_acc_mean', float('nan')):.4f}"
-            f", std {summary.get('test_acc_std', float('nan')):.4f}, min "
-            f"{summary.get('test_acc_min', float('nan')):.4f}, max "
-            f"{summary.get('test_acc_max', float('nan')):.4f}", file=sys.stderr)
+    if replicated:  # the last record holds the summary (some replica is left: else it raised)
+      last = history[-1]
+      print(f"final test accuracy over {len(seeds) - len(last['diverged'])} replicas (seeds "
+            f"{seeds}): mean {last['test_acc_mean']:.4f}, std {last['test_acc_std']:.4f}, min "
+            f"{last['test_acc_min']:.4f}, max {last['test_acc_max']:.4f}", file=sys.stderr)
   return history[-1]
