@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import train
@@ -84,6 +85,8 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   """Compiles and times the train step and one epoch for one batch size and dtype."""
   config = config.copy_and_resolve_references()
   config.batch_size, config.dtype, config.num_replicas = batch_size, dtype, 1
+  choice = conv.choose_conv_implementation(config.conv_implementation, dtype)
+  print(choice.describe(), file=sys.stderr)
   state, _, images, labels, mean, std, num_steps = _synthetic_run(config, num_examples,
                                                                   num_classes)
 
@@ -120,7 +123,8 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   return {
       "batch_size": batch_size,
       "dtype": dtype,
-      "conv_implementation": models.resolve_conv_implementation(config.conv_implementation),
+      "conv_implementation": choice.implementation,
+      "conv_reason": choice.reason,
       "step_compile_seconds": round(step_compile, 3),
       "epoch_compile_seconds": round(epoch_compile, 3),
       "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_times), 2),

@@ -82,8 +82,10 @@ def check_binary_files(data_dir: str | os.PathLike) -> None:
                       f"records (1 label byte + 3072 pixel bytes); truncated or not CIFAR-10")
 
 
-def read_binary_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-  """Reads one CIFAR-10 binary batch file into uint8 NHWC images and int32 labels."""
+def read_binary_file(path: str | os.PathLike,
+                     classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads one CIFAR-10 binary batch file into uint8 NHWC images and int32 labels, only the
+  records of `classes` (original labels, file order) if given."""
   path = Path(path)
   raw = np.fromfile(path, dtype=np.uint8)
   if raw.size == 0 or raw.size % RECORD_BYTES:
@@ -95,14 +97,20 @@ def read_binary_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   if bad.size:
     raise DataError(f"{path}: record {bad[0]} has label {labels[bad[0]]}, expected 0-9; "
                     f"not a CIFAR-10 binary file")
+  if classes is not None:
+    # Dropped before the transpose below, the slow part, so CIFAR-2 transposes a fifth.
+    keep = np.isin(labels, np.asarray(classes))
+    records, labels = records[keep], labels[keep]
   # Each record stores three 32x32 planes (R, G, B); NHWC wants the channel last.
   images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return np.ascontiguousarray(images), labels
 
 
-def read_binary_split(data_dir: str | os.PathLike, names: Sequence[str]):
-  """Reads and concatenates CIFAR-10 binary files, in the order given."""
-  parts = [read_binary_file(Path(data_dir) / name) for name in names]
+def read_binary_split(data_dir: str | os.PathLike, names: Sequence[str],
+                      classes: Sequence[int] | None = None):
+  """Reads and concatenates CIFAR-10 binary files, in the order given (only the records of
+  `classes` if given)."""
+  parts = [read_binary_file(Path(data_dir) / name, classes) for name in names]
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -144,8 +152,16 @@ def select_classes(images: np.ndarray, labels: np.ndarray, classes: Sequence[int
 
 def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and population std of uint8 NHWC images on the [0, 1] scale."""
-  pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-  return pixels.mean(axis=0).astype(np.float32), pixels.std(axis=0).astype(np.float32)
+  # From each channel's histogram of the 256 byte values: the same float64 mean and
+  # (two-pass) population variance as over every pixel, ~30x faster than a float64 copy of them.
+  channels = images.shape[-1]
+  values = np.arange(256, dtype=np.float64) / 255.0
+  counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256)
+                     for c in range(channels)]).astype(np.float64)
+  total = counts.sum(axis=1)
+  mean = counts @ values / total
+  variance = np.sum(counts * np.square(values - mean[:, None]), axis=1) / total
+  return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
 
 
 def normalize(images, mean, std):
@@ -179,8 +195,8 @@ def load_dataset(config) -> Dataset:
   """Loads the data set the config names: CIFAR-10 restricted to `config.classes`."""
   if config.data_dir:
     check_binary_files(config.data_dir)
-    train_images, train_labels = read_binary_split(config.data_dir, TRAIN_FILES)
-    test_images, test_labels = read_binary_split(config.data_dir, TEST_FILES)
+    train_images, train_labels = read_binary_split(config.data_dir, TRAIN_FILES, config.classes)
+    test_images, test_labels = read_binary_split(config.data_dir, TEST_FILES, config.classes)
   else:
     train_images, train_labels = read_tfds_split("train", config.tfds_data_dir,
                                                  config.tfds_manual_dir)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from convnet_jax import conv as conv_lib
+
 BATCH_NORM_EPSILON = 1e-5
 
 
@@ -87,106 +89,6 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.max(x, axis=(2, 4))
 
 
-def conv_output_size(size: int, strides: int) -> int:
-  """Output height (or width) of an odd-kernel convolution padded with kernel_size // 2 zeros on
-  each side: `size` for stride 1, 16 for 32 at stride 2 (PyTorch's `padding=k // 2`)."""
-  return (size - 1) // strides + 1
-
-
-def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
-  """Convolution (NHWC input, HWIO kernel, odd kernel size, kernel_size // 2 zeros of padding on
-  each side, the same stride along height and width) as one matrix product over patches.
-
-  XLA's CPU convolution gradients are slow (and slower still inside `lax.scan`); the patches are
-  plain slices, so forward and backward become dots that run at matmul speed. With a stride the
-  patches are strided slices, so only the output pixels that are kept get computed.
-  Output pixel i is centred on input pixel strides * i, as in PyTorch (XLA's 'SAME' would pad
-  only after the image for stride 2 and shift the windows by one pixel).
-  """
-  kh, kw, cin, cout = kernel.shape
-  if kh == kw == 1:
-    if strides > 1:
-      x = x[:, ::strides, ::strides, :]
-    return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-  _, height, width, _ = x.shape
-  out_height, out_width = conv_output_size(height, strides), conv_output_size(width, strides)
-  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  row_span, column_span = strides * (out_height - 1) + 1, strides * (out_width - 1) + 1
-  patches = jnp.concatenate([padded[:, i:i + row_span:strides, j:j + column_span:strides, :]
-                             for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
-
-
-def conv_xla(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
-  """The same convolution as `conv_im2col` with XLA's native convolution (cuDNN on GPU, MXU on
-  TPU); for stride 1 this is 'SAME' padding."""
-  kh, kw, _, _ = kernel.shape
-  # The kernel is passed as OHWI: on XLA's CPU backend that layout ran the forward and input
-  # gradient convolutions fastest of the six orders measured (18 ms against 34 ms for HWIO).
-  return jax.lax.conv_general_dilated(x, kernel.transpose(3, 0, 1, 2), (strides, strides),
-                                      ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-                                      dimension_numbers=("NHWC", "OHWI", "NHWC"))
-
-
-def _kernel_gradient_by_shifts(x: jax.Array, output_gradient: jax.Array, kernel_shape):
-  """dL/dkernel of a stride-1 'SAME' convolution: for each tap (i, j), the shifted input
-  window times the output gradient, each as one plain 2-D matrix product."""
-  kh, kw, cin, cout = kernel_shape
-  _, height, width, _ = x.shape
-  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  gradient_rows = output_gradient.reshape(-1, cout)
-  taps = [padded[:, i:i + height, j:j + width, :].reshape(-1, cin).T @ gradient_rows
-          for i in range(kh) for j in range(kw)]
-  return jnp.stack(taps).reshape(kernel_shape)
-
-
-def conv_hybrid(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
-  """XLA's convolution for the forward pass and the input gradient, matrix products for the
-  kernel gradient (stride 1; strided convolutions, only in ResNet stage openings, use im2col)."""
-  if strides != 1:
-    return conv_im2col(x, kernel, strides)
-  return _conv_hybrid_stride1(x, kernel)
-
-
-@jax.custom_vjp
-def _conv_hybrid_stride1(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'SAME' convolution: XLA's convolution for the forward pass and the input gradient,
-  matrix products for the kernel gradient.
-
-  On XLA's CPU backend the forward and input-gradient convolutions are fast (~20 ms for
-  128x32x32, 16->32) but the kernel-gradient convolution is ~15x slower (~300 ms); per-tap
-  matrix products compute it in ~70 ms without materialising im2col patches.
-  """
-  return conv_xla(x, kernel)
-
-
-def _conv_hybrid_forward(x, kernel):
-  return conv_xla(x, kernel), (x, kernel)
-
-
-def _conv_hybrid_backward(residuals, output_gradient):
-  x, kernel = residuals
-  # The input gradient of a 'SAME' convolution is the 'SAME' convolution of the output
-  # gradient with the kernel rotated by 180 degrees and its channel axes swapped.
-  flipped = jnp.flip(kernel, axis=(0, 1)).transpose(0, 1, 3, 2)
-  input_gradient = conv_xla(output_gradient, flipped)
-  kernel_gradient = _kernel_gradient_by_shifts(x, output_gradient, kernel.shape)
-  return input_gradient, kernel_gradient.astype(kernel.dtype)
-
-
-_conv_hybrid_stride1.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
-
-
-CONV_IMPLEMENTATIONS = {"im2col": conv_im2col, "xla": conv_xla, "hybrid": conv_hybrid}
-
-
-def resolve_conv_implementation(name: str) -> str:
-  """'auto' picks 'im2col' on CPU and XLA's native convolution on accelerators."""
-  if name == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
-  return name
-
-
 class Conv(nn.Module):
   """Bias-free convolution with the specification's uniform initialisation: odd square kernel,
   kernel_size // 2 zeros of padding on each side, stride `strides` (1: 'SAME').
@@ -205,7 +107,7 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", fan_in_uniform(), shape, jnp.float32)
-    conv = CONV_IMPLEMENTATIONS[self.implementation]
+    conv = conv_lib.CONV_IMPLEMENTATIONS[self.implementation]
     return conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
 
 
@@ -364,11 +266,17 @@ RESNETS = {
 }
 
 
-def create_model(config, num_classes: int) -> nn.Module:
+def create_model(config, num_classes: int, conv_implementation: str | None = None) -> nn.Module:
   """Builds the model named by `config.model` ("seed_convnet" or a key of `RESNETS`) for
-  `num_classes` outputs; ResNets take their base width from `config.resnet_width`."""
+  `num_classes` outputs; ResNets take their base width from `config.resnet_width`.
+
+  `conv_implementation`: the resolved convolution path (a key of `conv.CONV_IMPLEMENTATIONS`);
+  default: `config.conv_implementation` resolved for one device.
+  """
   dtype = jnp.dtype(config.dtype)
-  conv_implementation = resolve_conv_implementation(config.conv_implementation)
+  if conv_implementation is None:
+    conv_implementation = conv_lib.choose_conv_implementation(
+        config.conv_implementation, config.dtype).implementation
   if config.model == "seed_convnet":
     return SeedConvNet(num_classes=num_classes, dtype=dtype,
                        conv_implementation=conv_implementation)

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from convnet_jax import checkpoints
+from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import validation
@@ -396,7 +397,8 @@ def create_run_state(config, model, steps: int, mesh: Mesh | None):
   args = [np.asarray(values if replicated else values[0]) for values in settings.values()]
   args[1:] = [np.asarray(value, np.float32) for value in args[1:]]
   _, replicated_sharding = _shardings(mesh)
-  state, data_key = jax.jit(create, out_shardings=replicated_sharding)(*args)
+  state, data_key = jax.jit(create, out_shardings=replicated_sharding).lower(*args).compile(
+      compiler_options=compiler_options())(*args)
   # The optimiser built inside `jit` only served to initialise: its hyperparameters are in
   # `opt_state`, and a concrete one is kept for the updates.
   return state.replace(tx=create_optimizer(config, steps)), data_key
@@ -472,7 +474,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   replicated = config.num_replicas > 1
   mesh = create_mesh(config)
-  model = models.create_model(config, data.num_classes)
+  conv_choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype,
+                                                mesh.size if mesh else 1)
+  if is_writer:
+    print(conv_choice.describe(), file=sys.stderr)
+  model = models.create_model(config, data.num_classes, conv_choice.implementation)
   num_steps = steps_per_epoch(len(data.train_labels), config.batch_size, config.drop_last_batch)
   state, data_key = create_run_state(config, model, num_steps, mesh)
   logging.info("model %s: %d parameters x %d replicas; %d steps per epoch on %d devices",
@@ -495,7 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if is_writer:
     # Epochs after the newest checkpoint are recomputed, so the file restarts from its history.
     _write_atomically(files.metrics, "".join(json.dumps(r) + "\n" for r in history))
-    _write_atomically(files.config, config.to_json_best_effort(indent=2) + "\n")
+    recorded = dict(json.loads(config.to_json_best_effort()), **{validation.CONV_RECORD_KEY: {
+        "implementation": conv_choice.implementation, "reason": conv_choice.reason}})
+    _write_atomically(files.config, json.dumps(recorded, indent=2) + "\n")
 
   # The whole data set goes to the device(s) once, as uint8.
   train_images, train_labels, test_images, test_labels, mean, std = _put_replicated(

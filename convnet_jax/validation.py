@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 
+from convnet_jax import conv
 from convnet_jax import input_pipeline
-from convnet_jax import models
 from convnet_jax.errors import UserError
 
 MODELS = ("seed_convnet", "resnet18", "resnet34", "resnet50")
 SCHEDULES = ("linear", "step", "cosine")
 DATASETS = ("cifar10",)
 DTYPES = ("float32", "bfloat16")
-CONV_IMPLEMENTATIONS = ("auto",) + tuple(models.CONV_IMPLEMENTATIONS)
+CONV_IMPLEMENTATIONS = ("auto",) + tuple(conv.CONV_IMPLEMENTATIONS)
 
 
 def _require(condition: bool, key: str, expected: str, value) -> None:
@@ -39,6 +39,11 @@ def validate_config(config) -> None:
   _require(config.dtype in DTYPES, "dtype", f"one of {DTYPES}", config.dtype)
   _require(config.conv_implementation in CONV_IMPLEMENTATIONS, "conv_implementation",
            f"one of {CONV_IMPLEMENTATIONS}", config.conv_implementation)
+  try:
+    conv.choose_conv_implementation(config.conv_implementation, config.dtype)
+  except conv.ConvUnavailable as error:
+    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: {error}; use "
+                    f"'auto' (which falls back to 'im2col' here) or 'im2col'") from None
   classes = config.classes
   _require(isinstance(classes, (tuple, list)) and len(classes) >= 2, "classes",
            "a tuple of at least two CIFAR-10 class ids", classes)
@@ -145,10 +150,15 @@ def check_batch_sizes(config, num_train_examples: int) -> None:
            f"at most the {num_train_examples} training examples", config.batch_size)
 
 
+# The key of config.json that records the convolution path a run resolved to and why (not a
+# config key: the same config may resolve differently on another machine, to the same math).
+CONV_RECORD_KEY = "conv_implementation_used"
+
 # Keys that change how a run is shown, measured or spread over devices, not what it computes: a
 # workdir may be resumed with other values for them (e.g. on a machine with more devices).
 PRESENTATION_KEYS = ("trace_shapes", "progress_bar", "tensorboard", "benchmark",
-                     "checkpoint_every_epochs", "max_checkpoints_to_keep", "num_devices")
+                     "checkpoint_every_epochs", "max_checkpoints_to_keep", "num_devices",
+                     CONV_RECORD_KEY)
 
 
 def run_identity(config) -> dict:

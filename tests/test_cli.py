@@ -39,6 +39,10 @@ def test_smoke_run_prints_json_lines_and_writes_outputs(cifar10_dir, tmp_path):
   assert saved == records
   config = json.loads((workdir / "config.json").read_text())
   assert config["batch_size"] == 64 and config["num_epochs"] == 2
+  # Which convolution path ran and why: one stderr line at start, recorded in config.json.
+  used = config["conv_implementation_used"]
+  assert used["implementation"] == "onednn" and used["reason"].startswith("auto: oneDNN 3.")
+  assert f"convolutions: onednn ({used['reason']})" in result.stderr.splitlines()
   predictions = np.loadtxt(workdir / "preds", dtype=int)
   labels = read_cifar2_test_labels(cifar10_dir, limit=100)
   assert predictions.shape == (100,) and set(predictions.tolist()) <= {0, 1}

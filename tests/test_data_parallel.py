@@ -45,8 +45,11 @@ def _assert_matches(records, predictions, expected):
 
 @pytest.fixture(scope="module")
 def one_device(cifar10_dir, tmp_path_factory):
+  """The reference: one device with im2col, the convolution path "auto" falls back to on a
+  data-parallel mesh (the oneDNN calls have no partitioning rule)."""
   workdir = tmp_path_factory.mktemp("one_device") / "run"
-  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"])
+  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}",
+                      "--config.conv_implementation=im2col"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 1 devices" in result.stderr
   return _read(workdir)
@@ -57,6 +60,8 @@ def test_four_devices_match_one_device(one_device, cifar10_dir, tmp_path):
                      devices_per_process=4)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 4 devices" in result.stderr
+  assert ("convolutions: im2col (auto, but the oneDNN calls are not partitioned over the 4 "
+          "data-parallel devices)") in result.stderr
   _assert_matches(*_read(tmp_path), one_device)
 
 

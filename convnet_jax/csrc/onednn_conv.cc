@@ -1,0 +1,257 @@
+// XLA FFI custom calls into oneDNN for the trainer's convolutions on x86-64 CPUs.
+//
+// Three handlers, one per pass of a convolution with NHWC activations and an HWIO kernel, square
+// odd kernel, kernel_size / 2 zeros of padding on each side and the same stride on both axes
+// (PyTorch's `padding=k // 2`):
+//   convnet_onednn_conv_forward           x[N,H,W,C], w[KH,KW,C,K]   -> y[N,OH,OW,K]
+//   convnet_onednn_conv_backward_data     dy[N,OH,OW,K], w[KH,KW,C,K] -> dx[N,H,W,C]
+//   convnet_onednn_conv_backward_weights  x[N,H,W,C], dy[N,OH,OW,K]  -> dw[KH,KW,C,K]
+// XLA's row-major buffers are handed to oneDNN as they are (its `nhwc` and `hwio` tags); only the
+// small kernels are reordered into the blocked layout oneDNN picks for each primitive.
+//
+// Primitives are built once per (pass, shape, stride) and kept in a mutex-guarded cache; each
+// executing thread has its own stream and its own scratch buffers (scratchpad and reordered
+// kernel), so XLA may run several of these calls at once.
+
+#include <oneapi/dnnl/dnnl.hpp>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = memory::format_tag;
+
+namespace {
+
+enum class Pass : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// N, H, W, C (input), K (output channels), kernel size, stride.
+struct ConvShape {
+  int64_t n, h, w, c, k, kernel, stride;
+  int64_t out_h() const { return (h - 1) / stride + 1; }
+  int64_t out_w() const { return (w - 1) / stride + 1; }
+};
+
+using CacheKey = std::array<int64_t, 8>;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One pass of one convolution, ready to run: the primitive, the kernel layout it wants (and the
+// reorder from or to the user's HWIO kernel when it differs) and its scratchpad size.
+struct Prepared {
+  dnnl::primitive primitive;
+  memory::desc user_weights;
+  memory::desc primitive_weights;
+  bool needs_reorder = false;
+  dnnl::reorder weights_reorder;
+  size_t scratchpad_bytes = 0;
+};
+
+struct Descs {
+  memory::desc src, weights_user, weights_any, dst;
+  memory::dims strides, padding;
+};
+
+Descs make_descs(const ConvShape& s) {
+  const auto f32 = memory::data_type::f32;
+  Descs d;
+  d.src = memory::desc({s.n, s.c, s.h, s.w}, f32, tag::nhwc);
+  d.weights_user = memory::desc({s.k, s.c, s.kernel, s.kernel}, f32, tag::hwio);
+  d.weights_any = memory::desc({s.k, s.c, s.kernel, s.kernel}, f32, tag::any);
+  d.dst = memory::desc({s.n, s.k, s.out_h(), s.out_w()}, f32, tag::nhwc);
+  d.strides = {s.stride, s.stride};
+  d.padding = {s.kernel / 2, s.kernel / 2};
+  return d;
+}
+
+dnnl::convolution_forward::primitive_desc forward_desc(const Descs& d, const dnnl::primitive_attr& attr) {
+  return dnnl::convolution_forward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
+      d.weights_any, d.dst, d.strides, d.padding, d.padding, attr);
+}
+
+Prepared prepare(Pass pass, const ConvShape& s) {
+  Descs d = make_descs(s);
+  dnnl::primitive_attr attr;
+  // Scratch memory is passed at each call from a per-thread buffer, so one primitive can run on
+  // several threads at once.
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  Prepared p;
+  p.user_weights = d.weights_user;
+  auto hint = forward_desc(d, attr);
+  if (pass == Pass::kForward) {
+    p.primitive = dnnl::convolution_forward(hint);
+    p.primitive_weights = hint.weights_desc();
+    p.scratchpad_bytes = hint.scratchpad_desc().get_size();
+  } else if (pass == Pass::kBackwardData) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
+        d.padding, d.padding, hint, attr);
+    p.primitive = dnnl::convolution_backward_data(pd);
+    p.primitive_weights = pd.weights_desc();
+    p.scratchpad_bytes = pd.scratchpad_desc().get_size();
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
+        d.padding, d.padding, hint, attr);
+    p.primitive = dnnl::convolution_backward_weights(pd);
+    p.primitive_weights = pd.diff_weights_desc();
+    p.scratchpad_bytes = pd.scratchpad_desc().get_size();
+  }
+  p.needs_reorder = p.primitive_weights != p.user_weights;
+  if (p.needs_reorder) {
+    // Forward and backward-data read the kernel (user -> blocked); backward-weights writes it.
+    p.weights_reorder = pass == Pass::kBackwardWeights
+                            ? dnnl::reorder(dnnl::reorder::primitive_desc(
+                                  cpu_engine(), p.primitive_weights, cpu_engine(), p.user_weights))
+                            : dnnl::reorder(dnnl::reorder::primitive_desc(
+                                  cpu_engine(), p.user_weights, cpu_engine(), p.primitive_weights));
+  }
+  return p;
+}
+
+const Prepared& cached(Pass pass, const ConvShape& s) {
+  static std::mutex mutex;
+  static std::map<CacheKey, std::unique_ptr<Prepared>> cache;
+  CacheKey key = {static_cast<int64_t>(pass), s.n, s.h, s.w, s.c, s.k, s.kernel, s.stride};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    // Entries are never removed, so the reference stays valid after the lock is released.
+    it = cache.emplace(key, std::make_unique<Prepared>(prepare(pass, s))).first;
+  }
+  return *it->second;
+}
+
+// A growable 64-byte-aligned buffer, one set per thread.
+struct ScratchBuffer {
+  void* data = nullptr;
+  size_t size = 0;
+  void* get(size_t bytes) {
+    if (bytes > size) {
+      std::free(data);
+      size = (bytes + 63) / 64 * 64;
+      data = std::aligned_alloc(64, size);
+      if (data == nullptr) throw std::bad_alloc();
+    }
+    return data;
+  }
+  ~ScratchBuffer() { std::free(data); }
+};
+
+struct ThreadResources {
+  dnnl::stream stream{cpu_engine()};
+  ScratchBuffer scratchpad, weights;
+};
+
+ThreadResources& thread_resources() {
+  thread_local ThreadResources resources;
+  return resources;
+}
+
+// Runs one pass. `x`, `w`, `y` are the (possibly unused) src, user-layout weights and dst
+// pointers: dy/dx take the place of y/x in the backward passes.
+void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
+  const Prepared& p = cached(pass, s);
+  ThreadResources& r = thread_resources();
+  dnnl::engine& eng = cpu_engine();
+  Descs d = make_descs(s);
+  memory src(d.src, eng, x), dst(d.dst, eng, y), user_weights(p.user_weights, eng, w);
+  memory weights = p.needs_reorder
+                       ? memory(p.primitive_weights, eng, r.weights.get(p.primitive_weights.get_size()))
+                       : user_weights;
+  memory scratchpad(memory::desc({static_cast<int64_t>(p.scratchpad_bytes)}, memory::data_type::u8,
+                                 tag::x),
+                    eng, r.scratchpad.get(p.scratchpad_bytes ? p.scratchpad_bytes : 1));
+  if (pass == Pass::kForward) {
+    if (p.needs_reorder) p.weights_reorder.execute(r.stream, user_weights, weights);
+    p.primitive.execute(r.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
+                                   {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (pass == Pass::kBackwardData) {
+    if (p.needs_reorder) p.weights_reorder.execute(r.stream, user_weights, weights);
+    p.primitive.execute(r.stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, weights},
+                                   {DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else {
+    p.primitive.execute(r.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst},
+                                   {DNNL_ARG_DIFF_WEIGHTS, weights},
+                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (p.needs_reorder) p.weights_reorder.execute(r.stream, weights, user_weights);
+  }
+  r.stream.wait();
+}
+
+ffi::Error check_shape(const ConvShape& s) {
+  if (s.kernel % 2 != 1 || s.stride < 1 || s.n < 1 || s.h < 1 || s.w < 1 || s.c < 1 || s.k < 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "convnet_onednn_conv: expected an odd square kernel, stride >= 1 and "
+                      "non-empty NHWC/HWIO shapes");
+  }
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error guarded(const ConvShape& s, F&& body) {
+  if (ffi::Error error = check_shape(s); error.failure()) return error;
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("convnet_onednn_conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32Buffer = ffi::Buffer<ffi::F32, 4>;
+using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
+
+ffi::Error ConvForward(F32Buffer x, F32Buffer w, F32Result y, int64_t stride) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride};
+  return guarded(s, [&] { run(Pass::kForward, s, x.untyped_data(), w.untyped_data(), y->untyped_data()); });
+}
+
+ffi::Error ConvBackwardData(F32Buffer dy, F32Buffer w, F32Result dx, int64_t stride) {
+  auto xd = dx->dimensions(), wd = w.dimensions();
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride};
+  return guarded(s, [&] {
+    run(Pass::kBackwardData, s, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+  });
+}
+
+ffi::Error ConvBackwardWeights(F32Buffer x, F32Buffer dy, F32Result dw, int64_t stride) {
+  auto xd = x.dimensions(), wd = dw->dimensions();
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride};
+  return guarded(s, [&] {
+    run(Pass::kBackwardWeights, s, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_forward, ConvForward,
+                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_data, ConvBackwardData,
+                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_weights, ConvBackwardWeights,
+                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride"));
+
+// The oneDNN version this library runs with, for the start-up line ("3.2.0").
+extern "C" const char* convnet_onednn_version() {
+  static std::string version = [] {
+    const dnnl_version_t* v = dnnl_version();
+    return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+  }();
+  return version.c_str();
+}

@@ -1,0 +1,77 @@
+"""Loads the optional oneDNN convolution extension and registers its XLA FFI targets.
+
+The extension (`convnet_jax/csrc/onednn_conv.cc`, built by `pip install` where a C++ compiler and
+the PyPI oneDNN wheels are available) holds three XLA FFI handlers: a convolution's forward pass,
+input gradient and kernel gradient on NHWC activations and HWIO kernels. `load()` says whether it
+can be used here and, if not, why; the pure-JAX convolutions stay the fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+
+import jax
+
+# Setting this to 1 forces the pure-JAX convolutions, as if the extension had not been built.
+DISABLE_VARIABLE = "CONVNET_JAX_DISABLE_ONEDNN"
+EXTENSION_MODULE = "convnet_jax._onednn_conv"
+RUNTIME_DISTRIBUTION = "onednn-cpu-gomp"
+TARGETS = {
+    "forward": "convnet_onednn_conv_forward",
+    "backward_data": "convnet_onednn_conv_backward_data",
+    "backward_weights": "convnet_onednn_conv_backward_weights",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  """Whether the oneDNN convolutions can run in this process; `detail` is the oneDNN version
+  when they can and the reason when they cannot."""
+  available: bool
+  detail: str
+
+
+def _runtime_library() -> str:
+  """Path of libdnnl.so.3 as installed by the onednn-cpu-gomp wheel (into the environment's
+  lib/ folder, outside site-packages)."""
+  try:
+    files = importlib.metadata.files(RUNTIME_DISTRIBUTION) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise OSError(f"the {RUNTIME_DISTRIBUTION} package is not installed") from None
+  for file in files:
+    if file.name == "libdnnl.so.3":
+      return str(file.locate())
+  raise OSError(f"the {RUNTIME_DISTRIBUTION} package holds no libdnnl.so.3")
+
+
+@functools.cache
+def load() -> Status:
+  """Loads the extension once per process and registers its targets for the CPU platform."""
+  if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+    return Status(False, f"turned off by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
+  if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+    return Status(False, f"built only for Linux x86-64, not {sys.platform} {platform.machine()}")
+  spec = importlib.util.find_spec(EXTENSION_MODULE)
+  if spec is None or not spec.origin:
+    return Status(False, "the extension was not built at install time (it needs a C++ compiler "
+                         "and the onednn-devel-cpu-gomp wheel); reinstall with `pip install -e .`")
+  try:
+    # RTLD_GLOBAL: the extension names libdnnl.so.3 without a path, and the dynamic loader then
+    # finds the copy already loaded here instead of searching the library path.
+    runtime = ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
+    library = ctypes.CDLL(spec.origin)
+  except OSError as error:
+    return Status(False, f"could not load the extension: {error}")
+  for symbol in TARGETS.values():
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform="cpu")
+  library.convnet_onednn_version.restype = ctypes.c_char_p
+  del runtime  # stays loaded: the extension depends on it
+  return Status(True, f"oneDNN {library.convnet_onednn_version().decode()}")

@@ -1,0 +1,229 @@
+"""The oneDNN convolution path (XLA FFI custom calls) against an independent numpy convolution
+and against the pure-JAX im2col path: forward, input gradient and kernel gradient for every
+convolution shape the seed net and the ResNets use; under jit, lax.scan and vmap; and the
+choice of path with its fallbacks."""
+
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from convnet_jax import conv
+from convnet_jax import onednn
+
+ONEDNN_SUPPORTED = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension_loaded():
+  """Where the extension is meant to exist it must load: a missing build fails, never skips."""
+  status = onednn.load()
+  if ONEDNN_SUPPORTED:
+    assert status.available, f"oneDNN extension not available on Linux x86-64: {status.detail}"
+  else:
+    pytest.fail(f"these tests run on Linux x86-64; here: {status.detail}")
+
+
+# --- An independent reference: the definition, in float64 numpy. -------------------------------
+
+def _padded(x, k):
+  p = k // 2
+  return np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+def numpy_conv(x, w, s):
+  """y[n,i,j,o] = sum_{a,b,c} xpad[n, s*i+a, s*j+b, c] w[a,b,c,o], k // 2 zeros of padding."""
+  k = w.shape[0]
+  xp = _padded(x, k)
+  oh, ow = (x.shape[1] - 1) // s + 1, (x.shape[2] - 1) // s + 1
+  y = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+  for a in range(k):
+    for b in range(k):
+      window = xp[:, a:a + s * (oh - 1) + 1:s, b:b + s * (ow - 1) + 1:s, :]
+      y += np.einsum("nijc,co->nijo", window, w[a, b])
+  return y
+
+
+def numpy_conv_gradients(x, w, s, dy):
+  """dL/dx and dL/dw of L = sum(conv(x, w) * dy), by scattering each tap back."""
+  k = w.shape[0]
+  xp = _padded(x, k)
+  oh, ow = dy.shape[1:3]
+  dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+  for a in range(k):
+    for b in range(k):
+      rows, cols = slice(a, a + s * (oh - 1) + 1, s), slice(b, b + s * (ow - 1) + 1, s)
+      dw[a, b] = np.einsum("nijc,nijo->co", xp[:, rows, cols, :], dy)
+      dxp[:, rows, cols, :] += np.einsum("nijo,co->nijc", dy, w[a, b])
+  p = k // 2
+  return dxp[:, p:p + x.shape[1], p:p + x.shape[2], :], dw
+
+
+def assert_close(got, expected, rtol=1e-5):
+  """Within rtol of the reference, relative to the reference's largest magnitude (float32 sums
+  of up to 4,608 products, against exact float64)."""
+  got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.max(np.abs(expected)))
+
+
+# (in channels, out channels, kernel size, stride, input size): every convolution of the seed
+# net (stem, 3x3 mains, 1x1 skips), of ResNet-18 (width 64: stem, stage convolutions, stride-2
+# openings and 1x1 stride-2 shortcuts) and ResNet-50 (bottleneck 1x1 reduce/expand, 3x3 with the
+# stride, 1x1 shortcuts), each at the resolution it runs at; plus an odd size at stride 2.
+SHAPES = [
+    (3, 16, 3, 1, 32), (16, 32, 3, 1, 32), (16, 32, 1, 1, 32), (32, 64, 3, 1, 16),
+    (32, 64, 1, 1, 16), (64, 128, 3, 1, 8), (64, 128, 1, 1, 8),
+    (3, 64, 3, 1, 32), (64, 64, 3, 1, 32), (64, 128, 3, 2, 32), (64, 128, 1, 2, 32),
+    (128, 128, 3, 1, 16), (128, 256, 3, 2, 16), (128, 256, 1, 2, 16), (256, 256, 3, 1, 8),
+    (256, 512, 3, 2, 8), (256, 512, 1, 2, 8), (512, 512, 3, 1, 4),
+    (64, 64, 1, 1, 32), (64, 256, 1, 1, 32), (256, 64, 1, 1, 32), (128, 128, 3, 2, 32),
+    (256, 512, 1, 2, 32), (512, 1024, 1, 2, 16), (1024, 2048, 1, 2, 8), (512, 512, 3, 2, 8),
+    (5, 6, 3, 2, 7),
+]
+
+
+def _case(cin, cout, k, s, size, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, size, size, cin))
+  w = rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)
+  out = (size - 1) // s + 1
+  dy = rng.standard_normal((batch, out, out, cout))
+  return x, w, dy
+
+
+def _forward_and_gradients(fn, x, w, s, dy):
+  y, vjp = jax.vjp(lambda x, w: fn(x, w, s), jnp.asarray(x, jnp.float32),
+                   jnp.asarray(w, jnp.float32))
+  return (y,) + vjp(jnp.asarray(dy, jnp.float32))
+
+
+@pytest.mark.parametrize("cin,cout,k,s,size", SHAPES)
+def test_forward_and_gradients_match_numpy_and_im2col(cin, cout, k, s, size):
+  x, w, dy = _case(cin, cout, k, s, size)
+  got = jax.jit(_forward_and_gradients, static_argnums=(0, 3))(conv.conv_onednn, x, w, s, dy)
+  expected = (numpy_conv(x, w, s),) + numpy_conv_gradients(x, w, s, dy)
+  im2col = _forward_and_gradients(conv.conv_im2col, x, w, s, dy)
+  for name, g, e, i in zip(("output", "input gradient", "kernel gradient"), got, expected,
+                           im2col):
+    assert_close(g, e), name
+    assert_close(g, i), name
+
+
+def test_the_gradient_of_a_sum_of_squares_is_twice_the_output_times_the_input():
+  """d/dw sum(conv(x, w)^2) = 2 sum over pixels of x * conv(x, w) for a 1x1 convolution: a
+  closed form that needs no convolution code."""
+  rng = np.random.default_rng(3)
+  x, w = rng.standard_normal((3, 4, 4, 5)), rng.standard_normal((1, 1, 5, 6))
+  grad = jax.grad(lambda w: jnp.sum(conv.conv_onednn(jnp.asarray(x, jnp.float32), w) ** 2))(
+      jnp.asarray(w, jnp.float32))
+  y = np.einsum("nhwc,co->nhwo", x, w[0, 0])
+  assert_close(grad[0, 0], 2 * np.einsum("nhwc,nhwo->co", x, y))
+
+
+def test_inside_lax_scan():
+  """A scan that applies the same kernel three times (as the epoch's scan does with steps)."""
+  x, w, _ = _case(4, 4, 3, 1, 6, seed=1)
+
+  def run(fn, x, w):
+    def body(h, _):
+      return fn(h, w, 1), jnp.sum(h)
+    h, sums = jax.lax.scan(body, x, None, length=3)
+    return jnp.sum(h ** 2) + jnp.sum(sums)
+
+  args = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+  got = jax.jit(jax.value_and_grad(lambda x, w: run(conv.conv_onednn, x, w), argnums=(0, 1)))(
+      *args)
+  expected = jax.value_and_grad(lambda x, w: run(conv.conv_im2col, x, w), argnums=(0, 1))(*args)
+  for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    assert_close(g, e)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_under_vmap_each_replica_has_its_own_kernel(s):
+  """vmap over inputs and kernels (replicas), forward and gradients, against each replica's own
+  numpy convolution."""
+  rng = np.random.default_rng(2)
+  xs, ws = rng.standard_normal((3, 2, 8, 8, 4)), rng.standard_normal((3, 3, 3, 4, 5))
+  out = (8 - 1) // s + 1
+  dys = rng.standard_normal((3, 2, out, out, 5))
+  got = jax.jit(jax.vmap(lambda x, w, dy: _forward_and_gradients(conv.conv_onednn, x, w, s, dy)))(
+      jnp.asarray(xs, jnp.float32), jnp.asarray(ws, jnp.float32), jnp.asarray(dys, jnp.float32))
+  for replica in range(3):
+    expected = (numpy_conv(xs[replica], ws[replica], s),) + numpy_conv_gradients(
+        xs[replica], ws[replica], s, dys[replica])
+    for g, e in zip(got, expected):
+      assert_close(g[replica], e)
+
+
+def test_unused_input_gradient_is_not_computed():
+  """The stem's input gradient is never used: XLA drops that custom call (a separate one)."""
+  x, w, _ = _case(3, 8, 3, 1, 8)
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(conv.conv_onednn(x, w) ** 2)))
+  text = grad.lower(jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32)).compile().as_text()
+  assert onednn.TARGETS["backward_weights"] in text
+  assert onednn.TARGETS["backward_data"] not in text
+
+
+def test_bfloat16_runs_the_im2col_fallback():
+  x, w, _ = _case(4, 6, 3, 1, 6)
+  x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  got = conv.conv_onednn(x, w)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(conv.conv_im2col(x, w), np.float32))
+
+
+# --- Which path runs, and why. ------------------------------------------------------------------
+
+def test_auto_picks_onednn_on_a_cpu_with_the_extension():
+  choice = conv.choose_conv_implementation("auto")
+  assert choice.implementation == "onednn"
+  assert choice.describe().startswith("convolutions: onednn (auto: oneDNN 3.")
+
+
+@pytest.mark.parametrize("requested", ["auto", "onednn"])
+def test_bfloat16_and_data_parallel_fall_back_to_im2col_and_say_why(requested):
+  choice = conv.choose_conv_implementation(requested, dtype="bfloat16")
+  assert choice.implementation == "im2col" and "float32 only" in choice.reason
+  choice = conv.choose_conv_implementation(requested, num_devices=4)
+  assert choice.implementation == "im2col" and "4 data-parallel devices" in choice.reason
+
+
+def test_other_names_are_taken_as_configured():
+  for name in ("im2col", "xla", "hybrid"):
+    assert conv.choose_conv_implementation(name) == conv.ConvChoice(name, "as configured")
+
+
+FORCED_OFF = """
+from convnet_jax import conv, onednn, validation
+from configs import default
+print(onednn.load())
+print(conv.choose_conv_implementation("auto").describe())
+config = default.get_config()
+config.conv_implementation = "onednn"
+try:
+  validation.validate_config(config)
+except Exception as error:
+  print(type(error).__name__, error)
+"""
+
+
+def test_forcing_the_extension_off_falls_back_to_im2col():
+  """With CONVNET_JAX_DISABLE_ONEDNN=1, auto runs im2col and says why; asking for onednn is a
+  one-line config error."""
+  result = subprocess.run([sys.executable, "-c", FORCED_OFF], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env={**__import__("os").environ, onednn.DISABLE_VARIABLE: "1"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert "available=False" in lines[0]
+  assert lines[1] == ("convolutions: im2col (auto: oneDNN extension unavailable (turned off by "
+                      "CONVNET_JAX_DISABLE_ONEDNN=1))")
+  assert lines[2].startswith("UserError config.conv_implementation='onednn': the oneDNN "
+                             "extension is not available: turned off by")
