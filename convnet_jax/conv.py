@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convnet_jax import onednn
+from convnet_jax.errors import UserError
 
 
 def conv_output_size(size: int, strides: int) -> int:
@@ -179,8 +180,17 @@ class ConvChoice:
     return f"convolutions: {self.implementation} ({self.reason})"
 
 
-class ConvUnavailable(ValueError):
+class ConvUnavailable(UserError):
   """`conv_implementation` names a path that cannot run here; the message says why."""
+
+
+def check_conv_implementation(requested: str) -> None:
+  """Raises `ConvUnavailable` when `requested` is "onednn" and the extension cannot load here.
+  Cheap and backend-free, for validating a config before any work."""
+  if requested == "onednn":
+    status = onednn.load()
+    if not status.available:
+      raise ConvUnavailable(f"the oneDNN extension is not available: {status.detail}")
 
 
 def choose_conv_implementation(requested: str, dtype: str = "float32",
@@ -202,10 +212,9 @@ def choose_conv_implementation(requested: str, dtype: str = "float32",
       raise ConvUnavailable(f"oneDNN runs on the CPU backend only, and JAX's backend here is "
                             f"{backend}")
     return ConvChoice("xla", f"auto: native convolution on {backend}")
+  check_conv_implementation(requested)
   status = onednn.load()
   if not status.available:
-    if requested == "onednn":
-      raise ConvUnavailable(f"the oneDNN extension is not available: {status.detail}")
     return ConvChoice("im2col", f"auto: oneDNN extension unavailable ({status.detail})")
   if dtype != "float32":
     return ConvChoice("im2col", f"{prefix}, but the oneDNN path is float32 only and the "

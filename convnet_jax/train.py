@@ -474,8 +474,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   replicated = config.num_replicas > 1
   mesh = create_mesh(config)
-  conv_choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype,
-                                                mesh.size if mesh else 1)
+  try:
+    conv_choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype,
+                                                  mesh.size if mesh else 1)
+  except conv.ConvUnavailable as error:
+    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: {error}") from None
   if is_writer:
     print(conv_choice.describe(), file=sys.stderr)
   model = models.create_model(config, data.num_classes, conv_choice.implementation)

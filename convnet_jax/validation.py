@@ -40,7 +40,7 @@ def validate_config(config) -> None:
   _require(config.conv_implementation in CONV_IMPLEMENTATIONS, "conv_implementation",
            f"one of {CONV_IMPLEMENTATIONS}", config.conv_implementation)
   try:
-    conv.choose_conv_implementation(config.conv_implementation, config.dtype)
+    conv.check_conv_implementation(config.conv_implementation)
   except conv.ConvUnavailable as error:
     raise UserError(f"config.conv_implementation={config.conv_implementation!r}: {error}; use "
                     f"'auto' (which falls back to 'im2col' here) or 'im2col'") from None

@@ -28,6 +28,7 @@ def test_benchmark_report_on_smoke_config(tmp_path):
   assert report["jax_version"] and report["jaxlib_version"]
   [run] = report["results"]
   assert run["batch_size"] == 64 and run["dtype"] == "float32"
+  assert run["conv_implementation"] == "onednn" and run["conv_reason"].startswith("auto: oneDNN")
   step = run["step_ms"]
   assert 0 < step["min"] <= step["median"] <= step["max"] and step["count"] == 3
   assert run["images_per_second"] == pytest.approx(64 / (step["median"] / 1e3), rel=0.01)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from convnet_jax import conv
 from convnet_jax import models
 
 
@@ -82,18 +83,18 @@ def test_batch_norm_module_has_no_state_and_optional_affine():
   assert variables["params"]["scale"].shape == (4,)
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla", "hybrid"])
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla", "hybrid"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_convolution_matches_direct_definition(implementation, kernel_size):
   rng = np.random.default_rng(kernel_size)
   x = rng.normal(size=(2, 5, 6, 3))
   w = rng.normal(size=(kernel_size, kernel_size, 3, 4))
-  got = models.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(x, jnp.float32),
+  got = conv.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(x, jnp.float32),
                                                      jnp.asarray(w, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), numpy_conv(x, w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla", "hybrid"])
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla", "hybrid"])
 def test_convolution_gradients_match_the_linear_map(implementation):
   """The convolution is linear in each argument, so d<conv(x, w), r>/dw[k] = <conv(x, e_k), r>
   with e_k the k-th basis kernel (and likewise for x), computed with the direct definition."""
@@ -101,8 +102,8 @@ def test_convolution_gradients_match_the_linear_map(implementation):
   x = rng.normal(size=(2, 4, 4, 2))
   w = rng.normal(size=(3, 3, 2, 3))
   r = rng.normal(size=(2, 4, 4, 3))
-  conv = models.CONV_IMPLEMENTATIONS[implementation]
-  loss = lambda x, w: jnp.sum(conv(x, w) * jnp.asarray(r, jnp.float32))
+  conv_fn = conv.CONV_IMPLEMENTATIONS[implementation]
+  loss = lambda x, w: jnp.sum(conv_fn(x, w) * jnp.asarray(r, jnp.float32))
   grad_x, grad_w = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32),
                                                   jnp.asarray(w, jnp.float32))
   expected_w = np.zeros(w.size)
@@ -167,7 +168,7 @@ def test_layer_output_shapes_follow_the_specification():
   ]
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla", "hybrid"])
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla", "hybrid"])
 def test_forward_pass_matches_numpy_reference(implementation):
   model = make_model(implementation)
   params = init_params(model, seed=5)
@@ -185,3 +186,39 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   got = model.apply({"params": params}, jnp.asarray(x, jnp.float32))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), numpy_seed_convnet(params, x), atol=0.05)
+
+
+def test_batch_norm_gradient_matches_finite_differences():
+  """The closed-form batch-norm gradient against central differences of the formula in
+  float64 numpy."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(1.0, 2.0, size=(3, 2, 2, 2))
+  r = rng.normal(size=x.shape)
+  loss = lambda x: np.sum(numpy_batch_norm(x) * r)
+  expected = np.zeros(x.size)
+  step = 1e-6
+  for k in range(x.size):
+    e = np.eye(x.size)[k].reshape(x.shape) * step
+    expected[k] = (loss(x + e) - loss(x - e)) / (2 * step)
+  got = jax.grad(lambda x: jnp.sum(models.batch_norm(x) * jnp.asarray(r, jnp.float32)))(
+      jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got).reshape(-1), expected, atol=2e-4)
+
+
+def test_max_pool_gradient_splits_ties_equally():
+  """Each 2x2 window passes its gradient to the position of its maximum, split equally between
+  tied maxima (jnp.max's rule), written out window by window."""
+  x = np.array([[1, 5, 2, 2], [3, 0, 2, 2], [7, 7, 0, 9], [7, 1, 9, 9]], np.float64)
+  x = np.stack([x, -x], axis=-1)[None]  # (1, 4, 4, 2): a second channel with other maxima
+  g = np.random.default_rng(6).normal(size=(1, 2, 2, 2))
+  expected = np.zeros_like(x)
+  for i in range(2):
+    for j in range(2):
+      for c in range(2):
+        window = x[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
+        ties = window == window.max()
+        expected[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c] = ties * g[0, i, j, c] / ties.sum()
+  pooled, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(pooled[0, :, :, 0]), [[5, 2], [7, 9]])
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g, jnp.float32))[0]), expected,
+                             rtol=1e-6)

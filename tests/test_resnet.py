@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from convnet_jax import conv
 from convnet_jax import models
 
 
@@ -94,14 +95,14 @@ def numpy_conv(x, w, stride=1):
   return out
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla"])
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
 @pytest.mark.parametrize("size", [(6, 6), (7, 5)])
 def test_strided_convolution_matches_pytorch_definition(implementation, kernel_size, size):
   rng = np.random.default_rng(kernel_size)
   x = rng.normal(size=(2, *size, 3))
   w = rng.normal(size=(kernel_size, kernel_size, 3, 4))
-  got = models.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(x, jnp.float32),
+  got = conv.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(x, jnp.float32),
                                                      jnp.asarray(w, jnp.float32), 2)
   expected = numpy_conv(x, w, stride=2)
   assert got.shape == expected.shape == (2, (size[0] + 1) // 2, (size[1] + 1) // 2, 4)
@@ -164,7 +165,7 @@ def test_basic_block_keeps_the_identity_shortcut_when_shapes_match():
   np.testing.assert_allclose(np.asarray(got), relu(y + x), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("implementation", ["im2col", "xla"])
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])
 def test_bottleneck_block_matches_numpy(implementation):
   block = models.BottleneckBlock(features=3, strides=2, conv_implementation=implementation)
   x = np.random.default_rng(4).normal(size=(2, 6, 6, 5))
