@@ -152,15 +152,19 @@ def select_classes(images: np.ndarray, labels: np.ndarray, classes: Sequence[int
 
 def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and population std of uint8 NHWC images on the [0, 1] scale."""
-  # From each channel's histogram of the 256 byte values: the same float64 mean and
-  # (two-pass) population variance as over every pixel, ~30x faster than a float64 copy of them.
-  channels = images.shape[-1]
-  values = np.arange(256, dtype=np.float64) / 255.0
-  counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256)
-                     for c in range(channels)]).astype(np.float64)
-  total = counts.sum(axis=1)
-  mean = counts @ values / total
-  variance = np.sum(counts * np.square(values - mean[:, None]), axis=1) / total
+  # From each channel's histogram of byte values: exact integer sums S1 of the values and S2 of
+  # their squares, then the population variance (N*S2 - S1^2) / N^2 in Python's unbounded
+  # integers (no float cancellation), ~10x faster than float64 passes over every pixel.
+  pixels = images.reshape(-1, images.shape[-1])
+  count = pixels.shape[0]
+  values = np.arange(256, dtype=np.int64)
+  mean, variance = [], []
+  for channel in range(pixels.shape[1]):
+    histogram = np.bincount(pixels[:, channel], minlength=256).astype(np.int64)
+    sum_values, sum_squares = int(histogram @ values), int(histogram @ values**2)
+    mean.append(sum_values / (255 * count))
+    variance.append((count * sum_squares - sum_values**2) / (255**2 * count**2))
+  mean, variance = np.array(mean), np.array(variance)
   return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
 
 
