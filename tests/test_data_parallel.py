@@ -39,7 +39,11 @@ def _assert_matches(records, predictions, expected):
   expected_records, expected_predictions = expected
   assert len(records) == len(expected_records) == 1
   for key in METRICS:
-    assert records[0][key] == pytest.approx(expected_records[0][key], abs=1e-5), key
+    # Sharded reductions add in another order; after 4 SGD steps the float32 test loss moved by
+    # up to 4.3e-5 relative on an AVX-512 machine (before and after the oneDNN work alike; the
+    # AVX2 machine stayed within 1e-5). Accuracies and predictions must match exactly.
+    assert records[0][key] == pytest.approx(expected_records[0][key], rel=1e-4, abs=1e-6), key
+  assert records[0]["test_acc"] == expected_records[0]["test_acc"]
   np.testing.assert_array_equal(predictions, expected_predictions)
 
 
