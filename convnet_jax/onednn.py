@@ -4,6 +4,11 @@ The extension (`convnet_jax/csrc/onednn_conv.cc`, built by `pip install` where a
 the PyPI oneDNN wheels are available) holds three XLA FFI handlers: a convolution's forward pass,
 input gradient and kernel gradient on NHWC activations and HWIO kernels. `load()` says whether it
 can be used here and, if not, why; the pure-JAX convolutions stay the fallback.
+
+Threads: nothing is set. oneDNN's OpenMP team (one thread per core) runs beside XLA's own pool;
+measured on the 2-core machine, ms per step of the scanned seed-net epoch: 88-90 as is, 125 with
+OMP_NUM_THREADS=1, 94 with OMP_WAIT_POLICY=passive, 92 with GOMP_SPINCOUNT=20000, 91 with XLA's
+Eigen pool single-threaded (the calls run one at a time on XLA's thread, each using both cores).
 """
 
 from __future__ import annotations
