@@ -26,9 +26,18 @@ def get_config():
 
   config.dataset = "cifar10"
   config.classes = (0, 1)  # kept and relabelled 0..k-1 in this order
-  # A folder with the CIFAR-10 binary files (data_batch_1.bin ... test_batch.bin). Empty: use
-  # tensorflow-datasets, with these two folders (empty: tfds' defaults).
+  # Where the images come from: "binary" (CIFAR-10's binary files, read with numpy) or "tfds"
+  # (tensorflow-datasets' cifar10; preparing it the first time needs `pip install
+  # 'convnet_jax[tfds]'`, i.e. TensorFlow).
+  config.data_source = "binary"
+  # "binary": a folder with the CIFAR-10 binary files (data_batch_1.bin ... test_batch.bin),
+  # used as it is. Empty: $CONVNET_JAX_DATA_DIR, else the per-user cache
+  # (~/.cache/convnet_jax/cifar10), where data_url is fetched once (SHA-256 data_sha256) and
+  # unpacked when the files are missing.
   config.data_dir = ""
+  config.data_url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+  config.data_sha256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
+  # "tfds": tfds' data folder and manual-download folder (empty: tfds' defaults).
   config.tfds_data_dir = ""
   config.tfds_manual_dir = ""
   # Use only the first N examples of each split (0: all), for quick runs.

@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from convnet_jax import cli
 from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
@@ -231,4 +232,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convnet_jax import download
 from convnet_jax.errors import UserError
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -37,7 +38,7 @@ CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "
 # Zero pixels added on each border before the random crop (torchvision RandomCrop(32, padding=4)).
 AUGMENT_PADDING = 4
 # The environment variable that points tests and tools at a local CIFAR-10 binary folder.
-DATA_DIR_ENV = "CONVNET_JAX_CIFAR10_DIR"
+DATA_DIR_ENV = download.DATA_DIR_ENV
 
 
 class DataError(UserError):
@@ -112,6 +113,27 @@ def read_binary_split(data_dir: str | os.PathLike, names: Sequence[str],
   `classes` if given)."""
   parts = [read_binary_file(Path(data_dir) / name, classes) for name in names]
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def check_tfds_can_prepare(tfds_data_dir: str = "", manual_dir: str = "") -> None:
+  """Before any download: tfds' cifar10 is prepared already, or TensorFlow (which preparing
+  needs) is installed; else a `DataError` saying what to install."""
+  import importlib.util
+
+  import tensorflow_datasets as tfds  # imported here: the binary path never needs it
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    return
+  try:  # readable without preparing?
+    tfds.data_source("cifar10", split="test", data_dir=tfds_data_dir or None, download=False,
+                     builder_kwargs={"file_format": "array_record"})
+    return
+  except Exception:  # tfds raises several types for data that is not there
+    pass
+  where = tfds_data_dir or "tfds' data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  raise DataError(f"config.data_source='tfds': cifar10 is not prepared in {where} and "
+                  f"preparing it needs TensorFlow: pip install 'convnet_jax[tfds]' (or use "
+                  f"config.data_source='binary', which needs no TensorFlow)")
 
 
 def read_tfds_split(split: str, tfds_data_dir: str = "", manual_dir: str = ""):
@@ -197,11 +219,17 @@ def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING) -
 
 def load_dataset(config) -> Dataset:
   """Loads the data set the config names: CIFAR-10 restricted to `config.classes`."""
-  if config.data_dir:
-    check_binary_files(config.data_dir)
-    train_images, train_labels = read_binary_split(config.data_dir, TRAIN_FILES, config.classes)
-    test_images, test_labels = read_binary_split(config.data_dir, TEST_FILES, config.classes)
+  if config.data_source == "binary":
+    if config.data_dir:
+      check_binary_files(config.data_dir)
+      folder = config.data_dir
+    else:
+      folder = download.ensure_cifar10(download.default_data_dir(), TRAIN_FILES + TEST_FILES,
+                                       config.data_url, config.data_sha256)
+    train_images, train_labels = read_binary_split(folder, TRAIN_FILES, config.classes)
+    test_images, test_labels = read_binary_split(folder, TEST_FILES, config.classes)
   else:
+    check_tfds_can_prepare(config.tfds_data_dir, config.tfds_manual_dir)
     train_images, train_labels = read_tfds_split("train", config.tfds_data_dir,
                                                  config.tfds_manual_dir)
     test_images, test_labels = read_tfds_split("test", config.tfds_data_dir,

@@ -43,6 +43,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution,
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from convnet_jax import cli
 from convnet_jax import train
 from convnet_jax import validation
 from convnet_jax.errors import UserError
@@ -58,7 +59,8 @@ REQUIRED_KEYS = ("base", "sampler", "num_trials", "seed", "objective", "directio
 # watch each other, not what any trial computes (so a finished sweep can be extended).
 OPERATIONAL_KEYS = ("num_trials", "heartbeat_interval", "grace_period")
 # Keys naming things on one machine: the workers of a shared study may differ in them.
-MACHINE_KEYS = ("storage", "base.data_dir", "base.tfds_data_dir", "base.tfds_manual_dir")
+MACHINE_KEYS = ("storage", "base.data_dir", "base.data_url", "base.tfds_data_dir",
+                "base.tfds_manual_dir")
 # A trial whose worker stops sending heartbeats (shared storage) is re-run at most this often.
 MAX_RETRIES = 3
 
@@ -635,4 +637,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

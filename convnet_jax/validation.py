@@ -15,6 +15,7 @@ from convnet_jax.errors import UserError
 MODELS = ("seed_convnet", "resnet18", "resnet34", "resnet50")
 SCHEDULES = ("linear", "step", "cosine")
 DATASETS = ("cifar10",)
+DATA_SOURCES = ("binary", "tfds")
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLEMENTATIONS = ("auto",) + tuple(conv.CONV_IMPLEMENTATIONS)
 
@@ -75,7 +76,9 @@ def validate_config(config) -> None:
   for key in ("max_train_examples", "max_test_examples"):
     _require(_is_int(config[key]) and config[key] >= 0, key, "0 (all) or a positive integer",
              config[key])
-  if config.data_dir:
+  _require(config.data_source in DATA_SOURCES, "data_source", f"one of {DATA_SOURCES}",
+           config.data_source)
+  if config.data_source == "binary" and config.data_dir:
     input_pipeline.check_binary_files(config.data_dir)
   if "benchmark" in config:
     _validate_benchmark(config.benchmark)

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
-  """The real CIFAR-10 binary folder: $CONVNET_JAX_CIFAR10_DIR, else ../shared/data/cifar10 from
+  """The real CIFAR-10 binary folder: $CONVNET_JAX_DATA_DIR, else ../shared/data/cifar10 from
   the repository root. Missing data fails the test (it must run, not skip)."""
   folder = Path(os.environ.get(input_pipeline.DATA_DIR_ENV,
                                REPO_ROOT.parent / "shared" / "data" / "cifar10"))

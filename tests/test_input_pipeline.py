@@ -98,7 +98,7 @@ def test_missing_file_and_folder_are_named(tiny_cifar_dir):
 
 def test_tfds_path_under_tfds_mocking():
   with tfds.testing.mock_data(num_examples=12):
-    data = input_pipeline.load_dataset(_config("", classes=tuple(range(10))))
+    data = input_pipeline.load_dataset(_config("", classes=tuple(range(10)), data_source="tfds"))
   assert data.train_images.shape == (12, 32, 32, 3) and data.train_images.dtype == np.uint8
   assert data.test_images.shape == (12, 32, 32, 3)
   assert data.train_labels.dtype == np.int32
