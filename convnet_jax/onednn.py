@@ -70,7 +70,8 @@ def load() -> Status:
   try:
     # RTLD_GLOBAL: the extension names libdnnl.so.3 without a path, and the dynamic loader then
     # finds the copy already loaded here instead of searching the library path.
-    runtime = ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
+    # (ctypes never unloads a library, so it stays loaded for the extension.)
+    ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
     library = ctypes.CDLL(spec.origin)
   except OSError as error:
     return Status(False, f"could not load the extension: {error}")
@@ -78,5 +79,4 @@ def load() -> Status:
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   library.convnet_onednn_version.restype = ctypes.c_char_p
-  del runtime  # stays loaded: the extension depends on it
   return Status(True, f"oneDNN {library.convnet_onednn_version().decode()}")

@@ -47,10 +47,12 @@ dnnl::engine& cpu_engine() {
   return engine;
 }
 
-// One pass of one convolution, ready to run: the primitive, the kernel layout it wants (and the
-// reorder from or to the user's HWIO kernel when it differs) and its scratchpad size.
+// One pass of one convolution, ready to run: the primitive, the activation layouts, the kernel
+// layout it wants (and the reorder from or to the user's HWIO kernel when it differs) and its
+// scratchpad size.
 struct Prepared {
   dnnl::primitive primitive;
+  memory::desc src, dst;
   memory::desc user_weights;
   memory::desc primitive_weights;
   bool needs_reorder = false;
@@ -88,6 +90,8 @@ Prepared prepare(Pass pass, const ConvShape& s) {
   // several threads at once.
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   Prepared p;
+  p.src = d.src;
+  p.dst = d.dst;
   p.user_weights = d.weights_user;
   auto hint = forward_desc(d, attr);
   if (pass == Pass::kForward) {
@@ -166,8 +170,7 @@ void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
   const Prepared& p = cached(pass, s);
   ThreadResources& r = thread_resources();
   dnnl::engine& eng = cpu_engine();
-  Descs d = make_descs(s);
-  memory src(d.src, eng, x), dst(d.dst, eng, y), user_weights(p.user_weights, eng, w);
+  memory src(p.src, eng, x), dst(p.dst, eng, y), user_weights(p.user_weights, eng, w);
   memory weights = p.needs_reorder
                        ? memory(p.primitive_weights, eng, r.weights.get(p.primitive_weights.get_size()))
                        : user_weights;
