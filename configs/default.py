@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from convnet_jax import download
+
 
 def get_config():
   """Returns the default configuration; other configs import it and override what differs."""
@@ -35,8 +37,8 @@ def get_config():
   # (~/.cache/convnet_jax/cifar10), where data_url is fetched once (SHA-256 data_sha256) and
   # unpacked when the files are missing.
   config.data_dir = ""
-  config.data_url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-  config.data_sha256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
+  config.data_url = download.CIFAR10_URL
+  config.data_sha256 = download.CIFAR10_SHA256
   # "tfds": tfds' data folder and manual-download folder (empty: tfds' defaults).
   config.tfds_data_dir = ""
   config.tfds_manual_dir = ""

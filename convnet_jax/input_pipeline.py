@@ -115,7 +115,7 @@ def read_binary_split(data_dir: str | os.PathLike, names: Sequence[str],
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def check_tfds_can_prepare(tfds_data_dir: str = "", manual_dir: str = "") -> None:
+def check_tfds_can_prepare(tfds_data_dir: str = "") -> None:
   """Before any download: tfds' cifar10 is prepared already, or TensorFlow (which preparing
   needs) is installed; else a `DataError` saying what to install."""
   import importlib.util
@@ -229,7 +229,7 @@ def load_dataset(config) -> Dataset:
     train_images, train_labels = read_binary_split(folder, TRAIN_FILES, config.classes)
     test_images, test_labels = read_binary_split(folder, TEST_FILES, config.classes)
   else:
-    check_tfds_can_prepare(config.tfds_data_dir, config.tfds_manual_dir)
+    check_tfds_can_prepare(config.tfds_data_dir)
     train_images, train_labels = read_tfds_split("train", config.tfds_data_dir,
                                                  config.tfds_manual_dir)
     test_images, test_labels = read_tfds_split("test", config.tfds_data_dir,
