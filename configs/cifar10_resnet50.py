@@ -2,17 +2,10 @@
 augmentation, SGD with momentum 0.9 and weight decay 5e-4, lr 0.1 divided by 10 at epochs 100 and
 150, 200 epochs."""
 
-from configs import default as default_lib
+from configs import cifar10_resnet18 as resnet18_lib
 
 
 def get_config():
-  config = default_lib.get_config()
+  config = resnet18_lib.get_config()
   config.model = "resnet50"
-  config.classes = tuple(range(10))
-  config.augment = True
-  config.num_epochs = 200
-  config.schedule = "step"
-  config.lr_boundaries_epochs = (100, 150)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 5e-4
   return config

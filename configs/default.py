@@ -74,17 +74,24 @@ def get_config():
   config.replica_seeds = ()
   config.replica_learning_rates = ()
   config.replica_momenta = ()
+
+  # How a run is operated, not what it computes: a workdir may be resumed with other values
+  # here (e.g. on a machine with more devices). Everything outside this group and `benchmark`
+  # defines the run.
+  config.operations = ml_collections.ConfigDict()
   # Data parallel: each batch is split over this many devices (0: all devices, of all processes
   # in a jax.distributed run); batch sizes must be multiples of it. Same math as one device.
-  config.num_devices = 0
-
+  config.operations.num_devices = 0
   # Checkpoints (orbax, in WORKDIR/checkpoints): every N epochs and at the end, keeping the
   # newest few. Restarting with the same workdir and config resumes from the newest intact one.
-  config.checkpoint_every_epochs = 1
-  config.max_checkpoints_to_keep = 3
-  config.tensorboard = True  # scalars in WORKDIR/tensorboard (tensorboardX, no TensorFlow)
-  config.progress_bar = True  # an epoch bar with ETA on stderr, drawn only in a terminal
-  config.trace_shapes = False  # print the shapes of the first training step to stderr
+  config.operations.checkpoint_every_epochs = 1
+  config.operations.max_checkpoints_to_keep = 3
+  # Scalars in WORKDIR/tensorboard (tensorboardX, no TensorFlow).
+  config.operations.tensorboard = True
+  # An epoch bar with ETA on stderr, drawn only in a terminal.
+  config.operations.progress_bar = True
+  # Print the shapes of the first training step to stderr.
+  config.operations.trace_shapes = False
 
   # `python -m convnet_jax.benchmark`: synthetic data of the training set's size; empty
   # batch_sizes / dtypes mean the config's own.

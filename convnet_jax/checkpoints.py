@@ -82,5 +82,9 @@ class CheckpointStore:
       return state, record
     return None
 
+  def latest_epochs_done(self) -> int | None:
+    """The epoch count of the newest checkpoint on disk (None if there is none)."""
+    return self._manager.latest_step()
+
   def close(self) -> None:
     self._manager.close()

@@ -1,16 +1,20 @@
 """What the commands that take `--config` share: flag parsing in which a mistyped config key is
-one line naming the key and the closest valid ones, not a traceback."""
+one line naming the key and the closest valid ones, and errors in user input reported as one
+line and an exit status, not a traceback."""
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import ml_collections
 from absl import app
 from absl import flags
+
+from convnet_jax.errors import TrainingDiverged
+from convnet_jax.errors import UserError
 
 CONFIG_PREFIX = "--config."
 
@@ -66,10 +70,25 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     message = unknown_config_key(config, argv) if config is not None else None
     if message is None:
       message = " ".join(str(error).split())  # the parser's own words, on one line
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    fail(message)
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+  """Prints `error: MESSAGE` on stderr and exits with `status` (2: bad input)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
 
 
 def run(main) -> None:
-  """`app.run(main)` with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)
+  """`app.run(main)` with `parse_flags`; a `UserError` from `main` is one line and exit status
+  2, a `TrainingDiverged` one line and status 1, with no traceback."""
+
+  def main_reporting_errors(argv):
+    try:
+      return main(argv)
+    except UserError as error:
+      fail(str(error), 2)
+    except TrainingDiverged as error:
+      fail(str(error), 1)
+
+  app.run(main_reporting_errors, flags_parser=parse_flags)

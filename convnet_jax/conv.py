@@ -179,6 +179,10 @@ class ConvChoice:
     """The start-up line: "convolutions: onednn (auto: oneDNN 3.2.0 on an x86-64 CPU)"."""
     return f"convolutions: {self.implementation} ({self.reason})"
 
+  def record(self) -> dict[str, str]:
+    """As kept in a run's config.json."""
+    return {"implementation": self.implementation, "reason": self.reason}
+
 
 class ConvUnavailable(UserError):
   """`conv_implementation` names a path that cannot run here; the message says why."""

@@ -6,3 +6,10 @@ class UserError(ValueError):
 
   `main` prints the message as one line and exits with status 2, without a traceback.
   """
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the message names the step and epoch.
+
+  `main` prints the message as one line and exits with status 1.
+  """

@@ -1,10 +1,11 @@
 """CIFAR-10 input pipeline.
 
-Two sources, one result:
-* `data_dir` set: the original CIFAR-10 binary files (`data_batch_{1..5}.bin`, `test_batch.bin`),
-  read with numpy, no network. Training and test sets keep CIFAR-10's own order.
-* `data_dir` empty: tensorflow-datasets `cifar10`, read through `tfds.data_source` (ArrayRecord,
-  no TensorFlow needed to read). Preparing it the first time (download or `manual_dir` archive)
+Two sources (`config.data_source`), one result:
+* "binary": the original CIFAR-10 binary files (`data_batch_{1..5}.bin`, `test_batch.bin`), read
+  with numpy from `data_dir` (empty: $CONVNET_JAX_DATA_DIR, else the per-user cache that
+  `download` fills once). Training and test sets keep CIFAR-10's own order.
+* "tfds": tensorflow-datasets `cifar10`, read through `tfds.data_source` (ArrayRecord, no
+  TensorFlow needed to read). Preparing it the first time (download or `manual_dir` archive)
   needs TensorFlow, as tfds extracts and encodes with it: `pip install 'convnet_jax[tfds]'`.
 
 The chosen classes are kept and relabelled 0..k-1 in the order given. Images stay uint8 (4x less

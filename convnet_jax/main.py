@@ -38,9 +38,8 @@ def main(argv):
   workdir = FLAGS.workdir
   if FLAGS.distributed or FLAGS.coordinator_address:
     if not workdir:  # processes started seconds apart would each name their own
-      print("error: --workdir: expected the same folder for every process of a multi-process "
-            "run", file=sys.stderr)
-      sys.exit(2)
+      raise UserError("--workdir: expected the same folder for every process of a "
+                      "multi-process run")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   if not workdir:
@@ -48,14 +47,7 @@ def main(argv):
     stem = config_name.rsplit("/", 1)[-1].removesuffix(".py") if config_name else "run"
     workdir = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"workdir: {workdir}", file=sys.stderr)
-  try:
-    train.train_and_evaluate(FLAGS.config, workdir)
-  except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-  except train.TrainingDiverged as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+  train.train_and_evaluate(FLAGS.config, workdir)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -319,34 +319,38 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-# The ResNets `config.model` can name: blocks per stage and the block type.
-RESNETS = {
-    "resnet18": ((2, 2, 2, 2), BasicBlock),
-    "resnet34": ((3, 4, 6, 3), BasicBlock),
-    "resnet50": ((3, 4, 6, 3), BottleneckBlock),
+def _resnet(stage_sizes: Sequence[int], block_cls: type[nn.Module]) -> Callable[..., nn.Module]:
+  def build(config, num_classes: int, **settings) -> nn.Module:
+    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
+                  width=config.resnet_width, **settings)
+  return build
+
+
+# Every model `config.model` can name, and how to build it from (config, num_classes, dtype=,
+# conv_implementation=). The ResNets: blocks per stage and the block type.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "seed_convnet": lambda config, num_classes, **settings: SeedConvNet(num_classes=num_classes,
+                                                                        **settings),
+    "resnet18": _resnet((2, 2, 2, 2), BasicBlock),
+    "resnet34": _resnet((3, 4, 6, 3), BasicBlock),
+    "resnet50": _resnet((3, 4, 6, 3), BottleneckBlock),
 }
 
 
 def create_model(config, num_classes: int, conv_implementation: str | None = None) -> nn.Module:
-  """Builds the model named by `config.model` ("seed_convnet" or a key of `RESNETS`) for
-  `num_classes` outputs; ResNets take their base width from `config.resnet_width`.
+  """Builds the model named by `config.model` (a key of `MODELS`) for `num_classes` outputs;
+  ResNets take their base width from `config.resnet_width`.
 
   `conv_implementation`: the resolved convolution path (a key of `conv.CONV_IMPLEMENTATIONS`);
   default: `config.conv_implementation` resolved for one device.
   """
-  dtype = jnp.dtype(config.dtype)
   if conv_implementation is None:
     conv_implementation = conv_lib.choose_conv_implementation(
         config.conv_implementation, config.dtype).implementation
-  if config.model == "seed_convnet":
-    return SeedConvNet(num_classes=num_classes, dtype=dtype,
-                       conv_implementation=conv_implementation)
-  if config.model in RESNETS:
-    stage_sizes, block_cls = RESNETS[config.model]
-    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
-                  width=config.resnet_width, dtype=dtype,
-                  conv_implementation=conv_implementation)
-  raise ValueError(f"unknown model {config.model!r}")
+  if config.model not in MODELS:
+    raise ValueError(f"unknown model {config.model!r}; expected one of {tuple(MODELS)}")
+  return MODELS[config.model](config, num_classes, dtype=jnp.dtype(config.dtype),
+                              conv_implementation=conv_implementation)
 
 
 def count_parameters(params) -> int:

@@ -2,7 +2,7 @@
 
 Reads WORKDIR/metrics.jsonl (one JSON record per epoch, as `train.train_and_evaluate` writes it)
 and draws train and test loss and error (1 - accuracy) against the number of epochs trained, with
-a dashed vertical line at each drop of the learning rate. Writes a PNG (default
+a dotted vertical line at each drop of the learning rate. Writes a PNG (default
 WORKDIR/curves.png). Uses matplotlib's object-oriented API with the Agg canvas, so it needs no
 display and leaves pyplot's global state alone (notebooks can show the returned figure).
 """

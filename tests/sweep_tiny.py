@@ -12,7 +12,7 @@ def get_config():
   # Whole batches only: a short last batch would be one more program to compile per trial.
   config.base.max_train_examples = 128
   config.base.max_test_examples = 64
-  config.base.tensorboard = False
+  config.base.operations.tensorboard = False
   config.grid = ml_collections.ConfigDict({"learning_rate": (0.05, 0.2), "momentum": (0.9,)})
   config.num_trials = 2
   config.study_name = "tiny"

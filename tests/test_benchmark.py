@@ -17,6 +17,7 @@ def seed_convnet_forward_flops_per_image() -> int:
   return 2 * macs
 
 
+@pytest.mark.slow
 def test_benchmark_report_on_smoke_config(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "convnet_jax.benchmark", "--config", "configs/smoke.py",

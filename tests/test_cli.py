@@ -22,11 +22,12 @@ def read_cifar2_test_labels(cifar10_dir, limit=None):
   return labels[:limit]
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_json_lines_and_writes_outputs(cifar10_dir, tmp_path):
   workdir = tmp_path / "run"
   result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
                     f"--workdir={workdir}", "--config.num_epochs=2",
-                    "--config.trace_shapes=True")
+                    "--config.operations.trace_shapes=True")
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   records = [json.loads(line) for line in lines]  # stdout holds JSON lines only
@@ -94,8 +95,8 @@ BAD_INPUTS = [
     (["--config.momentum=1.5"], "config.momentum=1.5: expected a number in [0, 1)"),
     (["--config.eval_batch_size=0"], "config.eval_batch_size=0: expected a positive integer"),
     (["--config.classes=(1,1)"], "config.classes=(1, 1): expected no repeated class id"),
-    (["--config.checkpoint_every_epochs=0"],
-     "config.checkpoint_every_epochs=0: expected a positive integer"),
+    (["--config.operations.checkpoint_every_epochs=0"],
+     "config.operations.checkpoint_every_epochs=0: expected a positive integer"),
     (["--config.max_train_examples=10"],
      "config.batch_size=128: expected at most the 10 training examples"),
 ]
@@ -136,6 +137,7 @@ def test_a_corrupt_config_json_is_detected(cifar10_dir, tmp_path):
   assert (tmp_path / "config.json").read_text() == "{not json"
 
 
+@pytest.mark.slow
 def test_a_run_of_another_config_is_not_resumed(cifar10_dir, tmp_path):
   args = ["--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
           f"--workdir={tmp_path}"]

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 
 # The smoke run for one epoch: 200 training images in batches of 64 (3 full batches and one of
 # 8) and 100 test images (batches of 64 and 36), so every batch splits over 2 or 4 devices.
-RUN_ARGS = ("--config", "configs/smoke.py", "--config.tensorboard=False")
+RUN_ARGS = ("--config", "configs/smoke.py", "--config.operations.tensorboard=False")
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate")
 
 
@@ -59,6 +59,7 @@ def one_device(cifar10_dir, tmp_path_factory):
   return _read(workdir)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(one_device, cifar10_dir, tmp_path):
   result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}"],
                      devices_per_process=4)
@@ -69,6 +70,7 @@ def test_four_devices_match_one_device(one_device, cifar10_dir, tmp_path):
   _assert_matches(*_read(tmp_path), one_device)
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_match_one_device(one_device, cifar10_dir, tmp_path):
   with socket.socket() as probe:  # a free port for the coordinator
     probe.bind(("localhost", 0))
@@ -96,12 +98,12 @@ def test_two_processes_on_localhost_match_one_device(one_device, cifar10_dir, tm
 SHARDED_BATCH_NORM = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from convnet_jax import models, train
-mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (train.DATA_AXIS,))
-batch = NamedSharding(mesh, P(train.DATA_AXIS))
+from convnet_jax import models, parallel, train
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,))
+batch = NamedSharding(mesh, P(parallel.DATA_AXIS))
 x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 2, 2, 3)).astype(np.float32)
 x[:2] += 5.0  # the first device's quarter has other statistics than the whole batch
-normalise = jax.jit(lambda x: models.batch_norm(train.shard_batch(x, batch)))
+normalise = jax.jit(lambda x: models.batch_norm(parallel.split_batch(x, batch)))
 y = normalise(jax.device_put(x, batch))
 print(json.dumps({"devices": len(y.sharding.device_set),
                   "shard_rows": [s.data.shape[0] for s in y.addressable_shards],
@@ -127,9 +129,9 @@ def test_batch_norm_statistics_span_the_global_batch():
 
 def test_batch_that_does_not_split_is_refused_before_work(cifar10_dir, tmp_path):
   result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/w",
-                      "--config.num_devices=3"], devices_per_process=4)
+                      "--config.operations.num_devices=3"], devices_per_process=4)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert errors == ["error: config.batch_size=64: expected a multiple of the 3 data-parallel "
-                    "devices (config.num_devices, 0: all jax.device_count())"]
+                    "devices (config.operations.num_devices, 0: all jax.device_count())"]
   assert "compile time" not in result.stderr and not (tmp_path / "w").exists()

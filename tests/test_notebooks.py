@@ -12,6 +12,7 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 NAMES = ["seed_cifar2.ipynb", "resnet_cifar10.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_without_errors(name, cifar10_dir, monkeypatch):
   # The kernel inherits this environment; the notebook's cwd is notebooks/, as when opened there.

@@ -38,6 +38,7 @@ def uninterrupted(cifar10_dir, tmp_path_factory):
   return read_run(workdir)
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(uninterrupted, cifar10_dir, tmp_path):
   result = run_main(*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/b")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -45,6 +46,7 @@ def test_same_config_and_seed_give_identical_metrics(uninterrupted, cifar10_dir,
   assert len(uninterrupted[0]) == 4
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, cifar10_dir,
                                                              tmp_path):
   workdir = tmp_path / "killed"
@@ -67,6 +69,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, cifa
   assert read_run(workdir) == uninterrupted
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cifar10_dir,
                                                               tmp_path):
   workdir = tmp_path / "damaged"
@@ -88,6 +91,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cif
   assert read_run(workdir) == uninterrupted
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_epoch(cifar10_dir, tmp_path):
   result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
                     f"--workdir={tmp_path}/nan", "--config.learning_rate=1e38",
@@ -104,6 +108,7 @@ def test_non_finite_loss_stops_with_step_and_epoch(cifar10_dir, tmp_path):
   assert saved == list(range(1, bad_epoch + 1))[-3:]
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_and_quiet_stderr_off_a_terminal(cifar10_dir, tmp_path):
   result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
                     f"--workdir={tmp_path}/tb")
@@ -116,6 +121,7 @@ def test_tensorboard_scalars_and_quiet_stderr_off_a_terminal(cifar10_dir, tmp_pa
   assert "epoch/s" not in result.stderr and "\r" not in result.stderr  # no progress bar
 
 
+@pytest.mark.slow
 def test_progress_bar_in_a_terminal(cifar10_dir, tmp_path):
   leader, follower = pty.openpty()
   # A real terminal has a size; a fresh pseudo-terminal is 0x0, where a bar has no room.

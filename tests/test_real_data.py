@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from configs import default as default_config
 from convnet_jax import input_pipeline
@@ -29,6 +30,7 @@ def test_cifar2_counts_and_statistics(cifar10_dir):
   np.testing.assert_allclose(data.mean * 255, expected_mean, atol=0.01)
 
 
+@pytest.mark.slow
 def test_default_run_beats_the_bar(cifar10_dir, tmp_path):
   """The specification's run, as the README gives it: 5 epochs, above 0.95 test accuracy."""
   workdir = tmp_path / "default"

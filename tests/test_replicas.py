@@ -12,6 +12,7 @@ import pytest
 from configs import default as default_config
 from configs import default_10_seeds
 from configs import smoke
+from convnet_jax import replicas
 from convnet_jax import train
 from convnet_jax import validation
 from convnet_jax.errors import UserError
@@ -25,8 +26,8 @@ def _config(cifar10_dir, **overrides):
   config = smoke.get_config()
   config.data_dir = str(cifar10_dir)
   config.num_epochs = 2
-  config.tensorboard = False
-  config.progress_bar = False
+  config.operations.tensorboard = False
+  config.operations.progress_bar = False
   config.update(overrides)
   return config
 
@@ -47,6 +48,7 @@ def replicated_run(cifar10_dir, tmp_path_factory):
   return workdir, *_read(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replica", [0, 1])
 def test_each_replica_matches_a_single_run_of_its_seed_and_hyperparameters(
     replica, replicated_run, cifar10_dir, tmp_path):
@@ -63,6 +65,7 @@ def test_each_replica_matches_a_single_run_of_its_seed_and_hyperparameters(
   np.testing.assert_array_equal(predictions[:, replica], single_predictions[:, 0])
 
 
+@pytest.mark.slow
 def test_a_diverged_replica_is_null_and_leaves_the_others_alone(replicated_run):
   _, records, predictions = replicated_run
   last = records[-1]
@@ -80,13 +83,14 @@ def test_a_diverged_replica_is_null_and_leaves_the_others_alone(replicated_run):
 
 
 def test_replica_summary_by_hand():
-  summary = train.replica_summary([0.96, None, 0.95, 0.97])
+  summary = replicas.replica_summary([0.96, None, 0.95, 0.97])
   assert summary["test_acc_mean"] == pytest.approx(0.96)
   assert summary["test_acc_std"] == pytest.approx(math.sqrt((0.0 + 0.0001 + 0.0001) / 2))
   assert summary["test_acc_min"] == 0.95 and summary["test_acc_max"] == 0.97
-  assert train.replica_summary([0.9])["test_acc_std"] == 0.0
+  assert replicas.replica_summary([0.9])["test_acc_std"] == 0.0
 
 
+@pytest.mark.slow
 def test_replicated_run_resumes_from_its_checkpoint(replicated_run, cifar10_dir, tmp_path):
   workdir, records, predictions = replicated_run
   copy = tmp_path / "copy"
@@ -102,10 +106,10 @@ def test_replicated_run_resumes_from_its_checkpoint(replicated_run, cifar10_dir,
 def test_replica_settings_default_to_consecutive_seeds_and_the_config_values():
   config = default_config.get_config()
   config.num_replicas, config.seed = 3, 5
-  assert train.replica_settings(config) == {
+  assert replicas.replica_settings(config) == {
       "seed": [5, 6, 7], "learning_rate": [0.1] * 3, "momentum": [0.9] * 3}
   ten = default_10_seeds.get_config()
-  assert train.replica_settings(ten)["seed"] == list(range(10))
+  assert replicas.replica_settings(ten)["seed"] == list(range(10))
   # Everything else is the default run.
   assert {k: v for k, v in ten.items() if k != "num_replicas"} == {
       k: v for k, v in default_config.get_config().items() if k != "num_replicas"}
@@ -121,11 +125,12 @@ def test_replica_settings_default_to_consecutive_seeds_and_the_config_values():
      "config.replica_seeds=(0, 1.5): expected integer seeds"),
     ({"num_replicas": 2, "replica_momenta": (0.9, 0.0), "nesterov": True},
      "config.nesterov=True: expected False when a replica's momentum is 0"),
-    ({"num_devices": -1}, "config.num_devices=-1: expected 0 (all devices) or a positive"),
+    ({"operations.num_devices": -1},
+     "config.operations.num_devices=-1: expected 0 (all devices) or a positive"),
 ])
 def test_bad_replica_and_device_keys_are_named(overrides, message):
   config = default_config.get_config()
-  config.update(overrides)
+  config.update_from_flattened_dict(overrides)
   with pytest.raises(UserError) as error:
     validation.validate_config(config)
   assert message in str(error.value)
@@ -133,11 +138,12 @@ def test_bad_replica_and_device_keys_are_named(overrides, message):
 
 def test_device_checks_name_the_key():
   config = default_config.get_config()
-  config.num_devices = 4
-  with pytest.raises(UserError, match=r"config.num_devices=4: expected at most the 2 devices"):
+  config.operations.num_devices = 4
+  with pytest.raises(UserError,
+                     match=r"config.operations.num_devices=4: expected at most the 2 devices"):
     validation.check_devices(config, device_count=2)
-  config.num_devices, config.batch_size = 3, 128
+  config.operations.num_devices, config.batch_size = 3, 128
   with pytest.raises(UserError, match=r"config.batch_size=128: expected a multiple of the 3"):
     validation.check_devices(config, device_count=4)
-  config.num_devices = 0  # all 4: 128 splits evenly
+  config.operations.num_devices = 0  # all 4: 128 splits evenly
   validation.check_devices(config, device_count=4)

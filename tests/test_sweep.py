@@ -20,6 +20,8 @@ import pytest
 import sweep_tiny
 from conftest import REPO_ROOT
 from convnet_jax import sweep
+from convnet_jax import sweep_config as sweep_config_lib
+from convnet_jax import sweep_study
 from convnet_jax.errors import UserError
 
 GRID_LR = (0.05, 0.2, 1e38)  # 1e38 diverges to NaN in the first epoch
@@ -90,6 +92,7 @@ def grid_sweep(env, cifar10_dir, tmp_path_factory):
   return workdir, changes, run_sweep(env, workdir, changes)
 
 
+@pytest.mark.slow
 def test_grid_sweep_trials_tables_and_plot(grid_sweep):
   workdir, _, result = grid_sweep
   assert result.returncode == 0, result.stderr[-3000:]
@@ -140,6 +143,7 @@ def test_grid_sweep_trials_tables_and_plot(grid_sweep):
   assert width > 1.5 * height
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_sweep_runs_no_trial(grid_sweep):
   workdir, changes, _ = grid_sweep
   before = snapshot(workdir / "trials")
@@ -150,6 +154,7 @@ def test_rerunning_a_finished_sweep_runs_no_trial(grid_sweep):
   assert [str(row["trial"]) for row in rows] == [row["trial"] for row in read_csv(workdir)]
 
 
+@pytest.mark.slow
 def test_a_workdir_of_another_sweep_is_refused_and_left_unchanged(grid_sweep, tmp_path):
   workdir, changes, _ = grid_sweep
   before = snapshot(workdir)
@@ -167,6 +172,7 @@ def test_a_workdir_of_another_sweep_is_refused_and_left_unchanged(grid_sweep, tm
   assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_trial_then_rerun_resumes_it(env, cifar10_dir, tmp_path):
   workdir = tmp_path / "sweep"
   # Momentum 0.5 and 0.9 at lr 0.05; trial 0 is killed after its first epoch.
@@ -215,7 +221,7 @@ def test_shared_storage_requeues_only_dead_workers_trials(tmp_path):
   config = sweep_tiny.get_config()
   config.storage = f"sqlite:///{tmp_path}/shared.db"
   config.heartbeat_interval = config.grace_period = 1
-  identity = sweep.sweep_identity(config, sweep.validate_sweep_config(config, sweep_tiny.sweep))
+  identity = sweep_config_lib.sweep_identity(config, sweep_config_lib.validate_sweep_config(config, sweep_tiny.sweep))
   storage = optuna.storages.RDBStorage(config.storage)
 
   def heartbeat(trial):
@@ -230,18 +236,18 @@ def test_shared_storage_requeues_only_dead_workers_trials(tmp_path):
     heartbeat(trial)
     return trial
 
-  dead = start_trial(sweep.open_study(config, tmp_path / "a", identity), "trials/0000")
-  live = start_trial(sweep.open_study(config, tmp_path / "b", identity), "trials/0001")
+  dead = start_trial(sweep_study.open_study(config, tmp_path / "a", identity), "trials/0000")
+  live = start_trial(sweep_study.open_study(config, tmp_path / "b", identity), "trials/0001")
   time.sleep(2.1)  # SQLite's clock counts whole seconds: 2 s > grace_period
   heartbeat(live)  # what the live worker's heartbeat thread does every heartbeat_interval
-  study = sweep.open_study(config, tmp_path / "c", identity)  # a worker starting now
+  study = sweep_study.open_study(config, tmp_path / "c", identity)  # a worker starting now
   states = {t.number: t.state for t in study.trials}
   assert states == {dead.number: optuna.trial.TrialState.FAIL,
                     live.number: optuna.trial.TrialState.RUNNING,
                     2: optuna.trial.TrialState.WAITING}
   [queued] = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
   assert queued.params == dead.params and queued.user_attrs["workdir"] == "trials/0000"
-  assert sweep.trials_left(study, config.num_trials) == 1  # the queued one; the live one counts
+  assert sweep_study.trials_left(study, config.num_trials) == 1  # the queued one; the live one counts
 
 
 @pytest.fixture
@@ -287,7 +293,7 @@ BAD_SWEEPS = [
 def test_bad_sweep_configs_are_refused_before_training(change, sweep_fn, message, tiny):
   change(tiny)
   with pytest.raises(UserError) as error:
-    sweep.validate_sweep_config(tiny, sweep_fn or sweep_tiny.sweep)
+    sweep_config_lib.validate_sweep_config(tiny, sweep_fn or sweep_tiny.sweep)
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -314,14 +320,14 @@ def test_random_search_does_not_repeat_values_when_resumed(sampler, tmp_path, ti
       study.tell(trial, 0.5)
     return [(t.params["learning_rate"], t.params["momentum"]) for t in study.trials]
 
-  first = optuna.create_study(storage=storage, study_name="a", sampler=sweep.create_sampler(tiny))
+  first = optuna.create_study(storage=storage, study_name="a", sampler=sweep_study.create_sampler(tiny))
   values(first, 2)
   # A new process (a fresh sampler) on the same study.
   resumed = optuna.load_study(storage=storage, study_name="a",
-                              sampler=sweep.create_sampler(tiny))
+                              sampler=sweep_study.create_sampler(tiny))
   resumed_values = values(resumed, 1)
   assert len(set(resumed_values)) == 3
-  uninterrupted = optuna.create_study(sampler=sweep.create_sampler(tiny))
+  uninterrupted = optuna.create_study(sampler=sweep_study.create_sampler(tiny))
   assert values(uninterrupted, 3) == resumed_values
   for learning_rate, momentum in resumed_values:
     assert 1e-3 <= learning_rate <= 1e38 and 0 <= momentum <= 0.95

@@ -1,0 +1,132 @@
+"""Everything a run shows and keeps besides checkpoints, behind one object, `Reporter`.
+
+stdout gets one JSON line per epoch and nothing else; stderr the notes (convolution path, compile
+time, resumption, the shape trace), and in a terminal an epoch progress bar; the workdir
+config.json, metrics.jsonl, preds and tensorboard/. In a multi-process run only process 0
+writes: the others get a reporter that does nothing, so the training loop never asks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from convnet_jax import models
+from convnet_jax import replicas
+from convnet_jax import workdir as workdir_lib
+
+# The scalars of each epoch's TensorBoard page.
+TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate",
+                       "step_time_ms", "images_per_second")
+
+
+class Reporter:
+  """Writes a run's outputs (see the module docstring); a no-op unless `is_writer`."""
+
+  def __init__(self, config, files: workdir_lib.RunFiles, is_writer: bool = True):
+    self.config = config
+    self.files = files
+    self.is_writer = is_writer
+    self._progress = None
+    self._tensorboard = None
+
+  def note(self, message: str) -> None:
+    """One line on stderr."""
+    if self.is_writer:
+      print(message, file=sys.stderr, flush=True)
+
+  def start(self, history: Sequence[dict], recorded: dict[str, Any]) -> None:
+    """Writes config.json (the config plus the `recorded` facts about
+    this run) and metrics.jsonl (the epochs restored from a checkpoint: later ones are computed
+    again). Opens TensorBoard and the progress bar."""
+    if not self.is_writer:
+      return
+    workdir_lib.write_atomically(self.files.metrics,
+                                 "".join(json.dumps(r) + "\n" for r in history))
+    config_values = dict(json.loads(self.config.to_json_best_effort()), **recorded)
+    workdir_lib.write_atomically(self.files.config, json.dumps(config_values, indent=2) + "\n")
+    operations = self.config.operations
+    if operations.tensorboard:
+      import tensorboardX  # imported here: writes event files without TensorFlow
+
+      self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard))
+    import tqdm  # imported here: only interactive runs draw a bar
+
+    self._progress = tqdm.tqdm(
+        total=self.config.num_epochs, initial=len(history), unit="epoch", file=sys.stderr,
+        disable=not (operations.progress_bar and sys.stderr.isatty()), dynamic_ncols=True)
+
+  def epoch(self, record: dict, step_time_ms: float, images_per_second: float) -> None:
+    """Reports a finished epoch: its JSON line on stdout and in metrics.jsonl, its scalars in
+    TensorBoard (with the step time and throughput, which are not in the record, as they differ
+    between identical runs), one tick of the progress bar."""
+    if not self.is_writer:
+      return
+    line = json.dumps(record)
+    print(line, flush=True)
+    with self.files.metrics.open("a") as metrics_file:
+      metrics_file.write(line + "\n")
+    if self._tensorboard is not None:
+      write_tensorboard(self._tensorboard, dict(record, step_time_ms=step_time_ms,
+                                                images_per_second=images_per_second),
+                        record["epoch"] + 1)
+    self._progress.update(1)
+
+  def finish(self, predictions: np.ndarray, last_record: dict) -> None:
+    """Writes preds (one line per test example, a column per replica) and, for replicas, the
+    closing summary line."""
+    if not self.is_writer:
+      return
+    num_test = predictions.shape[-1]
+    rows = np.asarray(predictions).reshape(-1, num_test).T
+    workdir_lib.write_atomically(self.files.predictions,
+                                 "".join(" ".join(map(str, row)) + "\n" for row in rows))
+    if "seeds" in last_record:
+      self.note(replicas.summary_line(last_record))
+
+  def close(self) -> None:
+    if self._progress is not None:
+      self._progress.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
+def write_tensorboard(writer, record: dict, step: int) -> None:
+  """One epoch's scalars; for replicas, one curve per replica and the test accuracy summary."""
+  for name in TENSORBOARD_SCALARS:
+    value = record[name]
+    if not isinstance(value, list):
+      writer.add_scalar(name, value, step)
+      continue
+    for replica, replica_value in enumerate(value):
+      if replica_value is not None:
+        writer.add_scalar(f"{name}/replica_{replica}", replica_value, step)
+  if isinstance(record["test_acc"], list):
+    for name, value in replicas.replica_summary(record["test_acc"]).items():
+      writer.add_scalar(name, value, step)
+  writer.flush()
+
+
+def shape_trace(model, params, images: jax.Array, labels: jax.Array) -> list[str]:
+  """Reference-style trace of a training step's shapes: input, target, each layer, pooled
+  features (named by the model's `global_pool_name`) and output."""
+  lines = [f"input: {tuple(images.shape)}", f"target: {tuple(labels.shape)}"]
+  layers = models.describe_shapes(model, params, images)
+  for line in layers:
+    if line.startswith("head "):
+      pooled = line.split(": ", 1)[1].split(" -> ")[0]
+      lines.append(f"{model.global_pool_name}: {pooled}")
+    lines.append(line)
+  output = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images)
+  lines.append(f"output: {tuple(output.shape)}")
+  return lines

@@ -1,0 +1,105 @@
+"""A run's folder: its file names, atomic writes, and the check that a folder holds this run.
+
+A workdir is resumed only by the same run: the same config, leaving out the groups that say how
+a run is operated, not what it computes (`validation.OPERATION_GROUPS`). Sweeps use the same
+comparison for their folders and studies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping
+
+from convnet_jax import validation
+from convnet_jax.errors import UserError
+
+# The key of config.json that records the convolution path a run resolved to and why. Not a
+# config key: the same config may resolve differently on another machine, to the same math.
+CONV_RECORD_KEY = "conv_implementation_used"
+
+
+class RunFiles:
+  """The paths of a workdir's outputs."""
+
+  def __init__(self, workdir: str | Path):
+    self.workdir = Path(workdir)
+    self.config = self.workdir / "config.json"
+    self.metrics = self.workdir / "metrics.jsonl"
+    self.predictions = self.workdir / "preds"
+    self.checkpoints = self.workdir / "checkpoints"
+    self.tensorboard = self.workdir / "tensorboard"
+
+
+def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
+  """Writes `content` (text, or a function that writes to the path it is given) via a temporary
+  file and a rename, so a kill never leaves a half-written file."""
+  temporary = path.with_name(path.name + ".tmp")
+  if callable(content):
+    content(temporary)
+  else:
+    temporary.write_text(content)
+  temporary.replace(path)
+
+
+def run_identity(config) -> dict:
+  """What a run computes, as plain JSON data: the config without its operation groups."""
+  values = json.loads(config.to_json_best_effort())
+  return {key: value for key, value in values.items()
+          if key not in validation.OPERATION_GROUPS}
+
+
+def _saved_identity(saved: dict) -> dict:
+  return {key: value for key, value in saved.items()
+          if key not in validation.OPERATION_GROUPS and key != CONV_RECORD_KEY}
+
+
+def flatten(values: Mapping, prefix: str = "", keep=()) -> dict:
+  """Nested mappings as one level of dotted keys ("operations.tensorboard"); the keys in `keep`
+  stay whole."""
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, Mapping) and key not in keep:
+      flat.update(flatten(value, f"{prefix}{key}.", keep))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def differences(here: Mapping, there: Mapping, limit: int = 3) -> str:
+  """The first `limit` keys whose values differ, as "key: A here, B there, ..." (nested
+  mappings compared key by key)."""
+  here, there = flatten(here), flatten(there)
+  differing = sorted(key for key in set(here) | set(there) if here.get(key) != there.get(key))
+  return ", ".join(f"{key}: {here.get(key)!r} here, {there.get(key)!r} there"
+                   for key in differing[:limit]) + (", ..." if len(differing) > limit else "")
+
+
+def check_workdir(files: RunFiles, identity: dict) -> bool:
+  """Checks the workdir before any work. Returns True when it holds a run of the same config to
+  resume, False when it is new; raises `UserError` for a file in its place, a corrupt workdir
+  or another config's run, so nothing already written is lost."""
+  workdir = files.workdir
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir}: exists and is not a folder")
+  run_outputs = [path for path in (files.metrics, files.predictions, files.checkpoints)
+                 if path.exists()]
+  if not files.config.exists():
+    if run_outputs:
+      raise UserError(f"--workdir {workdir}: holds {', '.join(p.name for p in run_outputs)} but "
+                      f"no config.json; not a convnet_jax run or corrupt. Choose a new workdir "
+                      f"so nothing is overwritten")
+    return False
+  try:
+    saved = json.loads(files.config.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise UserError(f"{files.config}: not valid JSON ({error}); corrupt workdir. Choose a new "
+                    f"workdir so nothing is overwritten") from None
+  if not isinstance(saved, dict):
+    raise UserError(f"{files.config}: expected a JSON object; corrupt workdir")
+  saved = _saved_identity(saved)
+  if saved != identity:
+    raise UserError(f"--workdir {workdir}: holds a run of another config "
+                    f"({differences(identity, saved)}); use a new workdir or the same config "
+                    f"to resume")
+  return True

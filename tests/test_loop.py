@@ -1,0 +1,196 @@
+"""The pieces `train_and_evaluate` is made of, each on its own, in process, against values worked
+out by hand: the epoch record, divergence, checkpoint cadence, epoch keys, the reporter and the
+same-run check."""
+
+import io
+import json
+import contextlib
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from convnet_jax import reporting
+from convnet_jax import train
+from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import TrainingDiverged
+from convnet_jax.errors import UserError
+
+
+def test_epoch_record_of_one_model_is_sums_over_counts_in_the_documented_order():
+  train_totals = {"loss_sum": np.float64(30.0), "correct": np.float64(90.0)}
+  test_totals = {"loss_sum": np.float64(5.0), "correct": np.float64(45.0)}
+  record = train.epoch_record(2, train_totals, test_totals, np.float64(0.05), np.zeros((), bool),
+                              num_trained=120, num_test=50, seconds=12.34567,
+                              compile_seconds=1.23456)
+  assert list(record) == ["epoch", "test_acc", "time", "train_loss", "train_acc", "test_loss",
+                          "learning_rate", "compile_time"]
+  assert record == {"epoch": 2, "test_acc": 0.9, "time": 12.346, "train_loss": 0.25,
+                    "train_acc": 0.75, "test_loss": 0.1, "learning_rate": 0.05,
+                    "compile_time": 1.235}
+
+
+def test_epoch_record_of_replicas_nulls_the_diverged_and_summarises_the_rest():
+  train_totals = {"loss_sum": np.array([10.0, np.nan, 20.0]),
+                  "correct": np.array([80.0, 0.0, 60.0])}
+  test_totals = {"loss_sum": np.array([4.0, np.nan, 6.0]), "correct": np.array([40.0, 0.0, 30.0])}
+  diverged = np.array([False, True, False])
+  record = train.epoch_record(0, train_totals, test_totals, np.array([0.1, 0.2, 0.3]), diverged,
+                              num_trained=100, num_test=50, seconds=1.0, compile_seconds=2.0,
+                              seeds=[7, 8, 9])
+  assert record["test_acc"] == [0.8, None, 0.6]
+  assert record["train_loss"] == [0.1, None, 0.2]
+  assert record["learning_rate"] == [0.1, 0.2, 0.3]  # the schedule's value, diverged or not
+  assert record["test_acc_mean"] == pytest.approx(0.7)
+  # Sample standard deviation of (0.8, 0.6): |0.8 - 0.6| / sqrt(2).
+  assert record["test_acc_std"] == pytest.approx(0.2 / np.sqrt(2))
+  assert (record["test_acc_min"], record["test_acc_max"]) == (0.6, 0.8)
+  assert record["diverged"] == [1] and record["seeds"] == [7, 8, 9]
+
+
+def test_check_divergence_keeps_going_while_one_replica_is_finite():
+  losses = np.array([[1.0, 0.9, 0.8], [1.0, np.inf, np.nan], [1.0, 1.0, 1.0]])
+  diverged = train.check_divergence(losses, np.array([False, False, False]), epoch=3,
+                                    num_steps=3, last_checkpoint=3, checkpoint_dir="ckpt")
+  assert diverged.tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("last_checkpoint, kept", [(2, "after epoch 1"), (None, "none yet")])
+def test_check_divergence_names_the_global_step_and_the_checkpoint_kept(last_checkpoint, kept):
+  losses = np.array([0.7, 0.6, np.nan, np.nan])
+  with pytest.raises(TrainingDiverged) as error:
+    train.check_divergence(losses, np.zeros((), bool), epoch=2, num_steps=4,
+                           last_checkpoint=last_checkpoint, checkpoint_dir="W/checkpoints")
+  # Epoch 2 starts at step 2 * 4 = 8; its third step (index 2) is global step 10.
+  assert str(error.value) == (f"non-finite loss at step 10 (epoch 2, step 2 of the epoch); the "
+                              f"last good checkpoint ({kept}) is kept in W/checkpoints")
+
+
+def test_all_replicas_diverged_raises():
+  losses = np.array([[np.nan, 1.0], [1.0, np.inf]])
+  with pytest.raises(TrainingDiverged, match=r"loss in every replica at step 0 \(epoch 0"):
+    train.check_divergence(losses, np.array([False, False]), epoch=0, num_steps=2,
+                           last_checkpoint=None, checkpoint_dir="c")
+
+
+def test_initial_divergence_is_read_from_the_last_record():
+  config = default_config.get_config()
+  assert train.initial_divergence(config, []).shape == ()
+  config.num_replicas = 4
+  assert train.initial_divergence(config, [{"diverged": []}, {"diverged": [0, 2]}]).tolist() == [
+      True, False, True, False]
+
+
+def test_checkpoints_every_n_epochs_and_after_the_last():
+  config = default_config.get_config()
+  config.num_epochs = 5
+  config.operations.checkpoint_every_epochs = 2
+  # Epochs are 0-based: after epochs 2 and 4 trained (indices 1, 3) and after the last (4).
+  assert [e for e in range(5) if train.checkpoint_is_due(config, e)] == [1, 3, 4]
+
+
+def test_epoch_key_folds_the_epoch_into_each_replicas_key():
+  key = jax.random.key(3)
+  assert np.array_equal(jax.random.key_data(train.epoch_key(key, 5)),
+                        jax.random.key_data(jax.random.fold_in(key, 5)))
+  stacked = jax.random.split(jax.random.key(0), 3)
+  folded = train.epoch_key(stacked, 2)
+  for replica in range(3):
+    assert np.array_equal(jax.random.key_data(folded[replica]),
+                          jax.random.key_data(jax.random.fold_in(stacked[replica], 2)))
+
+
+def _quiet_config():
+  config = default_config.get_config()
+  config.num_epochs = 2
+  config.operations.tensorboard = False
+  return config
+
+
+def test_reporter_writes_config_metrics_and_predictions(tmp_path):
+  config = _quiet_config()
+  files = workdir_lib.RunFiles(tmp_path)
+  earlier = {"epoch": 0, "test_acc": 0.5}
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout), reporting.Reporter(config, files) as reporter:
+    reporter.start([earlier], {"recorded_fact": {"why": "test"}})
+    reporter.epoch({"epoch": 1, "test_acc": 0.75}, step_time_ms=1.0, images_per_second=2.0)
+    reporter.finish(np.array([[1, 0, 1], [0, 0, 1]]), {"epoch": 1})
+  assert stdout.getvalue() == '{"epoch": 1, "test_acc": 0.75}\n'
+  assert [json.loads(line) for line in files.metrics.read_text().splitlines()] == [
+      earlier, {"epoch": 1, "test_acc": 0.75}]
+  saved = json.loads(files.config.read_text())
+  assert saved["learning_rate"] == 0.1 and saved["recorded_fact"] == {"why": "test"}
+  assert saved["operations"]["tensorboard"] is False
+  # A row per test example, a column per replica.
+  assert files.predictions.read_text() == "1 0\n0 0\n1 1\n"
+
+
+def test_a_reporter_that_is_not_the_writer_writes_nothing(tmp_path, capsys):
+  files = workdir_lib.RunFiles(tmp_path / "w")
+  with reporting.Reporter(_quiet_config(), files, is_writer=False) as reporter:
+    reporter.note("hello")
+    reporter.start([], {})
+    reporter.epoch({"epoch": 0}, step_time_ms=1.0, images_per_second=1.0)
+    reporter.finish(np.array([1, 0]), {"epoch": 0})
+  assert capsys.readouterr() == ("", "")
+  assert not (tmp_path / "w").exists()
+
+
+def _saved_run(tmp_path, config):
+  files = workdir_lib.RunFiles(tmp_path)
+  config_values = dict(json.loads(config.to_json_best_effort()),
+                       **{workdir_lib.CONV_RECORD_KEY: {"implementation": "im2col"}})
+  files.config.write_text(json.dumps(config_values))
+  return files
+
+
+def test_a_run_is_the_config_without_its_operation_groups(tmp_path):
+  config = default_config.get_config()
+  files = _saved_run(tmp_path, config)
+  other_operations = default_config.get_config()
+  other_operations.operations.num_devices = 8
+  other_operations.operations.tensorboard = False
+  other_operations.benchmark.num_steps = 1
+  identity = workdir_lib.run_identity(other_operations)
+  assert "operations" not in identity and "benchmark" not in identity
+  assert workdir_lib.check_workdir(files, identity) is True
+
+
+def test_another_run_in_the_workdir_is_refused_naming_the_key(tmp_path):
+  files = _saved_run(tmp_path, default_config.get_config())
+  other = default_config.get_config()
+  other.learning_rate = 0.2
+  with pytest.raises(UserError, match=r"holds a run of another config \(learning_rate: 0.2 here, "
+                                      r"0.1 there\)"):
+    workdir_lib.check_workdir(files, workdir_lib.run_identity(other))
+
+
+def test_differences_names_nested_keys_and_stops_after_the_limit():
+  here = {"a": 1, "b": {"c": 2, "d": 3}, "e": 4, "f": 5}
+  there = {"a": 1, "b": {"c": 9, "d": 8}, "e": 7, "f": 6}
+  assert workdir_lib.differences(here, there) == (
+      "b.c: 2 here, 9 there, b.d: 3 here, 8 there, e: 4 here, 7 there, ...")
+
+
+def test_write_atomically_leaves_no_temporary_file(tmp_path):
+  path = tmp_path / "out.txt"
+  workdir_lib.write_atomically(path, "text\n")
+  workdir_lib.write_atomically(tmp_path / "other.txt", lambda p: p.write_text("by function"))
+  assert path.read_text() == "text\n"
+  assert (tmp_path / "other.txt").read_text() == "by function"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "out.txt"]
+
+
+def test_the_model_registry_is_what_validation_accepts():
+  from convnet_jax import models
+  from convnet_jax import validation
+
+  assert validation.MODELS == tuple(models.MODELS) == (
+      "seed_convnet", "resnet18", "resnet34", "resnet50")
+  config = ml_collections.ConfigDict(dict(default_config.get_config()))
+  config.model = "resnet101"
+  with pytest.raises(UserError, match=r"config.model='resnet101': expected one of"):
+    validation.validate_config(config)
