@@ -2,9 +2,9 @@
 out by hand: the epoch record, divergence, checkpoint cadence, epoch keys, the reporter and the
 same-run check."""
 
+import contextlib
 import io
 import json
-import contextlib
 
 import jax
 import ml_collections
@@ -194,3 +194,43 @@ def test_the_model_registry_is_what_validation_accepts():
   config.model = "resnet101"
   with pytest.raises(UserError, match=r"config.model='resnet101': expected one of"):
     validation.validate_config(config)
+
+
+def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path):
+  from convnet_jax import checkpoints
+
+  files = workdir_lib.RunFiles(tmp_path)
+  reporter = reporting.Reporter(_quiet_config(), files, is_writer=False)
+  fresh = {"w": np.zeros(3, np.float32)}
+  store = checkpoints.CheckpointStore(files.checkpoints, max_to_keep=2)
+  try:
+    assert train.restore_history(store, fresh, "fp", False, reporter) == (fresh, [])
+    assert train.restore_history(store, fresh, "fp", True, reporter) == (fresh, [])  # none yet
+    saved = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
+    history = [{"epoch": 0}, {"epoch": 1}]
+    store.save(2, saved, {"history": history, "config_fingerprint": "fp"})
+    state, restored = train.restore_history(store, fresh, "fp", True, reporter)
+    np.testing.assert_array_equal(state["w"], [1.0, 2.0, 3.0])
+    assert restored == history
+    with pytest.raises(UserError, match="checkpoint of another config"):
+      train.restore_history(store, fresh, "other", True, reporter)
+  finally:
+    store.close()
+
+
+def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch):
+  from convnet_jax import conv
+
+  config = default_config.get_config()
+  config.conv_implementation = "xla"
+  assert train.choose_convolutions(config, mesh=None).implementation == "xla"
+
+  def unavailable(*args):
+    raise conv.ConvUnavailable("the oneDNN extension is not available: not built")
+
+  monkeypatch.setattr(conv, "choose_conv_implementation", unavailable)
+  config.conv_implementation = "onednn"
+  with pytest.raises(UserError) as error:
+    train.choose_convolutions(config, mesh=None)
+  assert str(error.value) == ("config.conv_implementation='onednn': the oneDNN extension is not "
+                              "available: not built")
