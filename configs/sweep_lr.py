@@ -40,12 +40,14 @@ def get_config():
   config.direction = ""
 
   # Where optuna keeps the study: "" is the SQLite file WORKDIR/sweep.db, for one process. Any
-  # SQLAlchemy URL (postgresql://user@host/db, mysql+pymysql://...) lets several machines
-  # work on one sweep under the same study_name, each with its own --workdir.
+  # SQLAlchemy URL (postgresql://user@host/db with `pip install -e ".[postgres]"`, ...) lets
+  # several machines work on one sweep under the same study_name; with one --workdir on a
+  # shared file system, a dead worker's trial is resumed from its checkpoint (docs/sweeps.md).
   config.storage = ""
   config.study_name = "sweep_lr"
   # Shared storage only: each worker's running trial sends a heartbeat every heartbeat_interval
-  # seconds; a trial without one for grace_period seconds is taken as dead and run again.
+  # seconds; a trial without one for grace_period seconds is taken as dead and run again by a
+  # waiting or starting worker. A worker exits once no trial of the study is left running.
   config.heartbeat_interval = 60
   config.grace_period = 180
   return config

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from convnet_jax import sweep_config
 from convnet_jax import sweep_report
 from convnet_jax import sweep_study
 from convnet_jax import train
+from convnet_jax import workdir as workdir_lib
 from convnet_jax.errors import TrainingDiverged
 from convnet_jax.errors import UserError
 from convnet_jax.sweep_config import SweepFunction
@@ -47,10 +49,17 @@ def make_objective(config, workdir: Path, sweep_fn: SweepFunction):
   absolute path, its final metrics and, if it fails, its error ("Type: message")."""
 
   def objective(trial: optuna.Trial) -> float:
+    trials = trial.study.get_trials(deepcopy=False)
+    this = next(t for t in trials if t.number == trial.number)
+    if sweep_study.place_in_budget(trials, this) >= config.num_trials:
+      # Another worker took the last place at the same moment: end without training.
+      trial.set_user_attr(sweep_study.SURPLUS_ATTR, True)
+      raise optuna.TrialPruned(f"trial {trial.number} is beyond num_trials={config.num_trials}")
     relative = _trial_workdir(trial)
     trial.set_user_attr("workdir", relative)
     # Where it ran, for the workers of a shared study (each has its own DIR).
     trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("path", str((workdir / relative).resolve()))
     try:
       overrides = sweep_fn(trial)
@@ -65,7 +74,7 @@ def make_objective(config, workdir: Path, sweep_fn: SweepFunction):
     except KeyboardInterrupt:
       # Ctrl-C: queue this trial again before optuna marks it failed, so it is resumed.
       sweep_study.retry(trial.study, next(t for t in trial.study.get_trials(deepcopy=False)
-                               if t.number == trial.number))
+                                          if t.number == trial.number))
       raise
     except Exception as error:
       trial.set_user_attr("error", f"{type(error).__name__}: {error}")
@@ -84,19 +93,22 @@ def make_objective(config, workdir: Path, sweep_fn: SweepFunction):
 
 def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> list[dict]:
   """Runs (or resumes) the sweep in `workdir` until `config.num_trials` trials have finished,
-  counting every worker and every earlier run; returns the trials' rows, best first. Raises
-  `UserError` before any training for a bad sweep config or a workdir of another sweep."""
+  counting every worker and every earlier run; returns the trials' rows, best first. With
+  shared storage it returns only once no trial of the study is running: it waits for the other
+  workers' trials and re-runs those whose worker died. Raises `UserError` before any training
+  for a bad sweep config or a workdir of another sweep."""
   workdir = Path(workdir)
   space = sweep_config.validate_sweep_config(config, sweep_fn)
   identity = sweep_config.sweep_identity(config, space)
   if not sweep_config.check_sweep_dir(workdir, identity):
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "sweep.json").write_text(json.dumps(identity, indent=2) + "\n")
+    # Atomically: workers sharing DIR may start together and read it.
+    workdir_lib.write_atomically(workdir / "sweep.json", json.dumps(identity, indent=2) + "\n")
   with contextlib.ExitStack() as stack:
     if not config.storage:
       stack.enter_context(sweep_study.lock_sweep_dir(workdir))
     study = sweep_study.open_study(config, workdir, identity)
-    left = sweep_study.trials_left(study, config.num_trials)
+    objective = make_objective(config, workdir, sweep_fn)
 
     def write_reports(study, _):
       sweep_report.write_reports(study, config, workdir, space)
@@ -106,10 +118,18 @@ def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> li
         study.stop()
 
     try:
-      if left:
-        study.optimize(make_objective(config, workdir, sweep_fn), n_trials=left,
-                       catch=(Exception,), gc_after_trial=True,
-                       callbacks=[write_reports, stop_when_done])
+      while True:
+        left = sweep_study.trials_left(study, config.num_trials)
+        if left:
+          study.optimize(objective, n_trials=left, catch=(Exception,), gc_after_trial=True,
+                         callbacks=[write_reports, stop_when_done])
+          continue
+        if not config.storage or not sweep_study.running_trials(study):
+          break  # every trial of the study has ended
+        # Shared storage: other workers' trials are running. Wait for them, and take over any
+        # whose worker stops sending heartbeats, so the study never ends with one left RUNNING.
+        time.sleep(config.heartbeat_interval)
+        sweep_study.requeue_stale_trials(study)
     finally:  # also when interrupted: the tables show the trials so far
       rows = sweep_report.write_reports(study, config, workdir, space)
   return rows

@@ -158,10 +158,16 @@ def validate_sweep_config(config, sweep_fn: SweepFunction) -> dict[str, BaseDist
              config[key])
   if config.storage:
     try:
-      sqlalchemy.engine.make_url(config.storage)
+      url = sqlalchemy.engine.make_url(database_url(config.storage))
     except sqlalchemy.exc.ArgumentError:
       _require(False, "storage", "'' (DIR/sweep.db) or a database URL such as "
                "postgresql://user@host/db or sqlite:////path/sweep.db", config.storage)
+    try:
+      url.get_dialect().import_dbapi()
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as error:
+      _require(False, "storage", f"a database whose Python driver is installed ({error}; "
+               f"for PostgreSQL: pip install 'convnet_jax[postgres]')",
+               url.render_as_string(hide_password=True))
   _validate_base(config.base)
   if config.sampler == "grid":
     _require(isinstance(config.grid, ml_collections.ConfigDict) and len(config.grid) > 0, "grid",
@@ -196,6 +202,17 @@ def validate_sweep_config(config, sweep_fn: SweepFunction) -> dict[str, BaseDist
     _require(config.num_trials <= num_points, "num_trials",
              f"at most the number of points of sweep.grid, {num_points}", config.num_trials)
   return space
+
+
+def database_url(url: str) -> str:
+  """The SQLAlchemy URL of a sweep storage. A plain "postgresql://" names SQLAlchemy's default
+  driver, psycopg2; where that is missing and psycopg (3, the `[postgres]` extra) is installed,
+  psycopg is used, so the URL a user would write works as written."""
+  parsed = sqlalchemy.engine.make_url(url)
+  if (parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None
+      and importlib.util.find_spec("psycopg") is not None):
+    parsed = parsed.set(drivername="postgresql+psycopg")
+  return parsed.render_as_string(hide_password=False)
 
 
 def sweep_identity(config, space: Mapping[str, BaseDistribution]) -> dict:

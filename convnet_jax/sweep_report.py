@@ -27,14 +27,14 @@ def columns(param_names, objective: str) -> list[str]:
 
 
 def trial_rows(study: optuna.Study, objective: str, maximize: bool, param_names) -> list[dict]:
-  """One dict per trial (an interrupted trial only through its re-run) with the `columns` and
-  its host and path, best first: completed trials by the objective, then running and queued
-  ones, then failed ones."""
+  """One dict per trial (an interrupted trial only through its re-run, a surplus one not at
+  all) with the `columns` and its host and path, best first: completed trials by the
+  objective, then running and queued ones, then failed ones."""
   trials = study.get_trials(deepcopy=False)
   retried = sweep_study.retried_numbers(trials)
   rows = []
   for trial in trials:
-    if trial.number in retried:
+    if trial.number in retried or sweep_study.is_surplus(trial):
       continue
     metrics = trial.user_attrs.get("metrics", {})
     # Besides the columns, where it ran: host and absolute path.

@@ -5,12 +5,15 @@ server for several workers), the re-running of trials whose worker died, and wha
 from __future__ import annotations
 
 import fcntl
+import random
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import optuna
+import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -20,8 +23,11 @@ from convnet_jax.errors import UserError
 
 # A trial whose worker stops sending heartbeats (shared storage) is re-run at most this often.
 MAX_RETRIES = 3
-
-
+# Tries at opening the study, for workers started together on an empty database.
+STARTUP_ATTEMPTS = 5
+# The user attr that marks a trial started beyond `num_trials` (two workers started the last
+# place at the same moment); it ends PRUNED without training and takes no place.
+SURPLUS_ATTR = "surplus"
 
 class _SeedPerTrial(optuna.samplers.BaseSampler):
   """Samples each trial with a fresh `make_sampler(seed + trial number)`.
@@ -54,11 +60,31 @@ class _SeedPerTrial(optuna.samplers.BaseSampler):
     self._sampler.after_trial(study, trial, state, values)
 
 
+class _GridByPlace(optuna.samplers.GridSampler):
+  """optuna's GridSampler (the grid shuffled by the seed), giving each fresh trial the grid point
+  of its place in the budget (`place_in_budget`) instead of its trial number.
+
+  Re-run copies take trial numbers too, so numbering would skip points and leave the later
+  trials to GridSampler's random pick among unvisited points, which two workers starting
+  together draw alike (same seed, same state): one point run twice, another never. Places are
+  dense and every worker computes the same one. Uses GridSampler's `_search_space` and
+  `_all_grids` (optuna 5) and sets the same system attrs as its own `before_trial`.
+  """
+
+  def before_trial(self, study, trial):
+    if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+      return  # a re-run copy keeps its grid point
+    trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+    place = place_in_budget(trials, trial)
+    # A place beyond the grid is surplus (num_trials <= grid size) and is pruned untrained.
+    study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+    study._storage.set_trial_system_attr(trial._trial_id, "grid_id", place % len(self._all_grids))
+
+
 def create_sampler(config) -> optuna.samplers.BaseSampler:
   """The configured sampler, deterministic given `config.seed`."""
   if config.sampler == "grid":
-    # GridSampler shuffles the grid with the seed and gives trial n the n-th point.
-    return optuna.samplers.GridSampler(dict(config.grid), seed=config.seed)
+    return _GridByPlace(dict(config.grid), seed=config.seed)
   if config.sampler == "random":
     return _SeedPerTrial(lambda seed: optuna.samplers.RandomSampler(seed=seed), config.seed)
   return _SeedPerTrial(lambda seed: optuna.samplers.TPESampler(seed=seed), config.seed)
@@ -78,26 +104,57 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry=None) 
     RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
 
 
+def is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
+  """Whether the trial was found beyond `num_trials` (see `SURPLUS_ATTR`)."""
+  return bool(trial.user_attrs.get(SURPLUS_ATTR))
+
+
+def budget_roots(trials) -> list[optuna.trial.FrozenTrial]:
+  """The trials that take a place of the `num_trials`: every trial started fresh (not a re-run
+  copy, which continues its original's place), except the surplus ones."""
+  return [trial for trial in trials
+          if not trial.system_attrs.get("retry_history") and not is_surplus(trial)]
+
+
+def place_in_budget(trials, trial: optuna.trial.FrozenTrial) -> int:
+  """The 0-based place of `trial` (of its original, for a re-run copy) among `budget_roots`,
+  by trial number. Trial numbers are given out under a lock on the study row, so every trial
+  with a smaller number is in the database before this one exists: every worker computes the
+  same place, and places >= `num_trials` are surplus."""
+  history = trial.system_attrs.get("retry_history")
+  original = history[0] if history else trial.number
+  return sum(1 for root in budget_roots(trials) if root.number < original)
+
+
 def trials_left(study: optuna.Study, num_trials: int) -> int:
-  """Trials still to start: the queued (re-run) ones, and new ones up to `num_trials` trials in
+  """Trials still to start: the queued (re-run) ones, and new ones up to `num_trials` places in
   all. Counts every worker's trials, running ones included, across restarts."""
   trials = study.get_trials(deepcopy=False)
-  retried = retried_numbers(trials)
-  counted = sum(1 for trial in trials if trial.number not in retried)
   waiting = sum(1 for trial in trials if trial.state == TrialState.WAITING)
-  return waiting + max(0, num_trials - counted)
+  return waiting + max(0, num_trials - len(budget_roots(trials)))
 
 
-def open_study(config, workdir: Path, identity: dict) -> optuna.Study:
-  """Creates or loads the study. Default storage: DIR/sweep.db, used by this process only (a
-  lock file makes sure), so trials it finds RUNNING were left by a killed run and are queued
-  again. Any other storage may be shared: there optuna's heartbeat tells dead workers' trials
-  (no heartbeat for `grace_period` s) from live ones, and queues only the dead ones again."""
+def running_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+  """The study's RUNNING trials (of live workers, or of dead ones not yet found stale)."""
+  return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def requeue_stale_trials(study: optuna.Study) -> None:
+  """Shared storage: fails the RUNNING trials whose worker sent no heartbeat for
+  `grace_period` s, and (the storage's stale-trial callback) queues a copy of each."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    optuna.storages.fail_stale_trials(study)
+
+
+def _load_study(config, workdir: Path, shared: dict):
+  """(storage, study, the study's sweep record), creating each where it does not exist yet."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     if config.storage:
       storage = optuna.storages.RDBStorage(
-          config.storage, heartbeat_interval=config.heartbeat_interval,
+          sweep_config.database_url(config.storage),
+          heartbeat_interval=config.heartbeat_interval,
           grace_period=config.grace_period,
           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
     else:
@@ -105,19 +162,37 @@ def open_study(config, workdir: Path, identity: dict) -> optuna.Study:
     study = optuna.create_study(storage=storage, study_name=config.study_name,
                                 direction=sweep_config.direction(config),
                                 sampler=create_sampler(config), load_if_exists=True)
-  # Several machines on one study must run the same sweep; only machine-local paths may differ.
-  shared = sweep_config.compared(identity, sweep_config.MACHINE_KEYS)
   saved = study.user_attrs.get("sweep")
   if saved is None:
     study.set_user_attr("sweep", shared)
-  elif saved != shared:
+    saved = study.user_attrs["sweep"]  # another worker's, had it been first
+  return storage, study, saved
+
+
+def open_study(config, workdir: Path, identity: dict) -> optuna.Study:
+  """Creates or loads the study. Default storage: DIR/sweep.db, used by this process only (a
+  lock file makes sure), so trials it finds RUNNING were left by a killed run and are queued
+  again. Any other storage may be shared: there optuna's heartbeat tells dead workers' trials
+  (no heartbeat for `grace_period` s) from live ones, and queues only the dead ones again."""
+  # Several machines on one study must run the same sweep; only machine-local paths may differ.
+  shared = sweep_config.compared(identity, sweep_config.MACHINE_KEYS)
+  for attempt in range(STARTUP_ATTEMPTS):
+    try:
+      storage, study, saved = _load_study(config, workdir, shared)
+      break
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+      # Workers started together on an empty database race to create optuna's tables, the
+      # study and its record ("relation already exists", a duplicate key): the losers try
+      # again and find them made.
+      if attempt + 1 == STARTUP_ATTEMPTS:
+        raise
+      time.sleep(0.2 + random.random())
+  if saved != shared:
     raise UserError(f"study {config.study_name!r} in {identity['storage'] or 'DIR/sweep.db'}: "
                     f"holds a sweep of another sweep config "
                     f"({workdir_lib.differences(shared, saved)})")
   if config.storage:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-      optuna.storages.fail_stale_trials(study)  # before counting what is left to do
+    requeue_stale_trials(study)  # before counting what is left to do
   else:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
       trial_id = storage.get_trial_id_from_study_id_trial_number(

@@ -8,6 +8,7 @@ comparison for their folders and studies.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -33,8 +34,9 @@ class RunFiles:
 
 def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
   """Writes `content` (text, or a function that writes to the path it is given) via a temporary
-  file and a rename, so a kill never leaves a half-written file."""
-  temporary = path.with_name(path.name + ".tmp")
+  file and a rename, so a kill never leaves a half-written file. The temporary name is the
+  process's own, so processes sharing a folder (sweep workers) never rename each other's."""
+  temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
   if callable(content):
     content(temporary)
   else:

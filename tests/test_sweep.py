@@ -4,6 +4,7 @@ storage with heartbeats), refused workdirs and sweep-config checks."""
 
 import csv
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -331,3 +332,86 @@ def test_random_search_does_not_repeat_values_when_resumed(sampler, tmp_path, ti
   assert values(uninterrupted, 3) == resumed_values
   for learning_rate, momentum in resumed_values:
     assert 1e-3 <= learning_rate <= 1e38 and 0 <= momentum <= 0.95
+
+
+def _fresh(number_state, **attrs):
+  return optuna.trial.create_trial(state=number_state, value=0.5 if number_state == COMPLETE
+                                   else None, user_attrs=attrs)
+
+
+COMPLETE, FAIL, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                           optuna.trial.TrialState.WAITING)
+
+
+def test_places_in_the_budget_count_fresh_trials_only():
+  study = optuna.create_study()
+  study.add_trial(_fresh(COMPLETE))                       # 0: place 0
+  study.add_trial(_fresh(FAIL))                           # 1: place 1, its worker died
+  study.add_trial(optuna.trial.create_trial(              # 2: the re-run of 1, queued
+      state=WAITING, system_attrs={"retry_history": [1]}))
+  study.add_trial(optuna.trial.create_trial(              # 3: surplus: it takes no place
+      state=optuna.trial.TrialState.PRUNED, user_attrs={sweep_study.SURPLUS_ATTR: True}))
+  study.add_trial(_fresh(COMPLETE))                       # 4: so this is place 2
+  trials = study.get_trials(deepcopy=False)
+  assert [sweep_study.place_in_budget(trials, t) for t in trials] == [0, 1, 1, 2, 2]
+  # Left: the queued re-run, plus fresh trials up to num_trials places (3 taken).
+  assert sweep_study.trials_left(study, 4) == 1 + 1
+  assert sweep_study.trials_left(study, 3) == 1 + 0
+  assert sweep_study.trials_left(study, 2) == 1 + 0
+
+
+def test_grid_points_follow_places_so_no_point_is_run_twice(tiny):
+  """Two trials killed and re-run before the last fresh ones: optuna's GridSampler would give
+  both fresh trials (numbers 4 and 5, past the grid's size) the one unvisited point; by place,
+  the first gets it and the second is surplus."""
+  tiny.grid = ml_collections.ConfigDict({"learning_rate": (0.01, 0.1, 0.3), "momentum": (0.9,)})
+  tiny.num_trials = 3
+  study = optuna.create_study(sampler=sweep_study.create_sampler(tiny))
+  killed = []
+  for _ in range(2):
+    trial = study.ask()
+    sweep_tiny.sweep(trial)
+    killed.append(trial.number)
+  for number in killed:
+    study.tell(number, state=FAIL)
+    sweep_study.retry(study, study.trials[number])
+  reruns = [study.ask() for _ in range(2)]  # the queued copies, taken by two workers
+  fresh = [study.ask() for _ in range(2)]   # then two fresh trials, at the same moment
+  for trial in reruns + fresh:
+    sweep_tiny.sweep(trial)
+  trials = study.get_trials(deepcopy=False)
+  assert [t.number for t in fresh] == [4, 5]
+  assert [sweep_study.place_in_budget(trials, trials[n]) for n in (0, 1, 2, 3, 4, 5)] == [
+      0, 1, 0, 1, 2, 3]
+  in_budget = [trials[n].params["learning_rate"] for n in (2, 3, 4)]
+  assert sorted(in_budget) == [0.01, 0.1, 0.3]  # every grid point once
+
+
+def test_a_trial_beyond_num_trials_ends_pruned_without_training(tiny, tmp_path):
+  tiny.num_trials = 1
+  study = optuna.create_study()
+  study.add_trial(_fresh(COMPLETE))
+  trial = study.ask()  # a second worker's, started as the first took the last place
+  objective = sweep.make_objective(tiny, tmp_path, sweep_tiny.sweep)
+  with pytest.raises(optuna.TrialPruned, match="trial 1 is beyond num_trials=1"):
+    objective(trial)
+  assert trial.user_attrs == {sweep_study.SURPLUS_ATTR: True}
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_postgresql_url_uses_the_installed_driver():
+  assert importlib.util.find_spec("psycopg2") is None  # this environment has psycopg 3 only
+  assert sweep_config_lib.database_url("postgresql://me:secret@db.example:5432/sweeps") == (
+      "postgresql+psycopg://me:secret@db.example:5432/sweeps")
+  for url in ("postgresql+psycopg2://me@db/sweeps", "sqlite:////tmp/sweep.db"):
+    assert sweep_config_lib.database_url(url) == url
+
+
+def test_a_database_without_its_driver_is_refused_naming_the_extra(tiny):
+  tiny.storage = "mysql+pymysql://me:secret@db.example/sweeps"
+  with pytest.raises(UserError) as error:
+    sweep_config_lib.validate_sweep_config(tiny, sweep_tiny.sweep)
+  message = str(error.value)
+  assert message.startswith("sweep.storage='mysql+pymysql://me:***@db.example/sweeps': expected "
+                            "a database whose Python driver is installed (")
+  assert "pip install 'convnet_jax[postgres]'" in message and "secret" not in message
