@@ -38,6 +38,10 @@ from convnet_jax.errors import UserError
 from convnet_jax.sweep_config import SweepFunction
 
 
+# How often a worker with nothing left to start looks at the other workers' trials (at most).
+MAX_POLL_SECONDS = 10
+
+
 def _trial_workdir(trial) -> str:
   """DIR-relative workdir: a re-run trial keeps its original's (inherited in its user attrs)."""
   return trial.user_attrs.get("workdir") or f"trials/{trial.number:04d}"
@@ -100,14 +104,21 @@ def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> li
   workdir = Path(workdir)
   space = sweep_config.validate_sweep_config(config, sweep_fn)
   identity = sweep_config.sweep_identity(config, space)
-  if not sweep_config.check_sweep_dir(workdir, identity):
+  new = not sweep_config.check_sweep_dir(workdir, identity)
+
+  def record_sweep():
     workdir.mkdir(parents=True, exist_ok=True)
     # Atomically: workers sharing DIR may start together and read it.
     workdir_lib.write_atomically(workdir / "sweep.json", json.dumps(identity, indent=2) + "\n")
+
   with contextlib.ExitStack() as stack:
-    if not config.storage:
+    if not config.storage:  # the SQLite file and its lock live in DIR
+      if new:
+        record_sweep()
       stack.enter_context(sweep_study.lock_sweep_dir(workdir))
     study = sweep_study.open_study(config, workdir, identity)
+    if new and config.storage:  # only once the database has been reached
+      record_sweep()
     objective = make_objective(config, workdir, sweep_fn)
 
     def write_reports(study, _):
@@ -128,7 +139,7 @@ def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> li
           break  # every trial of the study has ended
         # Shared storage: other workers' trials are running. Wait for them, and take over any
         # whose worker stops sending heartbeats, so the study never ends with one left RUNNING.
-        time.sleep(config.heartbeat_interval)
+        time.sleep(min(config.heartbeat_interval, MAX_POLL_SECONDS))
         sweep_study.requeue_stale_trials(study)
     finally:  # also when interrupted: the tables show the trials so far
       rows = sweep_report.write_reports(study, config, workdir, space)

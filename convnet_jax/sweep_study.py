@@ -165,7 +165,7 @@ def _load_study(config, workdir: Path, shared: dict):
   saved = study.user_attrs.get("sweep")
   if saved is None:
     study.set_user_attr("sweep", shared)
-    saved = study.user_attrs["sweep"]  # another worker's, had it been first
+    saved = shared
   return storage, study, saved
 
 
@@ -180,12 +180,15 @@ def open_study(config, workdir: Path, identity: dict) -> optuna.Study:
     try:
       storage, study, saved = _load_study(config, workdir, shared)
       break
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
       # Workers started together on an empty database race to create optuna's tables, the
       # study and its record ("relation already exists", a duplicate key): the losers try
       # again and find them made.
       if attempt + 1 == STARTUP_ATTEMPTS:
-        raise
+        cause = error.__cause__ or error
+        reason = " ".join(str(getattr(cause, "orig", cause)).split())
+        raise UserError(f"sweep.storage={identity['storage']!r}: could not open the study "
+                        f"({type(cause).__name__}: {reason[:300]})") from error
       time.sleep(0.2 + random.random())
   if saved != shared:
     raise UserError(f"study {config.study_name!r} in {identity['storage'] or 'DIR/sweep.db'}: "

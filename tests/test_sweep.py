@@ -415,3 +415,23 @@ def test_a_database_without_its_driver_is_refused_naming_the_extra(tiny):
   assert message.startswith("sweep.storage='mysql+pymysql://me:***@db.example/sweeps': expected "
                             "a database whose Python driver is installed (")
   assert "pip install 'convnet_jax[postgres]'" in message and "secret" not in message
+
+
+def test_a_database_that_cannot_be_reached_is_one_error_naming_the_key(tiny, tmp_path):
+  tiny.storage = f"postgresql://sweeper:secret@127.0.0.1:{_closed_port()}/sweeps"
+  started = time.monotonic()
+  with pytest.raises(UserError) as error:
+    sweep.run_sweep(tiny, tmp_path / "sweep", sweep_tiny.sweep)
+  message = str(error.value)
+  assert message.startswith("sweep.storage='postgresql://sweeper:***@127.0.0.1:")
+  assert "could not open the study (OperationalError: " in message and "secret" not in message
+  assert time.monotonic() - started < 30
+  assert not (tmp_path / "sweep").exists()  # nothing written: the same command works once fixed
+
+
+def _closed_port():
+  import socket
+
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]  # closed again when the probe is
