@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -26,9 +27,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Every trial is 3 epochs of 2 steps, long enough to be killed after its first checkpoint;
-# workers beat every second and are taken for dead after 3 s without a beat.
-BASE = {"base.num_epochs": 3, "heartbeat_interval": 1, "grace_period": 3}
+# Every trial is 6 epochs of 2 steps (a checkpoint after each), so that a worker can be caught
+# and killed between its trial's first checkpoint and its end; workers beat every second and
+# are taken for dead after 3 s without a beat.
+EPOCHS = 6
+BASE = {"base.num_epochs": EPOCHS, "heartbeat_interval": 1, "grace_period": 3}
 GRID = {"grid.learning_rate": (0.05, 0.2), "grid.momentum": (0.5, 0.9), "num_trials": 4}
 POINTS = sorted((lr, m) for lr in (0.05, 0.2) for m in (0.5, 0.9))
 
@@ -191,15 +194,17 @@ def test_a_worker_killed_mid_trial_is_taken_over_and_a_late_worker_changes_nothi
     for trial in trials:
       if trial["state"] == "RUNNING" and trial["attrs"].get("worker") == first_worker:
         metrics = workdir / trial["attrs"]["workdir"] / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) == 1:
+        if metrics.exists() and 1 <= len(metrics.read_text().splitlines()) < EPOCHS - 1:
           return trial
     return None
 
   killed = wait_for(first_workers_last_trial_after_an_epoch, 300,
-                    "the first worker's last trial with one epoch done")
+                    "the first worker's last trial with a checkpoint, not yet done")
   first.send_signal(signal.SIGKILL)
   first.wait()
   killed_at = time.monotonic()
+  trial_dir = workdir / killed["attrs"]["workdir"]
+  epochs_before_kill = len((trial_dir / "metrics.jsonl").read_text().splitlines())
   table, _ = second.communicate(timeout=600)
   finished = time.monotonic()
   second_log = (tmp_path / "second.log").read_text()
@@ -212,17 +217,22 @@ def test_a_worker_killed_mid_trial_is_taken_over_and_a_late_worker_changes_nothi
   assert rerun["state"] == "COMPLETE" and point(rerun) == point(killed)
   assert rerun["attrs"]["workdir"] == killed["attrs"]["workdir"]
   assert rerun["attrs"]["worker"] == f"{socket.gethostname()}:{second.pid}"
-  # The re-run resumed the killed trial's checkpoint: its epochs 0, 1, 2 are in one file.
-  trial_dir = workdir / killed["attrs"]["workdir"]
-  assert f"resuming after epoch 0 from {trial_dir / 'checkpoints'}" in second_log
+  # The re-run resumed the killed trial's newest checkpoint (written just before each epoch's
+  # metrics line, so it may hold one epoch more than the line count at the kill), and its
+  # epochs are in one metrics file, each once.
+  resumed = re.search(rf"resuming after epoch (\d+) from {re.escape(str(trial_dir))}/checkpoints",
+                      second_log)
+  assert resumed and int(resumed[1]) + 1 in (epochs_before_kill, epochs_before_kill + 1)
   assert [json.loads(line)["epoch"]
-          for line in (trial_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+          for line in (trial_dir / "metrics.jsonl").read_text().splitlines()] == list(
+              range(EPOCHS))
   # Reports: the four points, best first, in the table printed and in the files.
   for name in ("trials.md", "trials.csv", "objective.png"):
     assert (workdir / name).stat().st_size > 0
   assert table.count("| COMPLETE |") == 4 and "RUNNING" not in table
-  print(f"\nworkers 2, trials in the database {len(trials)}, kills 1, re-runs 1, wall "
-        f"{finished - start:.1f} s ({finished - killed_at:.1f} s after the kill)")
+  print(f"\nworkers 2, trials in the database {len(trials)}, kills 1 (after epoch "
+        f"{epochs_before_kill - 1}), re-runs 1, wall {finished - start:.1f} s "
+        f"({finished - killed_at:.1f} s after the kill)")
 
   # A worker started after the study is complete: exit 0, the database unchanged.
   before = database_rows(database)
