@@ -45,6 +45,9 @@ class CheckpointStore:
 
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
+    # Epoch count of the newest checkpoint known to read back intact: the one restored or the
+    # last one saved (None: none yet). Not orbax's latest step, which may be a damaged one.
+    self.newest_intact: int | None = None
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -56,6 +59,7 @@ class CheckpointStore:
     self._manager.save(epochs_done, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
     self._manager.wait_until_finished()
+    self.newest_intact = epochs_done
 
   def restore_latest(self, target_state, fingerprint: str):
     """Restores the newest checkpoint that reads back intact, as (state, record), or None if
@@ -79,12 +83,9 @@ class CheckpointStore:
         logging.warning("checkpoint %s/%d fails its checksum; trying the previous one",
                         self.directory, epochs_done)
         continue
+      self.newest_intact = epochs_done
       return state, record
     return None
-
-  def latest_epochs_done(self) -> int | None:
-    """The epoch count of the newest checkpoint on disk (None if there is none)."""
-    return self._manager.latest_step()
 
   def close(self) -> None:
     self._manager.close()

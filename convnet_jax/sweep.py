@@ -61,7 +61,8 @@ def make_objective(config, workdir: Path, sweep_fn: SweepFunction):
       raise optuna.TrialPruned(f"trial {trial.number} is beyond num_trials={config.num_trials}")
     relative = _trial_workdir(trial)
     trial.set_user_attr("workdir", relative)
-    # Where it ran, for the workers of a shared study (each has its own DIR).
+    # Where and by which worker it ran, for the workers of a shared study (whose DIRs may
+    # differ).
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("path", str((workdir / relative).resolve()))

@@ -507,7 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           programs, state, device_data, epoch_key(data_key, epoch))
       epoch_seconds = time.perf_counter() - epoch_start
       diverged = check_divergence(train_totals["step_losses"], diverged, epoch=epoch,
-                                  num_steps=num_steps, last_checkpoint=store.latest_epochs_done(),
+                                  num_steps=num_steps, last_checkpoint=store.newest_intact,
                                   checkpoint_dir=files.checkpoints)
       history.append(epoch_record(
           epoch, train_totals, test_totals, learning_rate, diverged, num_trained=num_trained,

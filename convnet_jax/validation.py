@@ -43,7 +43,7 @@ def validate_config(config) -> None:
   require(config.dataset in DATASETS, "dataset", f"one of {DATASETS}", config.dataset)
   require(config.dtype in DTYPES, "dtype", f"one of {DTYPES}", config.dtype)
   require(config.conv_implementation in CONV_IMPLEMENTATIONS, "conv_implementation",
-           f"one of {CONV_IMPLEMENTATIONS}", config.conv_implementation)
+          f"one of {CONV_IMPLEMENTATIONS}", config.conv_implementation)
   try:
     conv.check_conv_implementation(config.conv_implementation)
   except conv.ConvUnavailable as error:
@@ -51,35 +51,35 @@ def validate_config(config) -> None:
                     f"'auto' (which falls back to 'im2col' here) or 'im2col'") from None
   classes = config.classes
   require(isinstance(classes, (tuple, list)) and len(classes) >= 2, "classes",
-           "a tuple of at least two CIFAR-10 class ids", classes)
+          "a tuple of at least two CIFAR-10 class ids", classes)
   for class_id in classes:
     require(is_int(class_id) and 0 <= class_id < input_pipeline.NUM_CIFAR10_CLASSES,
-             "classes", "class ids between 0 and 9", classes)
+            "classes", "class ids between 0 and 9", classes)
   require(len(set(classes)) == len(classes), "classes", "no repeated class id", classes)
   for key in ("batch_size", "eval_batch_size", "num_epochs"):
     require(is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
   require(_is_number(config.learning_rate) and config.learning_rate >= 0, "learning_rate",
-           "a non-negative number", config.learning_rate)
+          "a non-negative number", config.learning_rate)
   require(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
-           "a number in [0, 1)", config.momentum)
+          "a number in [0, 1)", config.momentum)
   for key in ("nesterov", "augment", "drop_last_batch"):
     require(isinstance(config[key], bool), key, "True or False", config[key])
   # PyTorch refuses Nesterov without momentum too: it would silently be plain SGD.
   require(not config.nesterov or config.momentum > 0, "nesterov",
-           "False when config.momentum is 0 (Nesterov needs momentum)", config.nesterov)
+          "False when config.momentum is 0 (Nesterov needs momentum)", config.nesterov)
   require(_is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
-           "a non-negative number", config.weight_decay)
+          "a non-negative number", config.weight_decay)
   _validate_schedule(config)
   require(is_int(config.resnet_width) and config.resnet_width > 0, "resnet_width",
-           "a positive integer", config.resnet_width)
+          "a positive integer", config.resnet_width)
   require(is_int(config.seed), "seed", "an integer", config.seed)
   _validate_replicas(config)
   _validate_operations(config.operations)
   for key in ("max_train_examples", "max_test_examples"):
     require(is_int(config[key]) and config[key] >= 0, key, "0 (all) or a positive integer",
-             config[key])
+            config[key])
   require(config.data_source in DATA_SOURCES, "data_source", f"one of {DATA_SOURCES}",
-           config.data_source)
+          config.data_source)
   if config.data_source == "binary" and config.data_dir:
     input_pipeline.check_binary_files(config.data_dir)
   if "benchmark" in config:
@@ -95,53 +95,53 @@ def _validate_replicas(config) -> None:
       ("replica_momenta", lambda v: _is_number(v) and 0 <= v < 1, "numbers in [0, 1)")):
     values = config[key]
     require(isinstance(values, (tuple, list)) and (not values or len(values) == count), key,
-             f"() or a tuple of num_replicas={count} values", values)
+            f"() or a tuple of num_replicas={count} values", values)
     require(all(check(v) for v in values), key, expected, values)
   require(not config.nesterov or all(m > 0 for m in config.replica_momenta), "nesterov",
-           "False when a replica's momentum is 0 (Nesterov needs momentum)", config.nesterov)
+          "False when a replica's momentum is 0 (Nesterov needs momentum)", config.nesterov)
 
 
 def _validate_operations(operations) -> None:
   for key in ("tensorboard", "progress_bar", "trace_shapes"):
     require(isinstance(operations[key], bool), f"operations.{key}", "True or False",
-             operations[key])
+            operations[key])
   for key in ("checkpoint_every_epochs", "max_checkpoints_to_keep"):
     require(is_int(operations[key]) and operations[key] > 0, f"operations.{key}",
-             "a positive integer", operations[key])
+            "a positive integer", operations[key])
   require(is_int(operations.num_devices) and operations.num_devices >= 0,
-           "operations.num_devices", "0 (all devices) or a positive integer",
-           operations.num_devices)
+          "operations.num_devices", "0 (all devices) or a positive integer",
+          operations.num_devices)
 
 
 def check_devices(config, device_count: int) -> None:
   """Data parallel needs the devices asked for and batches that split evenly over them."""
   num_devices = config.operations.num_devices
   require(num_devices <= device_count, "operations.num_devices",
-           f"at most the {device_count} devices JAX sees (jax.device_count())", num_devices)
+          f"at most the {device_count} devices JAX sees (jax.device_count())", num_devices)
   count = num_devices or device_count
   for key in ("batch_size", "eval_batch_size"):
     require(config[key] % count == 0, key,
-             f"a multiple of the {count} data-parallel devices (config.operations.num_devices, "
-             f"0: all jax.device_count())", config[key])
+            f"a multiple of the {count} data-parallel devices (config.operations.num_devices, "
+            f"0: all jax.device_count())", config[key])
 
 
 def _validate_benchmark(bench) -> None:
   for size in bench.batch_sizes:
     require(is_int(size) and size > 0, "benchmark.batch_sizes", "positive integers",
-             bench.batch_sizes)
+            bench.batch_sizes)
   for count in bench.num_replicas:
     require(is_int(count) and count > 0, "benchmark.num_replicas", "positive integers",
-             bench.num_replicas)
+            bench.num_replicas)
   for dtype in bench.dtypes:
     require(dtype in DTYPES, "benchmark.dtypes", f"names from {DTYPES}", bench.dtypes)
   for key in ("num_examples", "num_steps", "num_epochs"):
     require(is_int(bench[key]) and bench[key] > 0, f"benchmark.{key}", "a positive integer",
-             bench[key])
+            bench[key])
   require(is_int(bench.warmup_steps) and bench.warmup_steps >= 0, "benchmark.warmup_steps",
-           "a non-negative integer", bench.warmup_steps)
+          "a non-negative integer", bench.warmup_steps)
   for size in bench.batch_sizes or ():
     require(size <= bench.num_examples, "benchmark.batch_sizes",
-             f"sizes of at most benchmark.num_examples={bench.num_examples}", bench.batch_sizes)
+            f"sizes of at most benchmark.num_examples={bench.num_examples}", bench.batch_sizes)
 
 
 def _validate_schedule(config) -> None:
@@ -150,16 +150,16 @@ def _validate_schedule(config) -> None:
     return  # the boundaries and factor are not used
   boundaries = config.lr_boundaries_epochs
   require(isinstance(boundaries, (tuple, list)) and all(is_int(b) for b in boundaries),
-           "lr_boundaries_epochs", "a tuple of integer epochs", boundaries)
+          "lr_boundaries_epochs", "a tuple of integer epochs", boundaries)
   require(all(0 < b < config.num_epochs for b in boundaries), "lr_boundaries_epochs",
-           f"epochs between 1 and num_epochs - 1 = {config.num_epochs - 1}", boundaries)
+          f"epochs between 1 and num_epochs - 1 = {config.num_epochs - 1}", boundaries)
   require(all(a < b for a, b in zip(boundaries, boundaries[1:])), "lr_boundaries_epochs",
-           "strictly increasing epochs", boundaries)
+          "strictly increasing epochs", boundaries)
   require(_is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
-           "lr_decay_factor", "a number in (0, 1]", config.lr_decay_factor)
+          "lr_decay_factor", "a number in (0, 1]", config.lr_decay_factor)
 
 
 def check_batch_sizes(config, num_train_examples: int) -> None:
   """The batch must not be larger than the training set."""
   require(config.batch_size <= num_train_examples, "batch_size",
-           f"at most the {num_train_examples} training examples", config.batch_size)
+          f"at most the {num_train_examples} training examples", config.batch_size)

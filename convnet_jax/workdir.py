@@ -44,16 +44,16 @@ def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
   temporary.replace(path)
 
 
+def _identity(values: dict) -> dict:
+  """Config values (of a config, or as config.json holds them) without the operation groups
+  and the recorded facts about a run."""
+  return {key: value for key, value in values.items()
+          if key not in validation.OPERATION_GROUPS and key != CONV_RECORD_KEY}
+
+
 def run_identity(config) -> dict:
   """What a run computes, as plain JSON data: the config without its operation groups."""
-  values = json.loads(config.to_json_best_effort())
-  return {key: value for key, value in values.items()
-          if key not in validation.OPERATION_GROUPS}
-
-
-def _saved_identity(saved: dict) -> dict:
-  return {key: value for key, value in saved.items()
-          if key not in validation.OPERATION_GROUPS and key != CONV_RECORD_KEY}
+  return _identity(json.loads(config.to_json_best_effort()))
 
 
 def flatten(values: Mapping, prefix: str = "", keep=()) -> dict:
@@ -99,7 +99,7 @@ def check_workdir(files: RunFiles, identity: dict) -> bool:
                     f"workdir so nothing is overwritten") from None
   if not isinstance(saved, dict):
     raise UserError(f"{files.config}: expected a JSON object; corrupt workdir")
-  saved = _saved_identity(saved)
+  saved = _identity(saved)
   if saved != identity:
     raise UserError(f"--workdir {workdir}: holds a run of another config "
                     f"({differences(identity, saved)}); use a new workdir or the same config "

@@ -211,7 +211,7 @@ def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path
     store.save(2, saved, {"history": history, "config_fingerprint": "fp"})
     state, restored = train.restore_history(store, fresh, "fp", True, reporter)
     np.testing.assert_array_equal(state["w"], [1.0, 2.0, 3.0])
-    assert restored == history
+    assert restored == history and store.newest_intact == 2
     with pytest.raises(UserError, match="checkpoint of another config"):
       train.restore_history(store, fresh, "other", True, reporter)
   finally:
@@ -234,3 +234,31 @@ def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch)
     train.choose_convolutions(config, mesh=None)
   assert str(error.value) == ("config.conv_implementation='onednn': the oneDNN extension is not "
                               "available: not built")
+
+
+def test_the_newest_intact_checkpoint_skips_a_damaged_newer_one(tmp_path):
+  """What a divergence message names as the checkpoint kept: the one restored, not a damaged
+  newer one still on disk."""
+  from convnet_jax import checkpoints
+
+  directory = tmp_path / "checkpoints"
+  store = checkpoints.CheckpointStore(directory, max_to_keep=3)
+  for epochs_done in (1, 2):
+    store.save(epochs_done, {"w": np.full(4096, epochs_done, np.float32)},
+               {"history": [{"epoch": e} for e in range(epochs_done)],
+                "config_fingerprint": "fp"})
+  assert store.newest_intact == 2
+  store.close()
+  for path in (directory / "2").rglob("*"):  # zero the second half of every data file
+    if path.is_file() and path.stat().st_size > 64:
+      data = bytearray(path.read_bytes())
+      data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+      path.write_bytes(bytes(data))
+  reopened = checkpoints.CheckpointStore(directory, max_to_keep=3)
+  try:
+    assert reopened.newest_intact is None
+    state, record = reopened.restore_latest({"w": np.zeros(4096, np.float32)}, "fp")
+    assert reopened.newest_intact == 1 and len(record["history"]) == 1
+    np.testing.assert_array_equal(state["w"], np.ones(4096, np.float32))
+  finally:
+    reopened.close()
