@@ -9,8 +9,9 @@ def get_config():
   """Returns the default configuration; other configs import it and override what differs."""
   config = ml_collections.ConfigDict()
 
-  # "seed_convnet" (the specification's net) or a CIFAR ResNet: "resnet18", "resnet34" (basic
-  # blocks) or "resnet50" (bottleneck blocks).
+  # "seed_convnet" (the specification's net), a CIFAR ResNet: "resnet18", "resnet34" (basic
+  # blocks) or "resnet50" (bottleneck blocks), or "airbench94" (airbench's speed-run network;
+  # its whitening layer is computed from the first 5,000 training images).
   config.model = "seed_convnet"
   # ResNets only: channels of the stem and the first stage (the stages have 1, 2, 4 and 8 times
   # this, times the block's expansion); 64 is the standard ResNet, smaller widths are for quick
@@ -49,21 +50,63 @@ def get_config():
   config.batch_size = 128
   config.eval_batch_size = 128
   config.drop_last_batch = False  # False: every example once per epoch, last batch short
-  config.num_epochs = 5
-  # Training-set augmentation on the device: 4-pixel zero pad, random crop back to 32x32 and
-  # random horizontal flip, fresh every epoch. The test set is only normalised.
+  # Epochs to train. A fraction trains part of one more epoch: the run takes
+  # ceil(steps_per_epoch * num_epochs) steps (airbench's 9.9 epochs of 48 steps: 476, the last
+  # epoch stopping after 44), and every schedule spans those steps.
+  config.num_epochs = 5.0
+  # Training-set augmentation on the device, fresh every epoch: pad by augment_translate
+  # pixels ("zeros" or "reflect" padding), random crop back to 32x32, and horizontal flips:
+  # "random" (each image with probability 1/2), "alternate" (each image in every other epoch,
+  # airbench's; the half flipped in the first epoch drawn at random) or "none". The test set is
+  # only normalised (but see test_time_augmentation).
   config.augment = False
+  config.augment_translate = 4
+  config.augment_padding = "zeros"
+  config.augment_flip = "random"
+  # After the last epoch, also evaluate with test-time augmentation, reported as tta_test_acc
+  # in the last JSON line: "mirror" (mean of the image's and its mirror image's logits) or
+  # "mirror_translate" (airbench94's six views: that pair weighted 1/2, and the pairs of the
+  # image translated by one pixel up-left and down-right, reflect-padded, 1/4 each); "none".
+  config.test_time_augmentation = "none"
+  # The loss: cross-entropy against label-smoothed targets ((1 - s) one_hot + s / classes),
+  # the "mean" or the "sum" over the batch (airbench's; the gradient grows with the batch).
+  config.label_smoothing = 0.0
+  config.loss_reduction = "mean"
   config.learning_rate = 0.1  # the peak; `schedule` says how it changes
   # "linear" (to 0 over all steps), "step" (times lr_decay_factor at each epoch of
-  # lr_boundaries_epochs) or "cosine" (half a cosine from learning_rate to 0 over all steps).
+  # lr_boundaries_epochs), "cosine" (half a cosine from learning_rate to 0 over all steps) or
+  # "warmup_linear" (airbench's: linearly from warmup_start_factor x learning_rate to
+  # learning_rate over the first warmup_fraction of the steps, then linearly towards
+  # final_lr_factor x learning_rate, reached after the last step).
   config.schedule = "linear"
   config.lr_boundaries_epochs = ()  # "step" only: increasing epochs in (0, num_epochs)
   config.lr_decay_factor = 0.1  # "step" only
+  config.warmup_fraction = 0.23  # "warmup_linear" only, and the next two
+  config.warmup_start_factor = 0.2
+  config.final_lr_factor = 0.07
   config.momentum = 0.9
   config.nesterov = False
   # PyTorch SGD's weight decay (gradient += weight_decay * parameter, before the momentum), on
   # every parameter, BatchNorm's scale and offset included.
   config.weight_decay = 0.0
+  # True: learning_rate and weight_decay are airbench's decoupled values, per 1,024 examples of
+  # a summed loss: PyTorch's learning rate is learning_rate / (1024 (1 + 1 / (1 - momentum)))
+  # and its weight decay weight_decay * batch_size / learning_rate (see optim.py).
+  config.decoupled_hyperparameters = False
+  # BatchNorm offsets learn this many times faster; their weight decay per step stays as it is.
+  config.offset_lr_multiplier = 1.0
+  # Parameters never trained (paths such as "whiten/kernel", or prefixes such as "whiten"),
+  # and parameters trained only during the first late_freeze_epochs epochs.
+  config.frozen_parameters = ()
+  config.late_frozen_parameters = ()
+  config.late_freeze_epochs = 0
+  # Lookahead (airbench's): every lookahead_every_steps steps (0: never) a slow copy of the
+  # parameters moves towards them, slow += (1 - d) (params - slow) with
+  # d = lookahead_decay * (step / total_steps) ** lookahead_power, and the parameters become
+  # the slow copy; after the last step too, without moving it.
+  config.lookahead_every_steps = 0
+  config.lookahead_decay = 0.95**5
+  config.lookahead_power = 3.0
   config.seed = 0
 
   # Replicas: train this many models at once in one compiled program (vmap over parameters,

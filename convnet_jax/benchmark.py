@@ -12,6 +12,7 @@ time and throughput of N models trained together (`config.benchmark.num_replicas
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -30,7 +31,8 @@ from convnet_jax import cli
 from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
-from convnet_jax import train
+from convnet_jax import run_setup
+from convnet_jax import steps
 from convnet_jax import validation
 
 FLAGS = flags.FLAGS
@@ -71,13 +73,15 @@ def _synthetic_run(config, num_examples: int, num_classes: int):
   epoch."""
   model = models.create_model(config, num_classes)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE,
-                                    dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, num_classes, num_examples, dtype=np.int32))
-  mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
-  num_steps = train.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
-  state, data_key = train.create_run_state(config, model, num_steps, mesh=None)
-  return state, data_key, images, labels, mean, std, num_steps
+  images = rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE, dtype=np.uint8)
+  labels = rng.integers(0, num_classes, num_examples, dtype=np.int32)
+  mean, std = np.full((3,), 0.5, np.float32), np.full((3,), 0.25, np.float32)
+  data = input_pipeline.Dataset(images, labels, images[:0], labels[:0], mean, std,
+                                tuple(map(str, range(num_classes))))
+  num_steps = steps.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
+  state, data_key = run_setup.create_run_state(config, model, num_steps, None, data)
+  return (state, data_key, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mean),
+          jnp.asarray(std), num_steps)
 
 
 def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
@@ -91,15 +95,17 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
                                                                   num_classes)
 
   batch = input_pipeline.normalize(images[:batch_size], mean, std)
+  options = steps.step_options(config, num_steps)
+  train_step = functools.partial(steps.train_step, options=options)
   start = time.perf_counter()
-  step = jax.jit(train.train_step, donate_argnums=0).lower(
-      state, batch, labels[:batch_size]).compile(compiler_options=train.compiler_options())
+  step = jax.jit(train_step, donate_argnums=0).lower(
+      state, batch, labels[:batch_size]).compile(compiler_options=steps.compiler_options())
   step_compile = time.perf_counter() - start
   start = time.perf_counter()
-  epoch = train.compile_train_epoch(state, images, labels, jax.random.key(1), mean, std,
+  epoch = steps.compile_train_epoch(state, images, labels, jax.random.key(1), mean, std,
                                     batch_size=batch_size,
                                     drop_last_batch=config.drop_last_batch,
-                                    augment=config.augment)
+                                    augment=steps.augment_options(config), options=options)
   epoch_compile = time.perf_counter() - start
 
   holder = {"state": state}
@@ -109,8 +115,8 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
     return metrics
 
   def run_epoch():
-    holder["state"], metrics = epoch(holder["state"], images, labels, jax.random.key(1), mean,
-                                     std)
+    holder["state"], metrics = epoch(holder["state"], images, labels, jax.random.key(1),
+                                     np.int32(0), mean, std)
     return metrics
 
   bench = config.benchmark
@@ -124,9 +130,9 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
     # XLA's cost analysis counts no FLOPs inside custom calls: count the same step's math on
     # the im2col program instead (same convolutions as matrix products).
     im2col_model = models.create_model(config, num_classes, "im2col")
-    flops = _flops(jax.jit(train.train_step).lower(
+    flops = _flops(jax.jit(train_step).lower(
         holder["state"].replace(apply_fn=im2col_model.apply), batch, labels[:batch_size]).compile(
-            compiler_options=train.compiler_options()))
+            compiler_options=steps.compiler_options()))
   return {
       "batch_size": batch_size,
       "dtype": dtype,
@@ -154,19 +160,21 @@ def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes
   config = config.copy_and_resolve_references()
   config.num_replicas = num_replicas
   config.replica_seeds = config.replica_learning_rates = config.replica_momenta = ()
-  state, data_key, images, labels, mean, std, _ = _synthetic_run(config, num_examples,
-                                                                 num_classes)
+  state, data_key, images, labels, mean, std, num_steps = _synthetic_run(config, num_examples,
+                                                                         num_classes)
   start = time.perf_counter()
-  epoch = train.compile_train_epoch(state, images, labels, data_key, mean, std,
+  epoch = steps.compile_train_epoch(state, images, labels, data_key, mean, std,
                                     batch_size=config.batch_size,
                                     drop_last_batch=config.drop_last_batch,
-                                    augment=config.augment,
-                                    vmap_replicas=num_replicas > 1)
+                                    augment=steps.augment_options(config),
+                                    vmap_replicas=num_replicas > 1,
+                                    options=steps.step_options(config, num_steps))
   compile_seconds = time.perf_counter() - start
   holder = {"state": state}
 
   def run_epoch():
-    holder["state"], metrics = epoch(holder["state"], images, labels, data_key, mean, std)
+    holder["state"], metrics = epoch(holder["state"], images, labels, data_key, np.int32(0),
+                                     mean, std)
     return metrics
 
   _time_calls(run_epoch, 1)  # warm-up

@@ -1,8 +1,9 @@
 """The convolution paths: one convolution, several ways to compute it.
 
 Every function here computes the same bias-free convolution of an NHWC input with an HWIO
-kernel (odd square kernel, kernel_size // 2 zeros of padding on each side, the same stride on
-both axes, output pixel i centred on input pixel stride * i as in PyTorch). They differ only in
+kernel (square kernel, `padding` zeros on each side, kernel_size // 2 when None, the same
+stride on both axes; for an odd kernel with the default padding, output pixel i is centred on
+input pixel stride * i as in PyTorch). They differ only in
 speed on each backend and in the last digits of float sums:
 
 * "onednn": XLA FFI custom calls into oneDNN (forward, input gradient and kernel gradient), the
@@ -29,15 +30,19 @@ from convnet_jax import onednn
 from convnet_jax.errors import UserError
 
 
-def conv_output_size(size: int, strides: int) -> int:
-  """Output height (or width) of an odd-kernel convolution padded with kernel_size // 2 zeros on
-  each side: `size` for stride 1, 16 for 32 at stride 2 (PyTorch's `padding=k // 2`)."""
-  return (size - 1) // strides + 1
+def conv_output_size(size: int, strides: int, kernel_size: int = 1,
+                     padding: int | None = None) -> int:
+  """Output height (or width) of a convolution with `padding` zeros on each side (None:
+  kernel_size // 2, PyTorch's `padding=k // 2`): for an odd kernel that is `size` at stride 1
+  and 16 for 32 at stride 2; 31 for a 2x2 kernel without padding on 32."""
+  padding = kernel_size // 2 if padding is None else padding
+  return (size + 2 * padding - kernel_size) // strides + 1
 
 
-def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
-  """Convolution (NHWC input, HWIO kernel, odd kernel size, kernel_size // 2 zeros of padding on
-  each side, the same stride along height and width) as one matrix product over patches.
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1,
+                padding: int | None = None) -> jax.Array:
+  """Convolution (NHWC input, HWIO kernel, `padding` zeros on each side, kernel_size // 2 when
+  None, the same stride along height and width) as one matrix product over patches.
 
   XLA's CPU convolution gradients are slow (and slower still inside `lax.scan`); the patches are
   plain slices, so forward and backward become dots that run at matmul speed. With a stride the
@@ -46,27 +51,31 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
   only after the image for stride 2 and shift the windows by one pixel).
   """
   kh, kw, cin, cout = kernel.shape
-  if kh == kw == 1:
+  padding = kh // 2 if padding is None else padding
+  if kh == kw == 1 and padding == 0:
     if strides > 1:
       x = x[:, ::strides, ::strides, :]
     return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
   _, height, width, _ = x.shape
-  out_height, out_width = conv_output_size(height, strides), conv_output_size(width, strides)
-  padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out_height = conv_output_size(height, strides, kh, padding)
+  out_width = conv_output_size(width, strides, kw, padding)
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   row_span, column_span = strides * (out_height - 1) + 1, strides * (out_width - 1) + 1
   patches = jnp.concatenate([padded[:, i:i + row_span:strides, j:j + column_span:strides, :]
                              for i in range(kh) for j in range(kw)], axis=-1)
   return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
-def conv_xla(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+def conv_xla(x: jax.Array, kernel: jax.Array, strides: int = 1,
+             padding: int | None = None) -> jax.Array:
   """The same convolution as `conv_im2col` with XLA's native convolution (cuDNN on GPU, MXU on
-  TPU); for stride 1 this is 'SAME' padding."""
-  kh, kw, _, _ = kernel.shape
+  TPU); for an odd kernel at stride 1 with the default padding this is 'SAME' padding."""
+  kh, _, _, _ = kernel.shape
+  padding = kh // 2 if padding is None else padding
   # The kernel is passed as OHWI: on XLA's CPU backend that layout ran the forward and input
   # gradient convolutions fastest of the six orders measured (18 ms against 34 ms for HWIO).
   return jax.lax.conv_general_dilated(x, kernel.transpose(3, 0, 1, 2), (strides, strides),
-                                      ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+                                      ((padding, padding), (padding, padding)),
                                       dimension_numbers=("NHWC", "OHWI", "NHWC"))
 
 
@@ -82,11 +91,13 @@ def _kernel_gradient_by_shifts(x: jax.Array, output_gradient: jax.Array, kernel_
   return jnp.stack(taps).reshape(kernel_shape)
 
 
-def conv_hybrid(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+def conv_hybrid(x: jax.Array, kernel: jax.Array, strides: int = 1,
+                padding: int | None = None) -> jax.Array:
   """XLA's convolution for the forward pass and the input gradient, matrix products for the
-  kernel gradient (stride 1; strided convolutions, only in ResNet stage openings, use im2col)."""
-  if strides != 1:
-    return conv_im2col(x, kernel, strides)
+  kernel gradient (stride 1 'SAME'; strided convolutions, only in ResNet stage openings, and
+  other paddings use im2col)."""
+  if strides != 1 or padding not in (None, kernel.shape[0] // 2) or kernel.shape[0] % 2 == 0:
+    return conv_im2col(x, kernel, strides, padding)
   return _conv_hybrid_stride1(x, kernel)
 
 
@@ -119,7 +130,8 @@ def _conv_hybrid_backward(residuals, output_gradient):
 _conv_hybrid_stride1.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
 
 
-def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1,
+                padding: int | None = None) -> jax.Array:
   """The convolution as oneDNN custom calls, float32 only (other dtypes run `conv_im2col`).
 
   Works under `jit`, `grad`, `lax.scan` and `vmap` (replicas: one call per replica, in
@@ -127,38 +139,40 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
   `choose_conv_implementation`, which falls back instead).
   """
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-    return conv_im2col(x, kernel, strides)
+    return conv_im2col(x, kernel, strides, padding)
   status = onednn.load()  # registers the custom-call targets on first use
   if not status.available:
     raise ConvUnavailable(f"the oneDNN extension is not available: {status.detail}")
-  return _conv_onednn(x, kernel, strides)
+  return _conv_onednn(x, kernel, strides, kernel.shape[0] // 2 if padding is None else padding)
 
 
-def _onednn_call(target: str, shape, *operands, strides: int) -> jax.Array:
+def _onednn_call(target: str, shape, *operands, strides: int, padding: int) -> jax.Array:
   # "sequential": under vmap (replicas), one call per replica; each has its own kernel.
   return jax.ffi.ffi_call(onednn.TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")(*operands, stride=np.int64(strides))
+                          vmap_method="sequential")(*operands, stride=np.int64(strides),
+                                                    padding=np.int64(padding))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_onednn(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_onednn(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
   batch, height, width, _ = x.shape
-  output_shape = (batch, conv_output_size(height, strides), conv_output_size(width, strides),
-                  kernel.shape[-1])
-  return _onednn_call("forward", output_shape, x, kernel, strides=strides)
+  size = kernel.shape[0]
+  output_shape = (batch, conv_output_size(height, strides, size, padding),
+                  conv_output_size(width, strides, size, padding), kernel.shape[-1])
+  return _onednn_call("forward", output_shape, x, kernel, strides=strides, padding=padding)
 
 
-def _conv_onednn_forward(x, kernel, strides):
-  return _conv_onednn(x, kernel, strides), (x, kernel)
+def _conv_onednn_forward(x, kernel, strides, padding):
+  return _conv_onednn(x, kernel, strides, padding), (x, kernel)
 
 
-def _conv_onednn_backward(strides, residuals, output_gradient):
+def _conv_onednn_backward(strides, padding, residuals, output_gradient):
   x, kernel = residuals
   # Two separate calls, so XLA drops the input gradient where nothing uses it (the stem's).
   input_gradient = _onednn_call("backward_data", x.shape, output_gradient, kernel,
-                                strides=strides)
+                                strides=strides, padding=padding)
   kernel_gradient = _onednn_call("backward_weights", kernel.shape, x, output_gradient,
-                                 strides=strides)
+                                 strides=strides, padding=padding)
   return input_gradient, kernel_gradient
 
 

@@ -196,20 +196,24 @@ def normalize(images, mean, std):
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING) -> jax.Array:
+def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING,
+            pad_mode: str = "zeros", flips: jax.Array | None = None) -> jax.Array:
   """Random crop and horizontal flip of a batch of NHWC images, independently per image.
 
-  Each image is padded with `padding` zeros (black, before normalisation, like torchvision's
-  `RandomCrop(size, padding=4)` followed by `Normalize`), cropped back to its size at a uniformly
-  random offset in [0, 2 * padding] along each axis, and mirrored left-right with probability 1/2.
-  The dtype is kept (uint8 on the device). A pure function of `key`: the same key gives the same
-  batch.
+  Each image is padded with `padding` pixels on each side, zeros (black, before normalisation,
+  like torchvision's `RandomCrop(size, padding=4)` followed by `Normalize`) or the image
+  reflected at its border (`pad_mode="reflect"`, airbench's translation), cropped back to its
+  size at a uniformly random offset in [0, 2 * padding] along each axis, and mirrored
+  left-right with probability 1/2, or where `flips` (one bool per image) says. The dtype is kept
+  (uint8 on the device). A pure function of `key`: the same key gives the same batch.
   """
   batch, height, width, channels = images.shape
   offset_key, flip_key = jax.random.split(key)
   offsets = jax.random.randint(offset_key, (batch, 2), 0, 2 * padding + 1)
-  flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  if flips is None:
+    flips = jax.random.bernoulli(flip_key, 0.5, (batch,))
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                   mode="reflect" if pad_mode == "reflect" else "constant")
 
   def crop(image, offset):
     return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))

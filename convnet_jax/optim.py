@@ -1,34 +1,165 @@
-"""The optimiser: SGD with PyTorch's momentum and weight decay, under a learning-rate schedule."""
+"""The optimiser: SGD with PyTorch's momentum and weight decay, under a learning-rate schedule,
+with per-group learning rates and frozen parameters."""
 
 from __future__ import annotations
 
+import math
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+
+# airbench's decoupled hyperparameters are given per this many examples.
+DECOUPLED_EXAMPLES = 1024
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """The run's step budget, ceil(steps_per_epoch * num_epochs): 395 for 5 epochs of 79 steps,
+  476 for airbench's 9.9 epochs of 48 (the last epoch then stops after 44 of its steps)."""
+  return math.ceil(steps_per_epoch * config.num_epochs)
+
+
+def epoch_steps(config, steps_per_epoch: int, epoch: int) -> int:
+  """How many steps epoch `epoch` runs: all of them, but fewer in a fractional last epoch."""
+  return min(steps_per_epoch, total_steps(config, steps_per_epoch) - epoch * steps_per_epoch)
+
+
+def num_epochs_run(config) -> int:
+  """Epochs the loop starts, the fractional last one included (10 for 9.9)."""
+  return math.ceil(config.num_epochs)
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int,
                             peak: float | None = None) -> optax.Schedule:
   """The learning rate at each step, from `config.schedule`, with `peak` (default
-  `config.learning_rate`) as the largest value:
+  `config.learning_rate`) as the largest value and T = `total_steps`:
 
   * "linear": from the peak to 0 over all of training (the seed run);
   * "step": the peak, multiplied by `lr_decay_factor` at each epoch of `lr_boundaries_epochs`,
     from the first step of that epoch on (PyTorch's MultiStepLR stepped once per epoch);
-  * "cosine": peak * (1 + cos(pi * step / total_steps)) / 2, reaching 0 at the end.
+  * "cosine": peak * (1 + cos(pi * step / T)) / 2, reaching 0 at the end;
+  * "warmup_linear": airbench's triangle: with W = int(T * warmup_fraction) steps of warm-up,
+    peak * (s + (1 - s) * step / W) before W (s = warmup_start_factor), then
+    peak * (1 + (f - 1) * (step - W) / (T - W)) (f = final_lr_factor), f * peak at step T.
   """
   peak = config.learning_rate if peak is None else peak
-  total_steps = config.num_epochs * steps_per_epoch
+  steps = total_steps(config, steps_per_epoch)
   schedule = config.schedule
   if schedule == "linear":
-    return optax.linear_schedule(peak, 0.0, transition_steps=total_steps)
+    return optax.linear_schedule(peak, 0.0, transition_steps=steps)
   if schedule == "step":
     return optax.piecewise_constant_schedule(
         peak,
         {epoch * steps_per_epoch: config.lr_decay_factor for epoch in config.lr_boundaries_epochs})
   if schedule == "cosine":
-    return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
+    return optax.cosine_decay_schedule(peak, decay_steps=steps)
+  if schedule == "warmup_linear":
+    warmup = int(steps * config.warmup_fraction)
+    start, final = config.warmup_start_factor, config.final_lr_factor
+
+    def warmup_linear(count):
+      count = jnp.asarray(count, jnp.float32)
+      rising = start + (1.0 - start) * count / max(warmup, 1)
+      falling = 1.0 + (final - 1.0) * (count - warmup) / max(steps - warmup, 1)
+      return peak * jnp.where(count < warmup, rising, falling)
+
+    return warmup_linear
   raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def parameter_name(path) -> str:
+  """The "/"-joined keys of a parameter's pytree path: "group1/norm1/offset"."""
+  return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def matches(name: str, patterns) -> bool:
+  """Whether parameter `name` is one of `patterns` or lies under one ("whiten" matches
+  "whiten/bias")."""
+  return any(name == pattern or name.startswith(pattern + "/") for pattern in patterns)
+
+
+def is_batch_norm_offset(name: str) -> bool:
+  """BatchNorm's learnable offsets, the parameters `offset_lr_multiplier` speeds up."""
+  return name.rsplit("/", 1)[-1] == "offset"
+
+
+def _map_named(fn, *trees):
+  return jax.tree_util.tree_map_with_path(lambda path, *leaves: fn(parameter_name(path), *leaves),
+                                          *trees)
+
+
+def add_group_decayed_weights(coefficient, multiplier: float) -> optax.GradientTransformation:
+  """g + coefficient * w, with the coefficient divided by `multiplier` for BatchNorm offsets,
+  so that their decay per step stays coefficient * lr * w while their learning rate is
+  multiplied (airbench's "learning rate, not weight decay")."""
+
+  def update(updates, state, params):
+    return _map_named(
+        lambda name, g, w: g + (coefficient / multiplier if is_batch_norm_offset(name)
+                                else coefficient) * w, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def scale_offsets(multiplier: float) -> optax.GradientTransformation:
+  """Multiplies the updates of BatchNorm offsets by `multiplier`."""
+
+  def update(updates, state, params=None):
+    del params
+    return _map_named(lambda name, u: u * multiplier if is_batch_norm_offset(name) else u,
+                      updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class FreezeState(NamedTuple):
+  count: Any
+
+
+def freeze(frozen: tuple[str, ...], late_frozen: tuple[str, ...],
+           boundary_step: int) -> optax.GradientTransformation:
+  """Zero updates for the `frozen` parameters always, and for the `late_frozen` ones from step
+  `boundary_step` on: PyTorch skips a parameter without a gradient entirely (no momentum step,
+  no weight decay), and so does this."""
+
+  def update(updates, state, params=None):
+    del params
+    training = state.count < boundary_step
+
+    def mask(name, u):
+      if matches(name, frozen):
+        return jnp.zeros_like(u)
+      if matches(name, late_frozen):
+        return jnp.where(training, u, jnp.zeros_like(u))
+      return u
+
+    return _map_named(mask, updates), FreezeState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(
+      lambda params: FreezeState(jnp.zeros([], jnp.int32)), update)
+
+
+def late_freeze_step(config, steps_per_epoch: int) -> int:
+  """The first step at which `late_frozen_parameters` no longer train."""
+  return config.late_freeze_epochs * steps_per_epoch
+
+
+def sgd_hyperparameters(config, learning_rate, momentum):
+  """(PyTorch SGD's learning rate, weight-decay coefficient) for multiplier-1 parameters.
+
+  `config.decoupled_hyperparameters` (airbench): `learning_rate` and `weight_decay` are given
+  per 1,024 examples of a summed loss, decoupled from momentum and from each other: PyTorch's
+  learning rate is learning_rate / (1024 (1 + 1 / (1 - momentum))) and its weight decay
+  weight_decay * batch_size / learning_rate, so that a step decays the weights by
+  weight_decay * batch_size / (1024 (1 + 1 / (1 - momentum))) whatever the learning rate.
+  """
+  if not config.decoupled_hyperparameters:
+    return learning_rate, config.weight_decay
+  kilostep_scale = DECOUPLED_EXAMPLES * (1.0 + 1.0 / (1.0 - momentum))
+  return (learning_rate / kilostep_scale,
+          config.weight_decay * config.batch_size / learning_rate)
 
 
 def create_optimizer(config, steps_per_epoch: int, learning_rate=None,
@@ -44,15 +175,31 @@ def create_optimizer(config, steps_per_epoch: int, learning_rate=None,
 
   Weight decay is PyTorch SGD's: g = g + weight_decay * w before the momentum, on every parameter
   (convolution and linear weights, the linear bias and BatchNorm's scale and offset alike), as the
-  PyTorch CIFAR tutorial applies it to `model.parameters()`.
+  PyTorch CIFAR tutorial applies it to `model.parameters()`. `offset_lr_multiplier` multiplies
+  the BatchNorm offsets' learning rate (not their decay, see `add_group_decayed_weights`);
+  `frozen_parameters` and `late_frozen_parameters` are not updated (see `freeze`);
+  `decoupled_hyperparameters`: see `sgd_hyperparameters`.
   """
   shape = create_learning_rate_fn(config, steps_per_epoch, peak=1.0)
+  multiplier = config.offset_lr_multiplier
+  frozen = tuple(config.frozen_parameters)
+  late_frozen = tuple(config.late_frozen_parameters)
 
   def sgd(learning_rate, momentum):
-    decay = (optax.add_decayed_weights(config.weight_decay) if config.weight_decay
-             else optax.identity())
-    return optax.chain(decay, optax.trace(decay=momentum, nesterov=config.nesterov),
-                       optax.scale_by_schedule(lambda count: -learning_rate * shape(count)))
+    step_size, decay_coefficient = sgd_hyperparameters(config, learning_rate, momentum)
+    if not config.weight_decay:
+      decay = optax.identity()
+    elif multiplier == 1:
+      decay = optax.add_decayed_weights(decay_coefficient)
+    else:
+      decay = add_group_decayed_weights(decay_coefficient, multiplier)
+    parts = [decay, optax.trace(decay=momentum, nesterov=config.nesterov)]
+    if multiplier != 1:
+      parts.append(scale_offsets(multiplier))
+    if frozen or late_frozen:
+      parts.append(freeze(frozen, late_frozen, late_freeze_step(config, steps_per_epoch)))
+    parts.append(optax.scale_by_schedule(lambda count: -step_size * shape(count)))
+    return optax.chain(*parts)
 
   return optax.inject_hyperparams(sgd)(
       learning_rate=config.learning_rate if learning_rate is None else learning_rate,
@@ -60,7 +207,8 @@ def create_optimizer(config, steps_per_epoch: int, learning_rate=None,
 
 
 def current_learning_rate(config, steps_per_epoch: int, state) -> np.ndarray:
-  """The learning rate of the state's next step (one per replica for replicated states)."""
+  """The learning rate of the state's next step (one per replica for replicated states), in the
+  config's units (airbench's decoupled ones with `decoupled_hyperparameters`)."""
   shape = create_learning_rate_fn(config, steps_per_epoch, peak=1.0)
   hyperparams = jax.device_get(state.opt_state.hyperparams)
   return np.asarray(hyperparams["learning_rate"]) * np.asarray(

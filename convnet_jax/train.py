@@ -1,393 +1,83 @@
-"""Training and evaluation: pure `train_step`/`eval_step`, each epoch compiled as one program,
-and `train_and_evaluate`, the loop that runs them.
+"""Training: `train_and_evaluate`, the loop that runs the compiled epochs of `steps` and evaluates
+after each, and its per-epoch pieces.
 
-The whole data set lives on the device as uint8; an epoch is one compiled call that shuffles
-with the PRNG key, runs `train_step` over the full batches with `lax.scan` and then over the
-short last batch, so the host never waits inside an epoch. The machinery around the loop lives
-in its own modules: `optim` (schedules, SGD), `parallel` (mesh, split batches), `replicas`
-(models trained together), `checkpoints`, `workdir` (run files, same-run check) and `reporting`
-(stdout, metrics.jsonl, TensorBoard, preds).
+The machinery around the loop lives in its own modules: `steps` (the pure train and eval steps
+and the epoch programs), `run_setup` (checks, state, data on the device, compiled programs),
+`optim` (schedules, SGD), `parallel` (mesh, split batches), `replicas` (models trained
+together), `checkpoints`, `workdir` (run files, same-run check) and `reporting` (stdout,
+metrics.jsonl, TensorBoard, preds).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax.training import train_state as flax_train_state
-from jax.experimental import multihost_utils
 
 from convnet_jax import checkpoints
-from convnet_jax import conv
-from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import parallel
 from convnet_jax import replicas
 from convnet_jax import reporting
-from convnet_jax import validation
+from convnet_jax import run_setup
+from convnet_jax import steps as steps_lib
 from convnet_jax import workdir as workdir_lib
 from convnet_jax.errors import TrainingDiverged
-from convnet_jax.errors import UserError
 
-TrainState = flax_train_state.TrainState
-
-__all__ = ["TrainState", "TrainingDiverged", "train_and_evaluate", "train_step", "eval_step"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps: pure functions of (state or parameters, batch).
-
-def create_train_state(config, model, key: jax.Array, steps_per_epoch: int, learning_rate=None,
-                       momentum=None) -> TrainState:
-  """Initialises the parameters from `key` and the optimiser state (see `optim.create_optimizer` for
-  `learning_rate` and `momentum`)."""
-  # lazy_init: the same parameters as `init`, without computing the forward pass on a dummy.
-  dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
-  params = model.lazy_init(key, dummy)["params"]
-  tx = optim.create_optimizer(config, steps_per_epoch, learning_rate, momentum)
-  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
-                    opt_state=tx.init(params))
-
-
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean over the batch of -log softmax(logits)[label]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
-  """One SGD step on a normalised batch. Returns the new state and the batch's summed loss and
-  number of correct predictions (sums, so that batches of any size add up exactly)."""
-
-  def loss_fn(params):
-    logits = state.apply_fn({"params": params}, images)
-    return cross_entropy_loss(logits, labels), logits
-
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads)
-  count = labels.shape[0]
-  metrics = {"loss_sum": loss * count,
-             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
-  return state, metrics
-
-
-def eval_step(params, apply_fn: Callable, images: jax.Array, labels: jax.Array):
-  """Predictions, summed loss and number correct for one normalised evaluation batch."""
-  logits = apply_fn({"params": params}, images)
-  predictions = jnp.argmax(logits, -1)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return predictions, {"loss_sum": jnp.sum(losses),
-                       "correct": jnp.sum(predictions == labels).astype(jnp.float32)}
-
-
-def _sum_metrics(a, b):
-  return jax.tree_util.tree_map(jnp.add, a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# Epochs: every step of an epoch, or the whole test set, in one compiled program.
-
-# Folded into each epoch's key to give the augmentation its own stream of keys, so that the
-# shuffle keeps using the epoch key itself (and the runs without augmentation stay as they were).
-AUGMENT_KEY_STREAM = 1
-
-
-def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
-                mean: jax.Array, std: jax.Array, *, batch_size: int, drop_last_batch: bool,
-                augment: bool = False, batch_sharding=None):
-  """One epoch: a fresh permutation from `key`, every example once (the last batch short unless
-  `drop_last_batch`). With `augment`, each gathered uint8 batch is randomly cropped and flipped
-  (`input_pipeline.augment`) before normalisation, under the key
-  fold_in(fold_in(key, AUGMENT_KEY_STREAM), step index within the epoch), so every image gets a
-  fresh augmentation every epoch. With `batch_sharding`, each batch is split over its devices
-  (`parallel.split_batch`). Returns the new state and the epoch's summed metrics, with each
-  step's mean loss under "step_losses"."""
-  num_examples = labels.shape[0]
-  num_full = num_examples // batch_size
-  order = jax.random.permutation(key, num_examples)
-  augment_key = jax.random.fold_in(key, AUGMENT_KEY_STREAM)
-
-  def step(state, batch):
-    indices, step_index = batch
-    # Sharding the indices makes each device gather only its own part of the batch.
-    indices = parallel.split_batch(indices, batch_sharding)
-    batch_images = images[indices]
-    if augment:
-      batch_images = input_pipeline.augment(jax.random.fold_in(augment_key, step_index),
-                                            batch_images)
-    batch_images = parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
-                               batch_sharding)
-    return train_step(state, batch_images, parallel.split_batch(labels[indices], batch_sharding))
-
-  full_batches = order[:num_full * batch_size].reshape(num_full, batch_size)
-  state, per_step = jax.lax.scan(step, state, (full_batches, jnp.arange(num_full)))
-  totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
-  step_losses = per_step["loss_sum"] / batch_size
-  remainder = num_examples % batch_size
-  if remainder and not drop_last_batch:
-    state, last = step(state, (order[num_full * batch_size:], num_full))
-    totals = _sum_metrics(totals, last)
-    step_losses = jnp.concatenate([step_losses, last["loss_sum"][None] / remainder])
-  # Each step's mean loss, for naming the first non-finite one.
-  totals["step_losses"] = step_losses
-  return state, totals
-
-
-def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std: jax.Array, *,
-             apply_fn: Callable, batch_size: int, batch_sharding=None):
-  """Evaluates on the whole set in order, in batches of `batch_size` (the last one short), as
-  BatchNorm uses each batch's statistics; with `batch_sharding` each batch is split over its
-  devices. Returns predictions and summed metrics."""
-  num_examples = labels.shape[0]
-  num_full = num_examples // batch_size
-
-  def batch_step(batch_images, batch_labels):
-    batch_images = parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
-                                        batch_sharding)
-    return eval_step(params, apply_fn, batch_images,
-                     parallel.split_batch(batch_labels, batch_sharding))
-
-  def step(_, start):
-    return None, batch_step(jax.lax.dynamic_slice_in_dim(images, start, batch_size),
-                            jax.lax.dynamic_slice_in_dim(labels, start, batch_size))
-
-  _, (predictions, per_step) = jax.lax.scan(step, None, jnp.arange(num_full) * batch_size)
-  predictions = predictions.reshape(-1)
-  totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
-  if num_examples % batch_size:
-    start = num_full * batch_size
-    last_predictions, last = batch_step(images[start:], labels[start:])
-    predictions = jnp.concatenate([predictions, last_predictions])
-    totals = _sum_metrics(totals, last)
-  return predictions, totals
-
-
-def compiler_options(run_once: bool = False) -> dict[str, Any]:
-  """XLA options for the training programs on the current backend; `run_once` for a program
-  that runs a single time (initialisation), where compile time is all that counts."""
-  if jax.default_backend() == "cpu":
-    # LLVM optimisation level 1 instead of 2: compiles the im2col epoch program ~3x faster, and
-    # the step time measured the same, as its time goes to library calls, not generated code.
-    # Level 0 for the initialisation: 0.6 s to compile instead of 1.2 s, and it runs once.
-    return {"xla_backend_optimization_level": 0 if run_once else 1}
-  return {}
-
-
-def compile_train_epoch(state, images, labels, key, mean, std, *, batch_size: int,
-                        drop_last_batch: bool, augment: bool = False, vmap_replicas: bool = False,
-                        mesh=None):
-  """Compiles `train_epoch` ahead of time for these shapes; the state argument is donated.
-
-  `vmap_replicas`: the state and key have a leading replica axis and one program trains all
-  replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are split over the
-  mesh's devices and the outputs (state, metrics) are mirrored on all of them.
-  """
-  batch_sharding = parallel.split_sharding(mesh)
-  epoch = functools.partial(train_epoch, batch_size=batch_size,
-                            drop_last_batch=drop_last_batch, augment=augment,
-                            batch_sharding=batch_sharding)
-  if vmap_replicas:
-    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, None, None))
-  # Donating the state lets XLA update parameters and momenta in place.
-  return jax.jit(epoch, donate_argnums=0, out_shardings=parallel.mirrored_sharding(mesh)).lower(
-      state, images, labels, key, mean, std).compile(compiler_options=compiler_options())
-
-
-def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, batch_size: int,
-                     vmap_replicas: bool = False, mesh=None):
-  """Compiles `evaluate` ahead of time for these shapes (`vmap_replicas`, `mesh`: as
-  `compile_train_epoch`)."""
-  batch_sharding = parallel.split_sharding(mesh)
-  run = functools.partial(evaluate, apply_fn=apply_fn, batch_size=batch_size,
-                          batch_sharding=batch_sharding)
-  if vmap_replicas:
-    run = jax.vmap(run, in_axes=(0, None, None, None, None))
-  return jax.jit(run, out_shardings=parallel.mirrored_sharding(mesh)).lower(
-      params, images, labels, mean, std).compile(compiler_options=compiler_options())
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -> int:
-  """79 for 10,000 examples in batches of 128 (the last one 16 long) unless it is dropped."""
-  if drop_last_batch:
-    return num_examples // batch_size
-  return math.ceil(num_examples / batch_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Setting up a run.
-
-def create_run_state(config, model, steps: int, mesh):
-  """The train state and data-order key of the run: one model, or `config.num_replicas` stacked
-  along a leading axis (seed, learning rate and momentum from `replicas.replica_settings`). A
-  model of seed s has the parameters and data order of `jax.random.split(jax.random.key(s))`,
-  so replica i of a replicated run starts exactly as a single run of its seed."""
-  settings = replicas.replica_settings(config)
-  stacked = config.num_replicas > 1
-
-  def create(seed, learning_rate, momentum):
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    state = create_train_state(config, model, init_key, steps, learning_rate, momentum)
-    return state, data_key
-
-  if stacked:
-    create = jax.vmap(create)
-  args = [np.asarray(values if stacked else values[0]) for values in settings.values()]
-  args[1:] = [np.asarray(value, np.float32) for value in args[1:]]
-  state, data_key = jax.jit(create, out_shardings=parallel.mirrored_sharding(mesh)).lower(
-      *args).compile(compiler_options=compiler_options(run_once=True))(*args)
-  logging.info("model %s: %d parameters x %d replicas; %d steps per epoch on %d devices",
-               config.model, models.count_parameters(state.params) // config.num_replicas,
-               config.num_replicas, steps, parallel.mesh_size(mesh))
-  # The optimiser built inside `jit` only served to initialise: its hyperparameters are in
-  # `opt_state`, and a concrete one is kept for the updates.
-  return state.replace(tx=optim.create_optimizer(config, steps)), data_key
-
-
-def check_inputs(config, workdir: str | Path):
-  """Every check that can fail on user input, before any compilation: the config, the devices,
-  the workdir (returns whether it holds this run to resume) and the data, which it loads.
-  Returns (run files, run identity, resuming, data set)."""
-  validation.validate_config(config)
-  validation.check_devices(config, jax.device_count())
-  files = workdir_lib.RunFiles(workdir)
-  identity = workdir_lib.run_identity(config)
-  resuming = workdir_lib.check_workdir(files, identity)
-  data = input_pipeline.load_dataset(config)
-  validation.check_batch_sizes(config, len(data.train_labels))
-  return files, identity, resuming, data
-
-
-def choose_convolutions(config, mesh) -> conv.ConvChoice:
-  """The convolution path of this run (`conv.choose_conv_implementation`); `UserError` when
-  the one asked for cannot run here."""
-  try:
-    return conv.choose_conv_implementation(config.conv_implementation, config.dtype,
-                                           parallel.mesh_size(mesh))
-  except conv.ConvUnavailable as error:
-    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: "
-                    f"{error}") from None
-
-
-def create_workdir(files: workdir_lib.RunFiles, is_writer: bool) -> None:
-  """Creates the workdir, once every process of a multi-process run has checked it."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("convnet_jax: workdir checked")
-  if is_writer:
-    files.workdir.mkdir(parents=True, exist_ok=True)
-
-
-def restore_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
-                    resuming: bool, reporter: reporting.Reporter):
-  """(state, history): restored from the newest intact checkpoint when resuming and there is
-  one, else the fresh `state` and no history."""
-  if not resuming:
-    return state, []
-  try:
-    restored = store.restore_latest(state, fingerprint)
-  except checkpoints.ForeignCheckpointError as error:
-    raise UserError(str(error)) from None
-  if restored is None:
-    return state, []
-  state, record = restored
-  history = record["history"]
-  logging.info("resuming from %s after epoch %d", store.directory, len(history))
-  reporter.note(f"resuming after epoch {len(history) - 1} from {store.directory}")
-  return state, history
-
-
-class DeviceData(NamedTuple):
-  """The data set on the device(s), as uint8 images and int labels, with the channel
-  statistics that normalise it."""
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
-  mean: jax.Array
-  std: jax.Array
-
-
-def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
-  """The whole data set on the device(s) once, mirrored on every device of a mesh."""
-  return DeviceData(*parallel.put_mirrored(
-      (data.train_images, data.train_labels, data.test_images, data.test_labels, data.mean,
-       data.std), mesh))
-
-
-def epoch_key(data_key: jax.Array, epoch: int) -> jax.Array:
-  """The key of one epoch's data order and augmentation (one per replica for stacked keys)."""
-  if data_key.ndim:
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_key, epoch)
-  return jax.random.fold_in(data_key, epoch)
-
-
-class Programs(NamedTuple):
-  """The run's compiled programs: (state, data, key) -> (state, totals) for a training epoch,
-  (params, test data) -> (predictions, totals) for an evaluation."""
-  train_epoch: Callable
-  evaluate: Callable
-  compile_seconds: float
-
-
-def compile_programs(config, model, state, data: DeviceData, data_key: jax.Array,
-                     mesh) -> Programs:
-  """Compiles the training epoch and the evaluation for this run's shapes."""
-  start = time.perf_counter()
-  stacked = config.num_replicas > 1
-  run_epoch = compile_train_epoch(
-      state, data.train_images, data.train_labels, epoch_key(data_key, 0), data.mean, data.std,
-      batch_size=config.batch_size, drop_last_batch=config.drop_last_batch,
-      augment=config.augment, vmap_replicas=stacked, mesh=mesh)
-  run_eval = compile_evaluate(state.params, data.test_images, data.test_labels, data.mean,
-                              data.std, apply_fn=model.apply, batch_size=config.eval_batch_size,
-                              vmap_replicas=stacked, mesh=mesh)
-  seconds = time.perf_counter() - start
-  logging.info("compiled the epoch and evaluation programs in %.2f s", seconds)
-  return Programs(run_epoch, run_eval, seconds)
-
-
-def report_shapes(reporter: reporting.Reporter, config, model, state, data: DeviceData) -> None:
-  """With `operations.trace_shapes`, the shapes of a training step of the first model (replica
-  0 when stacked) on stderr."""
-  if not config.operations.trace_shapes:
-    return
-  params = state.params
-  if config.num_replicas > 1:
-    params = jax.tree_util.tree_map(lambda x: x[0], params)
-  images = data.train_images[:config.batch_size].astype(jnp.float32)
-  for line in reporting.shape_trace(model, params, images,
-                                    data.train_labels[:config.batch_size]):
-    reporter.note(line)
+__all__ = ["TrainingDiverged", "train_and_evaluate"]
 
 
 # ---------------------------------------------------------------------------------------------
 # One epoch of the loop.
 
-def run_evaluation(programs: Programs, state, data: DeviceData):
+def run_evaluation(programs: run_setup.Programs, state, data: run_setup.DeviceData,
+                   test_time_augmentation: str = "none"):
   """Test predictions and summed test metrics (on the device) of the state's parameters."""
-  return programs.evaluate(state.params, data.test_images, data.test_labels, data.mean,
-                           data.std)
+  return programs.evaluate(test_time_augmentation)(state.params, data.test_images,
+                                                   data.test_labels, data.mean, data.std)
 
 
-def run_epoch(programs: Programs, state, data: DeviceData, key: jax.Array):
-  """Trains one epoch and evaluates the result. Returns the new state, the test predictions
-  and the training and test totals on the host, in float64 so that an accuracy is exactly
-  correct / count."""
-  state, train_totals = programs.train_epoch(state, data.train_images, data.train_labels, key,
-                                             data.mean, data.std)
+def _host_totals(totals):
+  # float64 on the host, so that an accuracy is exactly correct / count.
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.device_get(totals))
+
+
+def run_epoch(programs: run_setup.Programs, state, data: run_setup.DeviceData,
+              data_key: jax.Array, epoch: int, num_steps: int):
+  """Trains `num_steps` steps of epoch `epoch` and evaluates the result. Returns the new state,
+  the test predictions and the training and test totals on the host."""
+  state, train_totals = programs.train_epoch(num_steps)(
+      state, data.train_images, data.train_labels, data_key, np.int32(epoch), data.mean,
+      data.std)
   predictions, test_totals = run_evaluation(programs, state, data)
-  train_totals, test_totals = jax.tree_util.tree_map(
-      lambda x: np.asarray(x, np.float64), jax.device_get((train_totals, test_totals)))
+  train_totals, test_totals = _host_totals((train_totals, test_totals))
   return state, predictions, train_totals, test_totals
+
+
+def test_time_accuracy(config, programs: run_setup.Programs, state,
+                       data: run_setup.DeviceData, diverged: np.ndarray) -> dict[str, Any]:
+  """{"tta_test_acc": accuracy} with `config.test_time_augmentation` (one value per replica,
+  null once diverged), or {} without it."""
+  if config.test_time_augmentation == "none":
+    return {}
+  _, totals = run_evaluation(programs, state, data, config.test_time_augmentation)
+  accuracy = _host_totals(totals)["correct"] / len(data.test_labels)
+  return {"tta_test_acc": replicas.metric_values(accuracy, diverged)}
+
+
+def examples_trained(config, num_examples: int, steps_per_epoch: int, num_steps: int) -> int:
+  """Examples an epoch of `num_steps` steps trains on: all of them, the full batches only when
+  the short last batch is dropped, `num_steps` full batches in a fractional last epoch."""
+  if num_steps < steps_per_epoch or config.drop_last_batch:
+    return num_steps * config.batch_size
+  return num_examples
 
 
 def initial_divergence(config, history: list[dict]) -> np.ndarray:
@@ -450,7 +140,7 @@ def epoch_record(epoch: int, train_totals: dict, test_totals: dict, learning_rat
 def checkpoint_is_due(config, epoch: int) -> bool:
   """Every `operations.checkpoint_every_epochs` epochs, and after the last."""
   return ((epoch + 1) % config.operations.checkpoint_every_epochs == 0
-          or epoch + 1 == config.num_epochs)
+          or epoch + 1 == optim.num_epochs_run(config))
 
 
 def checkpoint_record(history: list[dict], fingerprint: str, data_key: jax.Array) -> dict:
@@ -473,49 +163,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   when the loss stops being finite (the last good checkpoint stays). Replicas (`num_replicas` >
   1) train together, see `replicas`; several devices split each batch, see `parallel`.
   """
-  files, identity, resuming, data = check_inputs(config, workdir)
+  files, identity, resuming, data = run_setup.check_inputs(config, workdir)
   mesh = parallel.create_mesh(config.operations.num_devices)
   reporter = reporting.Reporter(config, files, is_writer=jax.process_index() == 0)
-  conv_choice = choose_convolutions(config, mesh)
+  conv_choice = run_setup.choose_convolutions(config, mesh)
   reporter.note(conv_choice.describe())
-  create_workdir(files, reporter.is_writer)
+  run_setup.create_workdir(files, reporter.is_writer)
 
   model = models.create_model(config, data.num_classes, conv_choice.implementation)
-  num_steps = steps_per_epoch(len(data.train_labels), config.batch_size, config.drop_last_batch)
-  num_trained = (num_steps * config.batch_size if config.drop_last_batch
-                 else len(data.train_labels))
-  state, data_key = create_run_state(config, model, num_steps, mesh)
+  run_setup.check_model(config, model)
+  num_steps = steps_lib.steps_per_epoch(len(data.train_labels), config.batch_size,
+                                        config.drop_last_batch)
+  state, data_key = run_setup.create_run_state(config, model, num_steps, mesh, data)
   store = checkpoints.CheckpointStore(files.checkpoints,
                                       config.operations.max_checkpoints_to_keep)
   fingerprint = checkpoints.config_fingerprint(identity)
-  state, history = restore_history(store, state, fingerprint, resuming, reporter)
+  state, history = run_setup.restore_history(store, state, fingerprint, resuming, reporter)
   reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()})
 
-  device_data = put_data(data, mesh)
-  report_shapes(reporter, config, model, state, device_data)
-  programs = compile_programs(config, model, state, device_data, data_key, mesh)
+  device_data = run_setup.put_data(data, mesh)
+  run_setup.report_shapes(reporter, config, model, state, device_data)
+  programs = run_setup.Programs(config, model, state, device_data, data_key, mesh, num_steps)
   reporter.note(f"compile time: {programs.compile_seconds:.2f} s")
 
   diverged = initial_divergence(config, history)
   seeds = replicas.replica_settings(config)["seed"] if config.num_replicas > 1 else None
   predictions, start = None, time.perf_counter()
   with reporter, contextlib.closing(store):
-    for epoch in range(len(history), config.num_epochs):
+    for epoch in range(len(history), optim.num_epochs_run(config)):
       learning_rate = optim.current_learning_rate(config, num_steps, state)
+      steps_this_epoch = optim.epoch_steps(config, num_steps, epoch)
       epoch_start = time.perf_counter()
       state, predictions, train_totals, test_totals = run_epoch(
-          programs, state, device_data, epoch_key(data_key, epoch))
+          programs, state, device_data, data_key, epoch, steps_this_epoch)
       epoch_seconds = time.perf_counter() - epoch_start
       diverged = check_divergence(train_totals["step_losses"], diverged, epoch=epoch,
                                   num_steps=num_steps, last_checkpoint=store.newest_intact,
                                   checkpoint_dir=files.checkpoints)
+      num_trained = examples_trained(config, len(data.train_labels), num_steps,
+                                     steps_this_epoch)
       history.append(epoch_record(
           epoch, train_totals, test_totals, learning_rate, diverged, num_trained=num_trained,
           num_test=len(data.test_labels), seconds=time.perf_counter() - start,
           compile_seconds=programs.compile_seconds, seeds=seeds))
+      if epoch + 1 == optim.num_epochs_run(config):
+        history[-1].update(test_time_accuracy(config, programs, state, device_data, diverged))
       if checkpoint_is_due(config, epoch):
         store.save(epoch + 1, state, checkpoint_record(history, fingerprint, data_key))
-      reporter.epoch(history[-1], step_time_ms=1e3 * epoch_seconds / num_steps,
+      reporter.epoch(history[-1], step_time_ms=1e3 * epoch_seconds / steps_this_epoch,
                      images_per_second=num_trained * config.num_replicas / epoch_seconds)
   if predictions is None:  # every epoch was already done: only the predictions may be missing
     predictions, _ = run_evaluation(programs, state, device_data)

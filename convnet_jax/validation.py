@@ -6,13 +6,22 @@ that names the config key or file and what was expected; `main` prints it and ex
 
 from __future__ import annotations
 
+import math
+
+import jax
+
 from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
+from convnet_jax import optim
+from convnet_jax import steps
 from convnet_jax.errors import UserError
 
 MODELS = tuple(models.MODELS)
-SCHEDULES = ("linear", "step", "cosine")
+SCHEDULES = ("linear", "step", "cosine", "warmup_linear")
+LOSS_REDUCTIONS = ("mean", "sum")
+AUGMENT_PADDINGS = ("zeros", "reflect")
+AUGMENT_FLIPS = ("random", "alternate", "none")
 DATASETS = ("cifar10",)
 DATA_SOURCES = ("binary", "tfds")
 DTYPES = ("float32", "bfloat16")
@@ -56,8 +65,10 @@ def validate_config(config) -> None:
     require(is_int(class_id) and 0 <= class_id < input_pipeline.NUM_CIFAR10_CLASSES,
             "classes", "class ids between 0 and 9", classes)
   require(len(set(classes)) == len(classes), "classes", "no repeated class id", classes)
-  for key in ("batch_size", "eval_batch_size", "num_epochs"):
+  for key in ("batch_size", "eval_batch_size"):
     require(is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
+  require(_is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+          "a positive number (a fraction trains part of one more epoch)", config.num_epochs)
   require(_is_number(config.learning_rate) and config.learning_rate >= 0, "learning_rate",
           "a non-negative number", config.learning_rate)
   require(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
@@ -70,6 +81,7 @@ def validate_config(config) -> None:
   require(_is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
           "a non-negative number", config.weight_decay)
   _validate_schedule(config)
+  _validate_recipe(config)
   require(is_int(config.resnet_width) and config.resnet_width > 0, "resnet_width",
           "a positive integer", config.resnet_width)
   require(is_int(config.seed), "seed", "an integer", config.seed)
@@ -146,17 +158,72 @@ def _validate_benchmark(bench) -> None:
 
 def _validate_schedule(config) -> None:
   require(config.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", config.schedule)
+  if config.schedule == "warmup_linear":
+    require(_is_number(config.warmup_fraction) and 0 <= config.warmup_fraction < 1,
+            "warmup_fraction", "a number in [0, 1)", config.warmup_fraction)
+    for key in ("warmup_start_factor", "final_lr_factor"):
+      require(_is_number(config[key]) and config[key] >= 0, key, "a non-negative number",
+              config[key])
   if config.schedule != "step":
     return  # the boundaries and factor are not used
   boundaries = config.lr_boundaries_epochs
   require(isinstance(boundaries, (tuple, list)) and all(is_int(b) for b in boundaries),
           "lr_boundaries_epochs", "a tuple of integer epochs", boundaries)
   require(all(0 < b < config.num_epochs for b in boundaries), "lr_boundaries_epochs",
-          f"epochs between 1 and num_epochs - 1 = {config.num_epochs - 1}", boundaries)
+          f"epochs between 1 and num_epochs - 1 = {math.ceil(config.num_epochs) - 1}", boundaries)
   require(all(a < b for a, b in zip(boundaries, boundaries[1:])), "lr_boundaries_epochs",
           "strictly increasing epochs", boundaries)
   require(_is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
           "lr_decay_factor", "a number in (0, 1]", config.lr_decay_factor)
+
+
+def _validate_recipe(config) -> None:
+  """The loss, augmentation, parameter groups, lookahead and test-time augmentation keys."""
+  require(_is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
+          "label_smoothing", "a number in [0, 1)", config.label_smoothing)
+  require(config.loss_reduction in LOSS_REDUCTIONS, "loss_reduction",
+          f"one of {LOSS_REDUCTIONS}", config.loss_reduction)
+  require(is_int(config.augment_translate) and 0 <= config.augment_translate <= 16,
+          "augment_translate", "an integer number of pixels in [0, 16]", config.augment_translate)
+  require(config.augment_padding in AUGMENT_PADDINGS, "augment_padding",
+          f"one of {AUGMENT_PADDINGS}", config.augment_padding)
+  require(config.augment_flip in AUGMENT_FLIPS, "augment_flip", f"one of {AUGMENT_FLIPS}",
+          config.augment_flip)
+  require(config.test_time_augmentation in steps.TEST_TIME_AUGMENTATIONS,
+          "test_time_augmentation", f"one of {steps.TEST_TIME_AUGMENTATIONS}",
+          config.test_time_augmentation)
+  require(isinstance(config.decoupled_hyperparameters, bool), "decoupled_hyperparameters",
+          "True or False", config.decoupled_hyperparameters)
+  # The decoupled weight decay is weight_decay * batch_size / learning_rate.
+  require(not config.decoupled_hyperparameters or config.learning_rate > 0, "learning_rate",
+          "a positive number with config.decoupled_hyperparameters", config.learning_rate)
+  require(_is_number(config.offset_lr_multiplier) and config.offset_lr_multiplier > 0,
+          "offset_lr_multiplier", "a positive number", config.offset_lr_multiplier)
+  for key in ("frozen_parameters", "late_frozen_parameters"):
+    require(isinstance(config[key], (tuple, list)) and all(
+        isinstance(name, str) and name for name in config[key]), key,
+            'a tuple of parameter paths such as "whiten/kernel"', config[key])
+  require(is_int(config.late_freeze_epochs) and config.late_freeze_epochs >= 0,
+          "late_freeze_epochs", "a non-negative integer", config.late_freeze_epochs)
+  require(is_int(config.lookahead_every_steps) and config.lookahead_every_steps >= 0,
+          "lookahead_every_steps", "0 (no lookahead) or a positive integer",
+          config.lookahead_every_steps)
+  require(_is_number(config.lookahead_decay) and 0 <= config.lookahead_decay <= 1,
+          "lookahead_decay", "a number in [0, 1]", config.lookahead_decay)
+  require(_is_number(config.lookahead_power) and config.lookahead_power >= 0,
+          "lookahead_power", "a non-negative number", config.lookahead_power)
+
+
+def check_parameter_paths(config, params) -> None:
+  """Every path of `frozen_parameters` and `late_frozen_parameters` names parameters of the
+  model (`params`: its parameter tree, or its shapes)."""
+  names = [optim.parameter_name(path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for key in ("frozen_parameters", "late_frozen_parameters"):
+    for pattern in config[key]:
+      require(any(optim.matches(name, (pattern,)) for name in names), key,
+              f"paths of {config.model}'s parameters (such as {names[0]!r}); "
+              f"{pattern!r} names none", config[key])
 
 
 def check_batch_sizes(config, num_train_examples: int) -> None:

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from convnet_jax import input_pipeline
-from convnet_jax import train
+from convnet_jax import steps
 
 PAD = 4
 
@@ -105,7 +105,7 @@ def _linear_state():
   """A linear classifier without BatchNorm and with learning rate 0: losses just add up."""
   weights = jnp.asarray(np.random.default_rng(0).normal(size=(8 * 8 * 3, 3)) * 0.01, jnp.float32)
   apply_fn = lambda variables, x: x.reshape(x.shape[0], -1) @ variables["params"]["w"]
-  return train.TrainState.create(apply_fn=apply_fn, params={"w": weights}, tx=optax.sgd(0.0))
+  return steps.TrainState.create(apply_fn=apply_fn, params={"w": weights}, tx=optax.sgd(0.0))
 
 
 def _numpy_loss_sum(weights, images, labels):
@@ -122,16 +122,16 @@ def test_training_epoch_augments_and_evaluation_does_not():
   zeros, ones = jnp.zeros(3), jnp.ones(3)
   plain_loss = _numpy_loss_sum(state.params["w"], images, labels)
 
-  epoch = functools.partial(train.train_epoch, batch_size=4, drop_last_batch=False)
-  _, plain = jax.jit(epoch)(state, images, labels, jax.random.key(3), zeros, ones)
-  augmented_epoch = jax.jit(functools.partial(epoch, augment=True))
-  _, augmented = augmented_epoch(state, images, labels, jax.random.key(3), zeros, ones)
-  _, next_epoch = augmented_epoch(state, images, labels, jax.random.key(4), zeros, ones)
+  epoch = functools.partial(steps.train_epoch, batch_size=4, drop_last_batch=False)
+  _, plain = jax.jit(epoch)(state, images, labels, jax.random.key(3), 0, zeros, ones)
+  augmented_epoch = jax.jit(functools.partial(epoch, augment=steps.AugmentOptions()))
+  _, augmented = augmented_epoch(state, images, labels, jax.random.key(3), 0, zeros, ones)
+  _, next_epoch = augmented_epoch(state, images, labels, jax.random.key(4), 0, zeros, ones)
   assert float(plain["loss_sum"]) == pytest.approx(plain_loss, rel=1e-5)
   # Augmented images give other losses, and another epoch key gives other augmentations.
   assert abs(float(augmented["loss_sum"]) - plain_loss) > 1e-3
   assert abs(float(next_epoch["loss_sum"]) - float(augmented["loss_sum"])) > 1e-3
 
-  evaluate = jax.jit(functools.partial(train.evaluate, apply_fn=state.apply_fn, batch_size=4))
+  evaluate = jax.jit(functools.partial(steps.evaluate, apply_fn=state.apply_fn, batch_size=4))
   _, totals = evaluate(state.params, images, labels, zeros, ones)
   assert float(totals["loss_sum"]) == pytest.approx(plain_loss, rel=1e-5)

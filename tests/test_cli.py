@@ -80,7 +80,7 @@ def broken_data_dirs(tmp_path, cifar10_dir):
 
 BAD_INPUTS = [
     (["--config.batch_size=0"], "config.batch_size=0: expected a positive integer"),
-    (["--config.num_epochs=-1"], "config.num_epochs=-1: expected a positive integer"),
+    (["--config.num_epochs=-1"], "config.num_epochs=-1.0: expected a positive number"),
     (["--config.learning_rate=-0.1"], "config.learning_rate=-0.1: expected a non-negative"),
     (["--config.classes=(0,10)"], "config.classes=(0, 10): expected class ids between 0 and 9"),
     (["--config.model=resnet9000"], "config.model='resnet9000': expected one of"),

@@ -31,16 +31,17 @@ def extension_loaded():
 
 # --- An independent reference: the definition, in float64 numpy. -------------------------------
 
-def _padded(x, k):
-  p = k // 2
+def _padded(x, p):
   return np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
 
 
-def numpy_conv(x, w, s):
-  """y[n,i,j,o] = sum_{a,b,c} xpad[n, s*i+a, s*j+b, c] w[a,b,c,o], k // 2 zeros of padding."""
+def numpy_conv(x, w, s, p=None):
+  """y[n,i,j,o] = sum_{a,b,c} xpad[n, s*i+a, s*j+b, c] w[a,b,c,o], p zeros of padding on each
+  side (None: k // 2)."""
   k = w.shape[0]
-  xp = _padded(x, k)
-  oh, ow = (x.shape[1] - 1) // s + 1, (x.shape[2] - 1) // s + 1
+  p = k // 2 if p is None else p
+  xp = _padded(x, p)
+  oh, ow = (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
   y = np.zeros((x.shape[0], oh, ow, w.shape[3]))
   for a in range(k):
     for b in range(k):
@@ -49,10 +50,11 @@ def numpy_conv(x, w, s):
   return y
 
 
-def numpy_conv_gradients(x, w, s, dy):
+def numpy_conv_gradients(x, w, s, dy, p=None):
   """dL/dx and dL/dw of L = sum(conv(x, w) * dy), by scattering each tap back."""
   k = w.shape[0]
-  xp = _padded(x, k)
+  p = k // 2 if p is None else p
+  xp = _padded(x, p)
   oh, ow = dy.shape[1:3]
   dxp, dw = np.zeros_like(xp), np.zeros_like(w)
   for a in range(k):
@@ -60,7 +62,6 @@ def numpy_conv_gradients(x, w, s, dy):
       rows, cols = slice(a, a + s * (oh - 1) + 1, s), slice(b, b + s * (ow - 1) + 1, s)
       dw[a, b] = np.einsum("nijc,nijo->co", xp[:, rows, cols, :], dy)
       dxp[:, rows, cols, :] += np.einsum("nijo,co->nijc", dy, w[a, b])
-  p = k // 2
   return dxp[:, p:p + x.shape[1], p:p + x.shape[2], :], dw
 
 
@@ -88,17 +89,24 @@ SHAPES = [
 ]
 
 
-def _case(cin, cout, k, s, size, batch=2, seed=0):
+# airbench94's convolutions: the unpadded 2x2 whitening at 32x32, then each group's two 3x3s.
+AIRBENCH_SHAPES = [
+    (3, 24, 2, 1, 32, 0), (24, 64, 3, 1, 31, 1), (64, 64, 3, 1, 15, 1), (64, 256, 3, 1, 15, 1),
+    (256, 256, 3, 1, 7, 1), (256, 256, 3, 1, 3, 1), (5, 6, 2, 2, 9, 1),
+]
+
+
+def _case(cin, cout, k, s, size, batch=2, seed=0, p=None):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((batch, size, size, cin))
   w = rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)
-  out = (size - 1) // s + 1
+  out = (size + 2 * (k // 2 if p is None else p) - k) // s + 1
   dy = rng.standard_normal((batch, out, out, cout))
   return x, w, dy
 
 
-def _forward_and_gradients(fn, x, w, s, dy):
-  y, vjp = jax.vjp(lambda x, w: fn(x, w, s), jnp.asarray(x, jnp.float32),
+def _forward_and_gradients(fn, x, w, s, dy, p=None):
+  y, vjp = jax.vjp(lambda x, w: fn(x, w, s, p), jnp.asarray(x, jnp.float32),
                    jnp.asarray(w, jnp.float32))
   return (y,) + vjp(jnp.asarray(dy, jnp.float32))
 
@@ -113,6 +121,17 @@ def test_forward_and_gradients_match_numpy_and_im2col(cin, cout, k, s, size):
                            im2col):
     assert_close(g, e), name
     assert_close(g, i), name
+
+
+@pytest.mark.parametrize("cin,cout,k,s,size,p", AIRBENCH_SHAPES)
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla", "hybrid"])
+def test_airbench_convolutions_match_numpy(implementation, cin, cout, k, s, size, p):
+  x, w, dy = _case(cin, cout, k, s, size, p=p)
+  got = jax.jit(_forward_and_gradients, static_argnums=(0, 3, 5))(
+      conv.CONV_IMPLEMENTATIONS[implementation], x, w, s, dy, p)
+  expected = (numpy_conv(x, w, s, p),) + numpy_conv_gradients(x, w, s, dy, p)
+  for name, g, e in zip(("output", "input gradient", "kernel gradient"), got, expected):
+    assert_close(g, e), name
 
 
 def test_the_gradient_of_a_sum_of_squares_is_twice_the_output_times_the_input():

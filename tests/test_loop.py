@@ -13,6 +13,8 @@ import pytest
 
 from configs import default as default_config
 from convnet_jax import reporting
+from convnet_jax import run_setup
+from convnet_jax import steps
 from convnet_jax import train
 from convnet_jax import workdir as workdir_lib
 from convnet_jax.errors import TrainingDiverged
@@ -93,10 +95,10 @@ def test_checkpoints_every_n_epochs_and_after_the_last():
 
 def test_epoch_key_folds_the_epoch_into_each_replicas_key():
   key = jax.random.key(3)
-  assert np.array_equal(jax.random.key_data(train.epoch_key(key, 5)),
+  assert np.array_equal(jax.random.key_data(steps.epoch_key(key, 5)),
                         jax.random.key_data(jax.random.fold_in(key, 5)))
   stacked = jax.random.split(jax.random.key(0), 3)
-  folded = train.epoch_key(stacked, 2)
+  folded = steps.epoch_key(stacked, 2)
   for replica in range(3):
     assert np.array_equal(jax.random.key_data(folded[replica]),
                           jax.random.key_data(jax.random.fold_in(stacked[replica], 2)))
@@ -204,16 +206,16 @@ def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path
   fresh = {"w": np.zeros(3, np.float32)}
   store = checkpoints.CheckpointStore(files.checkpoints, max_to_keep=2)
   try:
-    assert train.restore_history(store, fresh, "fp", False, reporter) == (fresh, [])
-    assert train.restore_history(store, fresh, "fp", True, reporter) == (fresh, [])  # none yet
+    assert run_setup.restore_history(store, fresh, "fp", False, reporter) == (fresh, [])
+    assert run_setup.restore_history(store, fresh, "fp", True, reporter) == (fresh, [])  # none yet
     saved = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
     history = [{"epoch": 0}, {"epoch": 1}]
     store.save(2, saved, {"history": history, "config_fingerprint": "fp"})
-    state, restored = train.restore_history(store, fresh, "fp", True, reporter)
+    state, restored = run_setup.restore_history(store, fresh, "fp", True, reporter)
     np.testing.assert_array_equal(state["w"], [1.0, 2.0, 3.0])
     assert restored == history and store.newest_intact == 2
     with pytest.raises(UserError, match="checkpoint of another config"):
-      train.restore_history(store, fresh, "other", True, reporter)
+      run_setup.restore_history(store, fresh, "other", True, reporter)
   finally:
     store.close()
 
@@ -223,7 +225,7 @@ def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch)
 
   config = default_config.get_config()
   config.conv_implementation = "xla"
-  assert train.choose_convolutions(config, mesh=None).implementation == "xla"
+  assert run_setup.choose_convolutions(config, mesh=None).implementation == "xla"
 
   def unavailable(*args):
     raise conv.ConvUnavailable("the oneDNN extension is not available: not built")
@@ -231,7 +233,7 @@ def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch)
   monkeypatch.setattr(conv, "choose_conv_implementation", unavailable)
   config.conv_implementation = "onednn"
   with pytest.raises(UserError) as error:
-    train.choose_convolutions(config, mesh=None)
+    run_setup.choose_convolutions(config, mesh=None)
   assert str(error.value) == ("config.conv_implementation='onednn': the oneDNN extension is not "
                               "available: not built")
 

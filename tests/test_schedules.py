@@ -14,7 +14,7 @@ from configs import cifar10_resnet18_short
 from configs import cifar10_resnet50
 from configs import default as default_config
 from convnet_jax import optim
-from convnet_jax import train
+from convnet_jax import steps
 from convnet_jax import validation
 from convnet_jax.errors import UserError
 
@@ -54,9 +54,9 @@ def test_cosine_schedule_start_quarter_middle_end():
 
 def test_resnet18_config_drops_at_epochs_100_and_150_in_steps():
   config = cifar10_resnet18.get_config()
-  steps = train.steps_per_epoch(50_000, config.batch_size, config.drop_last_batch)
-  assert steps == 391  # 390 batches of 128 and one of 80
-  schedule = optim.create_learning_rate_fn(config, steps)
+  num_steps = steps.steps_per_epoch(50_000, config.batch_size, config.drop_last_batch)
+  assert num_steps == 391  # 390 batches of 128 and one of 80
+  schedule = optim.create_learning_rate_fn(config, num_steps)
   assert float(schedule(100 * 391 - 1)) == pytest.approx(0.1)
   assert float(schedule(100 * 391)) == pytest.approx(0.01)
   assert float(schedule(150 * 391 - 1)) == pytest.approx(0.01)
@@ -140,9 +140,9 @@ def test_resnet_configs_follow_the_tutorial_recipe():
     assert config.weight_decay == 5e-4 and config.momentum == 0.9 and not config.nesterov
     assert config.learning_rate == 0.1 and config.num_epochs == 200
   short = cifar10_resnet18_short.get_config()
-  steps = train.steps_per_epoch(short.max_train_examples, short.batch_size,
-                                short.drop_last_batch)
-  assert short.model == "resnet18" and 50 <= steps * short.num_epochs <= 400
+  num_steps = steps.steps_per_epoch(short.max_train_examples, short.batch_size,
+                                    short.drop_last_batch)
+  assert short.model == "resnet18" and 50 <= num_steps * short.num_epochs <= 400
 
 
 def test_default_config_keeps_the_seed_run():

@@ -10,12 +10,12 @@ import pytest
 
 from configs import default as default_config
 from convnet_jax import optim
-from convnet_jax import train
+from convnet_jax import steps
 
 
 def test_steps_per_epoch_matches_the_specification():
-  assert train.steps_per_epoch(10_000, 128, drop_last_batch=False) == 79
-  assert train.steps_per_epoch(10_000, 128, drop_last_batch=True) == 78
+  assert steps.steps_per_epoch(10_000, 128, drop_last_batch=False) == 79
+  assert steps.steps_per_epoch(10_000, 128, drop_last_batch=True) == 78
 
 
 def test_learning_rate_first_middle_last_step():
@@ -52,7 +52,7 @@ def test_loss_is_mean_negative_log_softmax():
   labels = np.array([0, 1, 0])
   softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
   expected = -np.mean(np.log(softmax[np.arange(3), labels]))
-  got = train.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels))
+  got = steps.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels))
   assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
@@ -61,7 +61,7 @@ def _linear_state(num_pixels, learning_rate=0.0):
   weights = jnp.asarray(np.random.default_rng(0).normal(size=(num_pixels, 3)) * 0.01,
                         jnp.float32)
   apply_fn = lambda variables, x: x.reshape(x.shape[0], -1) @ variables["params"]["w"]
-  return train.TrainState.create(apply_fn=apply_fn, params={"w": weights},
+  return steps.TrainState.create(apply_fn=apply_fn, params={"w": weights},
                                  tx=optax.sgd(learning_rate))
 
 
@@ -83,9 +83,9 @@ def _numpy_losses(weights, images, labels):
 def test_train_epoch_sees_every_example_once(drop_last_batch):
   images, labels = _tiny_data(10)  # two batches of 4 and a last one of 2
   state = _linear_state(12)  # learning rate 0: the parameters stay, losses just add up
-  epoch = jax.jit(functools.partial(train.train_epoch, batch_size=4,
+  epoch = jax.jit(functools.partial(steps.train_epoch, batch_size=4,
                                     drop_last_batch=drop_last_batch))
-  new_state, totals = epoch(state, images, labels, jax.random.key(3), jnp.zeros(3),
+  new_state, totals = epoch(state, images, labels, jax.random.key(3), 0, jnp.zeros(3),
                             jnp.ones(3))
   losses, predictions = _numpy_losses(state.params["w"], images, labels)
   assert int(new_state.step) == (2 if drop_last_batch else 3)
@@ -99,10 +99,10 @@ def test_train_epoch_sees_every_example_once(drop_last_batch):
 def test_train_epoch_orders_differ_between_keys():
   images, labels = _tiny_data(12)
   state = _linear_state(12, learning_rate=0.5)
-  epoch = jax.jit(functools.partial(train.train_epoch, batch_size=4, drop_last_batch=False))
-  a, _ = epoch(state, images, labels, jax.random.key(1), jnp.zeros(3), jnp.ones(3))
-  b, _ = epoch(state, images, labels, jax.random.key(2), jnp.zeros(3), jnp.ones(3))
-  c, _ = epoch(state, images, labels, jax.random.key(1), jnp.zeros(3), jnp.ones(3))
+  epoch = jax.jit(functools.partial(steps.train_epoch, batch_size=4, drop_last_batch=False))
+  a, _ = epoch(state, images, labels, jax.random.key(1), 0, jnp.zeros(3), jnp.ones(3))
+  b, _ = epoch(state, images, labels, jax.random.key(2), 0, jnp.zeros(3), jnp.ones(3))
+  c, _ = epoch(state, images, labels, jax.random.key(1), 0, jnp.zeros(3), jnp.ones(3))
   assert not np.allclose(a.params["w"], b.params["w"])
   np.testing.assert_array_equal(a.params["w"], c.params["w"])
 
@@ -110,7 +110,7 @@ def test_train_epoch_orders_differ_between_keys():
 def test_evaluate_predicts_in_order_with_a_short_last_batch():
   images, labels = _tiny_data(10)
   state = _linear_state(12)
-  run = jax.jit(functools.partial(train.evaluate, apply_fn=state.apply_fn, batch_size=4))
+  run = jax.jit(functools.partial(steps.evaluate, apply_fn=state.apply_fn, batch_size=4))
   predictions, totals = run(state.params, images, labels, jnp.zeros(3), jnp.ones(3))
   losses, expected = _numpy_losses(state.params["w"], images, labels)
   np.testing.assert_array_equal(np.asarray(predictions), expected)

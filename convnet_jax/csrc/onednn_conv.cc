@@ -1,15 +1,15 @@
 // XLA FFI custom calls into oneDNN for the trainer's convolutions on x86-64 CPUs.
 //
 // Three handlers, one per pass of a convolution with NHWC activations and an HWIO kernel, square
-// odd kernel, kernel_size / 2 zeros of padding on each side and the same stride on both axes
-// (PyTorch's `padding=k // 2`):
+// kernel, `padding` zeros on each side and the same stride on both axes (the trainer passes
+// PyTorch's `padding=k // 2` for its odd kernels, and 0 for airbench's 2x2 whitening):
 //   convnet_onednn_conv_forward           x[N,H,W,C], w[KH,KW,C,K]   -> y[N,OH,OW,K]
 //   convnet_onednn_conv_backward_data     dy[N,OH,OW,K], w[KH,KW,C,K] -> dx[N,H,W,C]
 //   convnet_onednn_conv_backward_weights  x[N,H,W,C], dy[N,OH,OW,K]  -> dw[KH,KW,C,K]
 // XLA's row-major buffers are handed to oneDNN as they are (its `nhwc` and `hwio` tags); only the
 // small kernels are reordered into the blocked layout oneDNN picks for each primitive.
 //
-// Primitives are built once per (pass, shape, stride) and kept in a mutex-guarded cache; each
+// Primitives are built once per (pass, shape, stride, padding) and kept in a mutex-guarded cache; each
 // executing thread has its own stream and its own scratch buffers (scratchpad and reordered
 // kernel), so XLA may run several of these calls at once.
 
@@ -33,14 +33,14 @@ namespace {
 
 enum class Pass : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// N, H, W, C (input), K (output channels), kernel size, stride.
+// N, H, W, C (input), K (output channels), kernel size, stride, zeros of padding on each side.
 struct ConvShape {
-  int64_t n, h, w, c, k, kernel, stride;
-  int64_t out_h() const { return (h - 1) / stride + 1; }
-  int64_t out_w() const { return (w - 1) / stride + 1; }
+  int64_t n, h, w, c, k, kernel, stride, padding;
+  int64_t out_h() const { return (h + 2 * padding - kernel) / stride + 1; }
+  int64_t out_w() const { return (w + 2 * padding - kernel) / stride + 1; }
 };
 
-using CacheKey = std::array<int64_t, 8>;
+using CacheKey = std::array<int64_t, 9>;
 
 dnnl::engine& cpu_engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -73,7 +73,7 @@ Descs make_descs(const ConvShape& s) {
   d.weights_any = memory::desc({s.k, s.c, s.kernel, s.kernel}, f32, tag::any);
   d.dst = memory::desc({s.n, s.k, s.out_h(), s.out_w()}, f32, tag::nhwc);
   d.strides = {s.stride, s.stride};
-  d.padding = {s.kernel / 2, s.kernel / 2};
+  d.padding = {s.padding, s.padding};
   return d;
 }
 
@@ -128,7 +128,8 @@ Prepared prepare(Pass pass, const ConvShape& s) {
 const Prepared& cached(Pass pass, const ConvShape& s) {
   static std::mutex mutex;
   static std::map<CacheKey, std::unique_ptr<Prepared>> cache;
-  CacheKey key = {static_cast<int64_t>(pass), s.n, s.h, s.w, s.c, s.k, s.kernel, s.stride};
+  CacheKey key = {static_cast<int64_t>(pass), s.n, s.h, s.w, s.c, s.k, s.kernel, s.stride,
+                  s.padding};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
@@ -195,10 +196,11 @@ void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
 }
 
 ffi::Error check_shape(const ConvShape& s) {
-  if (s.kernel % 2 != 1 || s.stride < 1 || s.n < 1 || s.h < 1 || s.w < 1 || s.c < 1 || s.k < 1) {
+  if (s.kernel < 1 || s.stride < 1 || s.padding < 0 || s.padding >= s.kernel || s.n < 1 ||
+      s.h < 1 || s.w < 1 || s.c < 1 || s.k < 1 || s.out_h() < 1 || s.out_w() < 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "convnet_onednn_conv: expected an odd square kernel, stride >= 1 and "
-                      "non-empty NHWC/HWIO shapes");
+                      "convnet_onednn_conv: expected a square kernel, stride >= 1, padding in "
+                      "[0, kernel) and non-empty NHWC/HWIO shapes");
   }
   return ffi::Error::Success();
 }
@@ -219,23 +221,25 @@ ffi::Error guarded(const ConvShape& s, F&& body) {
 using F32Buffer = ffi::Buffer<ffi::F32, 4>;
 using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
 
-ffi::Error ConvForward(F32Buffer x, F32Buffer w, F32Result y, int64_t stride) {
+ffi::Error ConvForward(F32Buffer x, F32Buffer w, F32Result y, int64_t stride, int64_t padding) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride};
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
   return guarded(s, [&] { run(Pass::kForward, s, x.untyped_data(), w.untyped_data(), y->untyped_data()); });
 }
 
-ffi::Error ConvBackwardData(F32Buffer dy, F32Buffer w, F32Result dx, int64_t stride) {
+ffi::Error ConvBackwardData(F32Buffer dy, F32Buffer w, F32Result dx, int64_t stride,
+                            int64_t padding) {
   auto xd = dx->dimensions(), wd = w.dimensions();
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride};
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
   return guarded(s, [&] {
     run(Pass::kBackwardData, s, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
   });
 }
 
-ffi::Error ConvBackwardWeights(F32Buffer x, F32Buffer dy, F32Result dw, int64_t stride) {
+ffi::Error ConvBackwardWeights(F32Buffer x, F32Buffer dy, F32Result dw, int64_t stride,
+                               int64_t padding) {
   auto xd = x.dimensions(), wd = dw->dimensions();
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride};
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
   return guarded(s, [&] {
     run(Pass::kBackwardWeights, s, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
   });
@@ -244,11 +248,11 @@ ffi::Error ConvBackwardWeights(F32Buffer x, F32Buffer dy, F32Result dw, int64_t 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_forward, ConvForward,
-                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride"));
+                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride").Attr<int64_t>("padding"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_data, ConvBackwardData,
-                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride"));
+                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride").Attr<int64_t>("padding"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_weights, ConvBackwardWeights,
-                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride"));
+                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride").Attr<int64_t>("padding"));
 
 // The oneDNN version this library runs with, for the start-up line ("3.2.0").
 extern "C" const char* convnet_onednn_version() {

@@ -1,0 +1,114 @@
+"""The models `config.model` can name, one module per family beside the shared layers:
+
+* `layers`: batch-statistics BatchNorm, the convolution module, the 2x2 max-pool, initialisers;
+* `seed`: the seed convnet of the specification;
+* `resnet`: the CIFAR ResNets (ResNet-18/34 with basic blocks, ResNet-50 with bottleneck blocks);
+* `airbench`: airbench94, the CIFAR-10 speed-run network.
+
+All modules are Flax linen modules: `model.init` returns the parameters as a plain pytree and
+`model.apply` is a pure function of (parameters, images). There is no mutable state: BatchNorm
+always normalises with the statistics of the batch at hand, in training and in evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convnet_jax import conv as conv_lib
+from convnet_jax.models import airbench
+from convnet_jax.models.airbench import Airbench94
+from convnet_jax.models.layers import BATCH_NORM_EPSILON
+from convnet_jax.models.layers import BatchNorm
+from convnet_jax.models.layers import Conv
+from convnet_jax.models.layers import batch_norm
+from convnet_jax.models.layers import dirac_then_fan_in_uniform
+from convnet_jax.models.layers import fan_in_uniform
+from convnet_jax.models.layers import max_pool_2x2
+from convnet_jax.models.layers import uniform_bias
+from convnet_jax.models.resnet import BasicBlock
+from convnet_jax.models.resnet import BottleneckBlock
+from convnet_jax.models.resnet import ResNet
+from convnet_jax.models.seed import ResidualBlock
+from convnet_jax.models.seed import SeedConvNet
+
+
+def _resnet(stage_sizes: Sequence[int], block_cls: type[nn.Module]) -> Callable[..., nn.Module]:
+  def build(config, num_classes: int, **settings) -> nn.Module:
+    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
+                  width=config.resnet_width, **settings)
+  return build
+
+
+# Every model `config.model` can name, and how to build it from (config, num_classes, dtype=,
+# conv_implementation=). The ResNets: blocks per stage and the block type.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "seed_convnet": lambda config, num_classes, **settings: SeedConvNet(num_classes=num_classes,
+                                                                        **settings),
+    "resnet18": _resnet((2, 2, 2, 2), BasicBlock),
+    "resnet34": _resnet((3, 4, 6, 3), BasicBlock),
+    "resnet50": _resnet((3, 4, 6, 3), BottleneckBlock),
+    "airbench94": lambda config, num_classes, **settings: Airbench94(num_classes=num_classes,
+                                                                     **settings),
+}
+
+# Models whose initial parameters also depend on the training data: (parameters, uint8 training
+# images, channel mean, channel std) -> parameters, applied after `init`.
+DATA_INITIALISERS: dict[str, Callable] = {"airbench94": airbench.initialise_from_data}
+
+
+def initialise_from_data(config, params, data):
+  """`params` with the data-dependent parts of `config.model` filled in from the training set
+  `data` (an `input_pipeline.Dataset`); unchanged for models without any."""
+  initialise = DATA_INITIALISERS.get(config.model)
+  if initialise is None:
+    return params
+  return initialise(params, data.train_images, data.mean, data.std)
+
+
+def create_model(config, num_classes: int, conv_implementation: str | None = None) -> nn.Module:
+  """Builds the model named by `config.model` (a key of `MODELS`) for `num_classes` outputs;
+  ResNets take their base width from `config.resnet_width`.
+
+  `conv_implementation`: the resolved convolution path (a key of `conv.CONV_IMPLEMENTATIONS`);
+  default: `config.conv_implementation` resolved for one device.
+  """
+  if conv_implementation is None:
+    conv_implementation = conv_lib.choose_conv_implementation(
+        config.conv_implementation, config.dtype).implementation
+  if config.model not in MODELS:
+    raise ValueError(f"unknown model {config.model!r}; expected one of {tuple(MODELS)}")
+  return MODELS[config.model](config, num_classes, dtype=jnp.dtype(config.dtype),
+                              conv_implementation=conv_implementation)
+
+
+def count_parameters(params) -> int:
+  """Total number of scalar parameters in a pytree."""
+  return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+def describe_shapes(model: nn.Module, params, images: jax.Array) -> list[str]:
+  """The reference-style shape trace of one forward pass: each top-level layer's input and
+  output shape, computed abstractly (no FLOPs are spent)."""
+  lines = []
+
+  def record(next_fn, args, kwargs, context):
+    output = next_fn(*args, **kwargs)
+    module = context.module
+    parent = module.parent
+    if context.method_name == "__call__" and isinstance(parent, nn.Module) and \
+        not isinstance(parent.parent, nn.Module):  # direct children of the model only
+      in_shape = tuple(args[0].shape)
+      out_shape = tuple(output.shape)
+      lines.append(f"{module.name} ({type(module).__name__}): {in_shape} -> {out_shape}")
+    return output
+
+  def forward(params, images):
+    with nn.intercept_methods(record):
+      return model.apply({"params": params}, images)
+
+  jax.eval_shape(forward, params, images)
+  return lines

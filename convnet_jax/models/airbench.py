@@ -1,0 +1,138 @@
+"""airbench94 (Keller Jordan's CIFAR-10 speed-run network, `legacy/airbench94.py` of
+KellerJordan/cifar10-airbench): a frozen 2x2 patch-whitening convolution, three conv groups and a
+scaled linear head, 94% on CIFAR-10 in under 10 epochs with its recipe
+(`configs/cifar10_airbench94.py`).
+
+The network as airbench94 defines it, with this project's batch-statistics BatchNorm (no
+running averages: evaluation normalises each evaluation batch with its own statistics, see
+docs/resnets.md). The whitening kernel depends on the data: `whitening_kernel` computes it from
+training images, and `initialise_from_data` puts it into freshly initialised parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convnet_jax.models.layers import BatchNorm
+from convnet_jax.models.layers import Conv
+from convnet_jax.models.layers import dirac_then_fan_in_uniform
+from convnet_jax.models.layers import fan_in_uniform
+from convnet_jax.models.layers import max_pool_2x2
+
+# airbench94's BatchNorm epsilon: effectively none, the offsets alone are learnt.
+BATCH_NORM_EPSILON = 1e-12
+# The whitening kernel: from the first 5,000 training images, each eigenvector divided by
+# sqrt(eigenvalue + 5e-4).
+WHITENING_EXAMPLES = 5000
+WHITENING_EPSILON = 5e-4
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact (erf) GELU of PyTorch's `nn.GELU()`; jax.nn.gelu defaults to the tanh form."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class ConvGroup(nn.Module):
+  """conv3x3 -> 2x2 max-pool -> BN -> GELU -> conv3x3 -> BN -> GELU, bias-free convolutions with
+  identity-initialised first filters, BatchNorm with a learnable offset only."""
+
+  features: int
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    def conv(name):
+      return Conv(self.features, 3, dtype=self.dtype, implementation=self.conv_implementation,
+                  kernel_init=dirac_then_fan_in_uniform(), name=name)
+
+    def norm(name):
+      return BatchNorm(use_offset=True, epsilon=BATCH_NORM_EPSILON, name=name)
+
+    x = max_pool_2x2(conv("conv1")(x))
+    x = gelu(norm("norm1")(x))
+    return gelu(norm("norm2")(conv("conv2")(x)))
+
+
+class Airbench94(nn.Module):
+  """whiten (2x2 conv 3 -> 24 with bias, no padding) -> GELU -> conv groups of `widths` ->
+  3x3 max-pool -> bias-free linear -> times `scale`. Returns logits."""
+
+  global_pool_name: ClassVar[str] = "3x3 max-pool"
+
+  num_classes: int = 10
+  widths: Sequence[int] = (64, 256, 256)
+  whitening_kernel_size: int = 2
+  scale: float = 1 / 9
+  dtype: Any = jnp.float32
+  conv_implementation: str = "im2col"
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    size = self.whitening_kernel_size
+    x = images.astype(self.dtype)
+    # Zeros until `initialise_from_data` puts the whitening eigenvectors in.
+    x = Conv(2 * images.shape[-1] * size**2, size, padding=0, dtype=self.dtype,
+             implementation=self.conv_implementation, kernel_init=nn.initializers.zeros,
+             use_bias=True, name="whiten")(x)
+    x = gelu(x)
+    for index, features in enumerate(self.widths):
+      x = ConvGroup(features, dtype=self.dtype, conv_implementation=self.conv_implementation,
+                    name=f"group{index + 1}")(x)
+    if x.shape[1:3] == (3, 3):
+      # MaxPool2d(3) on the 3x3 map that three halvings leave of 31x31 is one window: a plain
+      # max, whose gradient is cheaper on the CPU than reduce_window's select-and-scatter.
+      x = jnp.max(x, axis=(1, 2))
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(3, 3)).reshape(x.shape[0], -1)
+    x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=fan_in_uniform(), name="head")(x)
+    return (self.scale * x).astype(jnp.float32)
+
+
+def patches(images: np.ndarray, size: int) -> np.ndarray:
+  """Every size x size patch of NHWC `images` as rows of (dy, dx, channel) values."""
+  batch, height, width, channels = images.shape
+  rows, columns = height - size + 1, width - size + 1
+  shifted = [images[:, i:i + rows, j:j + columns, :] for i in range(size) for j in range(size)]
+  return np.stack(shifted, axis=3).reshape(batch * rows * columns, size * size * channels)
+
+
+def whitening_kernel(images: np.ndarray, size: int = 2,
+                     epsilon: float = WHITENING_EPSILON) -> np.ndarray:
+  """The HWIO kernel of airbench's whitening convolution from normalised NHWC images: the
+  eigenvectors of the uncentred covariance of all size x size patches, largest eigenvalue first,
+  each divided by sqrt(eigenvalue + epsilon), then the same filters negated."""
+  channels = images.shape[-1]
+  dimension = size * size * channels
+  covariance = np.zeros((dimension, dimension))
+  count = 0
+  for start in range(0, len(images), 500):  # 500 images at a time: ~40 MB of patches
+    rows = patches(np.asarray(images[start:start + 500], np.float64), size)
+    covariance += rows.T @ rows
+    count += len(rows)
+  eigenvalues, eigenvectors = np.linalg.eigh(covariance / count)
+  order = np.argsort(eigenvalues)[::-1]
+  filters = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + epsilon)
+  kernel = filters.reshape(size, size, channels, dimension)
+  return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def initialise_from_data(params, train_images: np.ndarray, mean: np.ndarray, std: np.ndarray):
+  """The parameters with the whitening kernel computed from the first `WHITENING_EXAMPLES`
+  training images (uint8 NHWC, normalised with `mean` and `std` as training normalises them);
+  a leading replica axis of the parameters is kept."""
+  images = (np.asarray(train_images[:WHITENING_EXAMPLES], np.float32) / 255.0 - mean) / std
+  current = params["whiten"]["kernel"]
+  size = current.shape[-4]
+  kernel = whitening_kernel(images, size)
+  kernel = np.broadcast_to(kernel, current.shape)
+  whiten = dict(params["whiten"], kernel=jax.device_put(kernel, getattr(current, "sharding",
+                                                                         None)))
+  return dict(params, whiten=whiten)

@@ -1,0 +1,208 @@
+"""The layers every model family shares: batch-statistics BatchNorm, the convolution module,
+the 2x2 max-pool and the initialisers.
+
+BatchNorm always normalises with the statistics of the batch at hand, in training and in
+evaluation; there are no running averages and no mutable state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convnet_jax import conv as conv_lib
+
+BATCH_NORM_EPSILON = 1e-5
+
+
+def batch_norm(x: jax.Array, epsilon: float = BATCH_NORM_EPSILON) -> jax.Array:
+  """Normalises `x` (NHWC) per channel with the mean and biased variance of this batch.
+
+  Equivalent to PyTorch `BatchNorm2d(C, eps, momentum=None, affine=False,
+  track_running_stats=False)`. Statistics are computed in float32 whatever the input dtype.
+  """
+  return _normalize(x.astype(jnp.float32), epsilon).astype(x.dtype)
+
+
+_STATISTICS_AXES = (0, 1, 2)
+
+
+def _statistics(x: jax.Array, epsilon: float):
+  mean = jnp.mean(x, axis=_STATISTICS_AXES)
+  # Two passes (variance of the centred values), as the formula reads: the one-pass
+  # E[x^2]-E[x]^2 loses precision when |mean| >> std.
+  variance = jnp.mean(jnp.square(x - mean), axis=_STATISTICS_AXES)
+  return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalize(x: jax.Array, epsilon: float) -> jax.Array:
+  mean, inverse_std = _statistics(x, epsilon)
+  return (x - mean) * inverse_std
+
+
+def _normalize_forward(x, epsilon):
+  mean, inverse_std = _statistics(x, epsilon)
+  return (x - mean) * inverse_std, (x, mean, inverse_std)
+
+
+def _normalize_backward(epsilon, residuals, output_gradient):
+  # The closed-form gradient of batch normalisation, y = (x - mean) / std over N values per
+  # channel: dx = (g - mean(g) - y * mean(g * y)) / std. The same derivative autodiff takes,
+  # in two reductions and one elementwise pass instead of the ~7 passes of the traced chain.
+  x, mean, inverse_std = residuals
+  y = (x - mean) * inverse_std
+  mean_gradient = jnp.mean(output_gradient, axis=_STATISTICS_AXES)
+  mean_projection = jnp.mean(output_gradient * y, axis=_STATISTICS_AXES)
+  return ((output_gradient - mean_gradient - y * mean_projection) * inverse_std,)
+
+
+_normalize.defvjp(_normalize_forward, _normalize_backward)
+
+
+class BatchNorm(nn.Module):
+  """Batch-statistics BatchNorm with no running averages; optionally a learnable scale and
+  offset (`use_scale_and_offset`, init 1 and 0) or a learnable offset alone (`use_offset`, the
+  scale fixed at 1, as airbench has it)."""
+
+  use_scale_and_offset: bool = False
+  use_offset: bool = False
+  epsilon: float = BATCH_NORM_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = batch_norm(x, self.epsilon)
+    channels = x.shape[-1]
+    if self.use_scale_and_offset:
+      scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+      y = y * scale.astype(y.dtype)
+    if self.use_scale_and_offset or self.use_offset:
+      offset = self.param("offset", nn.initializers.zeros, (channels,), jnp.float32)
+      y = y + offset.astype(y.dtype)
+    return y
+
+
+def fan_in_uniform() -> nn.initializers.Initializer:
+  """U(-s, s) with s = sqrt(1 / fan_in), fan_in = all kernel dimensions but the output one.
+
+  That is kh*kw*in_channels for an HWIO convolution kernel and in_dim for a dense kernel,
+  the specification's (and PyTorch's default-style) initialisation.
+  """
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    fan_in = math.prod(shape[:-1])
+    bound = math.sqrt(1.0 / fan_in)
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
+def uniform_bias(fan_in: int) -> nn.initializers.Initializer:
+  """U(-s, s) with s = sqrt(1 / fan_in) for a bias, PyTorch's default for `nn.Linear` (the bias'
+  own shape does not carry the fan-in, so it is given)."""
+  bound = math.sqrt(1.0 / fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
+def dirac_then_fan_in_uniform() -> nn.initializers.Initializer:
+  """`fan_in_uniform` for an HWIO kernel, except that the first `in_channels` filters are the
+  identity (1 at the centre tap from input channel i to output channel i, 0 elsewhere), as
+  airbench initialises its convolutions (PyTorch's `dirac_` on `weight[:in_channels]`)."""
+  uniform = fan_in_uniform()
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    kernel = uniform(key, shape, dtype)
+    height, width, in_channels, out_channels = shape
+    identity = min(in_channels, out_channels)
+    dirac = jnp.zeros((height, width, in_channels, identity), dtype)
+    dirac = dirac.at[height // 2, width // 2].set(jnp.eye(in_channels, identity, dtype=dtype))
+    return kernel.at[..., :identity].set(dirac)
+
+  return init
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 on NHWC; an odd last row or column is dropped (PyTorch's
+  `MaxPool2d(2)`: 31x31 -> 15x15).
+
+  Written as a reshape and max rather than `nn.max_pool`: XLA's CPU gradient of `reduce_window`
+  (select-and-scatter) is ~25x slower than the gradient of a plain reduction.
+  """
+  _, height, width, _ = x.shape
+  if height % 2 or width % 2:
+    x = x[:, :height - height % 2, :width - width % 2, :]
+  return _max_pool_2x2(x)
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  """NHWC -> (N, H/2, 2, W/2, 2, C): each 2x2 window along axes 2 and 4."""
+  batch, height, width, channels = x.shape
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+  return jnp.max(_windows(x), axis=(2, 4))
+
+
+def _max_pool_forward(x):
+  y = _max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_backward(residuals, output_gradient):
+  # jnp.max's own gradient: each window's gradient split equally between the positions that
+  # hold its maximum. The tie count comes from the four strided quarter-images (small, no
+  # reduction over the window axes, which XLA's CPU backend runs slowly) and the gradient is
+  # one elementwise pass over the input.
+  x, y = residuals
+  ties = sum((x[:, i::2, j::2, :] == y).astype(y.dtype) for i in (0, 1) for j in (0, 1))
+  share = (output_gradient / ties)[:, :, None, :, None, :]
+  windows = _windows(x)
+  gradient = jnp.where(windows == y[:, :, None, :, None, :], share, jnp.zeros_like(share))
+  return (gradient.reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+class Conv(nn.Module):
+  """Bias-free convolution, by default with the specification's uniform initialisation: square
+  kernel, `padding` zeros on each side (None: kernel_size // 2, i.e. 'SAME' for an odd kernel at
+  stride 1), stride `strides`.
+
+  The kernel is an HWIO array named `kernel`, as in `nn.Conv`; `implementation` only changes how
+  the same convolution is computed.
+  """
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int | None = None
+  dtype: Any = jnp.float32
+  implementation: str = "im2col"
+  kernel_init: nn.initializers.Initializer = fan_in_uniform()
+  # A bias (initialised to zero) added after the convolution.
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    conv = conv_lib.CONV_IMPLEMENTATIONS[self.implementation]
+    y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          y.dtype)
+    return y
+
+

@@ -1,0 +1,206 @@
+"""Setting up a run: its checks, workdir, train state, data on the device and compiled programs,
+everything `train.train_and_evaluate` does before its first epoch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from convnet_jax import checkpoints
+from convnet_jax import conv
+from convnet_jax import input_pipeline
+from convnet_jax import models
+from convnet_jax import optim
+from convnet_jax import parallel
+from convnet_jax import replicas
+from convnet_jax import reporting
+from convnet_jax import steps as steps_lib
+from convnet_jax import validation
+from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import UserError
+
+
+def create_run_state(config, model, steps: int, mesh, data=None):
+  """The train state and data-order key of the run: one model, or `config.num_replicas` stacked
+  along a leading axis (seed, learning rate and momentum from `replicas.replica_settings`). A
+  model of seed s has the parameters and data order of `jax.random.split(jax.random.key(s))`,
+  so replica i of a replicated run starts exactly as a single run of its seed. Models whose
+  initialisation depends on the data (`models.DATA_INITIALISERS`) take it from the training set
+  `data` (an `input_pipeline.Dataset`; required for them)."""
+  settings = replicas.replica_settings(config)
+  stacked = config.num_replicas > 1
+
+  def create(seed, learning_rate, momentum):
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    state = steps_lib.create_train_state(config, model, init_key, steps, learning_rate,
+                                         momentum)
+    return state, data_key
+
+  if stacked:
+    create = jax.vmap(create)
+  args = [np.asarray(values if stacked else values[0]) for values in settings.values()]
+  args[1:] = [np.asarray(value, np.float32) for value in args[1:]]
+  state, data_key = jax.jit(create, out_shardings=parallel.mirrored_sharding(mesh)).lower(
+      *args).compile(compiler_options=steps_lib.compiler_options(run_once=True))(*args)
+  # The optimiser state only holds momenta (zeros) and counts: it does not depend on params.
+  state = state.replace(params=models.initialise_from_data(config, state.params, data))
+  if state.lookahead_params is not None:
+    # Lookahead's slow copy starts as the (data-initialised) parameters, in buffers of its own,
+    # since the epoch program donates both.
+    state = state.replace(lookahead_params=jax.tree_util.tree_map(jnp.copy, state.params))
+  logging.info("model %s: %d parameters x %d replicas; %d steps per epoch on %d devices",
+               config.model, models.count_parameters(state.params) // config.num_replicas,
+               config.num_replicas, steps, parallel.mesh_size(mesh))
+  # The optimiser built inside `jit` only served to initialise: its hyperparameters are in
+  # `opt_state`, and a concrete one is kept for the updates.
+  return state.replace(tx=optim.create_optimizer(config, steps)), data_key
+
+
+def check_inputs(config, workdir: str | Path):
+  """Every check that can fail on user input, before any compilation: the config, the devices,
+  the workdir (returns whether it holds this run to resume) and the data, which it loads.
+  Returns (run files, run identity, resuming, data set)."""
+  validation.validate_config(config)
+  validation.check_devices(config, jax.device_count())
+  files = workdir_lib.RunFiles(workdir)
+  identity = workdir_lib.run_identity(config)
+  resuming = workdir_lib.check_workdir(files, identity)
+  data = input_pipeline.load_dataset(config)
+  validation.check_batch_sizes(config, len(data.train_labels))
+  return files, identity, resuming, data
+
+
+def check_model(config, model) -> None:
+  """The checks that need the model's parameter tree (its shapes only: nothing is computed)."""
+  dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
+  validation.check_parameter_paths(
+      config, jax.eval_shape(lambda: model.lazy_init(jax.random.key(0), dummy))["params"])
+
+
+def choose_convolutions(config, mesh) -> conv.ConvChoice:
+  """The convolution path of this run (`conv.choose_conv_implementation`); `UserError` when
+  the one asked for cannot run here."""
+  try:
+    return conv.choose_conv_implementation(config.conv_implementation, config.dtype,
+                                           parallel.mesh_size(mesh))
+  except conv.ConvUnavailable as error:
+    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: "
+                    f"{error}") from None
+
+
+def create_workdir(files: workdir_lib.RunFiles, is_writer: bool) -> None:
+  """Creates the workdir, once every process of a multi-process run has checked it."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("convnet_jax: workdir checked")
+  if is_writer:
+    files.workdir.mkdir(parents=True, exist_ok=True)
+
+
+def restore_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
+                    resuming: bool, reporter: reporting.Reporter):
+  """(state, history): restored from the newest intact checkpoint when resuming and there is
+  one, else the fresh `state` and no history."""
+  if not resuming:
+    return state, []
+  try:
+    restored = store.restore_latest(state, fingerprint)
+  except checkpoints.ForeignCheckpointError as error:
+    raise UserError(str(error)) from None
+  if restored is None:
+    return state, []
+  state, record = restored
+  history = record["history"]
+  logging.info("resuming from %s after epoch %d", store.directory, len(history))
+  reporter.note(f"resuming after epoch {len(history) - 1} from {store.directory}")
+  return state, history
+
+
+class DeviceData(NamedTuple):
+  """The data set on the device(s), as uint8 images and int labels, with the channel
+  statistics that normalise it."""
+  train_images: jax.Array
+  train_labels: jax.Array
+  test_images: jax.Array
+  test_labels: jax.Array
+  mean: jax.Array
+  std: jax.Array
+
+
+def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
+  """The whole data set on the device(s) once, mirrored on every device of a mesh."""
+  return DeviceData(*parallel.put_mirrored(
+      (data.train_images, data.train_labels, data.test_images, data.test_labels, data.mean,
+       data.std), mesh))
+
+
+class Programs:
+  """The run's compiled programs, each compiled once when first needed (the training epoch and
+  the evaluation at once): `train_epoch(num_steps)` -> (state, images, labels, data_key,
+  epoch, mean, std) -> (state, totals); `evaluate(level)` -> (params, test images, labels, mean,
+  std) -> (predictions, totals), `level` a test-time augmentation. `compile_seconds` adds up
+  the compile times."""
+
+  def __init__(self, config, model, state, data: DeviceData, data_key: jax.Array, mesh,
+               steps_per_epoch: int):
+    self._config, self._model, self._mesh = config, model, mesh
+    # Shapes only: the state's arrays are donated to the first epoch, and a program compiled
+    # later (a fractional last epoch, test-time augmentation) must not touch them.
+    self._arguments = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        (state, data, data_key))
+    self._steps_per_epoch = steps_per_epoch
+    self._compiled = {}
+    self.compile_seconds = 0.0
+    self.train_epoch(steps_per_epoch)
+    self.evaluate("none")
+    logging.info("compiled the epoch and evaluation programs in %.2f s", self.compile_seconds)
+
+  def _get(self, key, compile_fn):
+    if key not in self._compiled:
+      start = time.perf_counter()
+      self._compiled[key] = compile_fn()
+      self.compile_seconds += time.perf_counter() - start
+    return self._compiled[key]
+
+  def train_epoch(self, num_steps: int) -> Callable:
+    """The epoch program running `num_steps` steps (all of an epoch, or fewer)."""
+    config = self._config
+    state, data, data_key = self._arguments
+    return self._get(("train", num_steps), lambda: steps_lib.compile_train_epoch(
+        state, data.train_images, data.train_labels, data_key, data.mean, data.std,
+        batch_size=config.batch_size, drop_last_batch=config.drop_last_batch,
+        augment=steps_lib.augment_options(config), vmap_replicas=config.num_replicas > 1,
+        mesh=self._mesh,
+        num_steps=None if num_steps == self._steps_per_epoch else num_steps,
+        options=steps_lib.step_options(config, self._steps_per_epoch)))
+
+  def evaluate(self, test_time_augmentation: str = "none") -> Callable:
+    """The evaluation program on the test set, with `test_time_augmentation`."""
+    config = self._config
+    state, data, _ = self._arguments
+    return self._get(("evaluate", test_time_augmentation), lambda: steps_lib.compile_evaluate(
+        state.params, data.test_images, data.test_labels, data.mean, data.std,
+        apply_fn=self._model.apply, batch_size=config.eval_batch_size,
+        vmap_replicas=config.num_replicas > 1, mesh=self._mesh,
+        test_time_augmentation=test_time_augmentation))
+
+
+def report_shapes(reporter: reporting.Reporter, config, model, state, data: DeviceData) -> None:
+  """With `operations.trace_shapes`, the shapes of a training step of the first model (replica
+  0 when stacked) on stderr."""
+  if not config.operations.trace_shapes:
+    return
+  params = state.params
+  if config.num_replicas > 1:
+    params = jax.tree_util.tree_map(lambda x: x[0], params)
+  images = data.train_images[:config.batch_size].astype(jnp.float32)
+  for line in reporting.shape_trace(model, params, images,
+                                    data.train_labels[:config.batch_size]):
+    reporter.note(line)

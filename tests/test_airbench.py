@@ -1,0 +1,387 @@
+"""airbench94 and its recipe (configs/cifar10_airbench94.py), each piece against an independent
+expectation: numpy's eigendecomposition, the formulas, PyTorch's SGD update rule written out by
+hand, airbench's own counts; and a few real steps on real CIFAR-10."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import cifar10_airbench94
+from configs import default as default_config
+from convnet_jax import conv
+from convnet_jax import input_pipeline
+from convnet_jax import models
+from convnet_jax import optim
+from convnet_jax import steps
+from convnet_jax import train
+from convnet_jax import validation
+from convnet_jax.errors import UserError
+from convnet_jax.models import airbench
+
+
+def _patch_rows(images, size=2):
+  """Every size x size patch as a (dy, dx, channel) row, by explicit loops."""
+  n, h, w, _ = images.shape
+  return np.array([images[b, i:i + size, j:j + size, :].reshape(-1)
+                   for b in range(n) for i in range(h - size + 1) for j in range(w - size + 1)])
+
+
+def test_whitening_kernel_whitens_the_patches():
+  rng = np.random.default_rng(0)
+  # Correlated channels and neighbouring pixels, as in images.
+  base = rng.standard_normal((30, 9, 9, 3)) @ np.array([[1, .8, .6], [0, .5, .3], [0, 0, .2]])
+  images = base + 0.7 * np.roll(base, 1, axis=1)
+  epsilon = 5e-4
+  kernel = airbench.whitening_kernel(images, 2, epsilon)
+  assert kernel.shape == (2, 2, 3, 24)
+  rows = _patch_rows(images)
+  covariance = rows.T @ rows / len(rows)
+  eigenvalues = np.linalg.eigvalsh(covariance)[::-1]  # largest first
+  filters = kernel.reshape(12, 24).astype(np.float64)
+  whitened = rows @ filters[:, :12]
+  # The whitened patches are uncorrelated with variance lambda / (lambda + eps): the identity
+  # but for eps, which only the smallest eigenvalues feel.
+  np.testing.assert_allclose(whitened.T @ whitened / len(rows),
+                             np.diag(eigenvalues / (eigenvalues + epsilon)), atol=2e-5)
+  np.testing.assert_array_equal(filters[:, 12:], -filters[:, :12])
+
+
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])
+def test_whitening_layer_applies_the_kernel_to_each_patch(implementation):
+  rng = np.random.default_rng(1)
+  images = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+  kernel = rng.standard_normal((2, 2, 3, 24)).astype(np.float32)
+  got = conv.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(images), jnp.asarray(kernel), 1, 0)
+  expected = (_patch_rows(images) @ kernel.reshape(12, 24)).reshape(2, 5, 4, 24)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_data_initialisation_puts_the_kernel_of_the_first_5000_normalised_images():
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (5200, 4, 4, 3), dtype=np.uint8)
+  images[5000:] = 255  # images after the first 5,000 must not count
+  mean, std = np.array([.4, .5, .6], np.float32), np.array([.2, .25, .3], np.float32)
+  params = {"whiten": {"kernel": jnp.zeros((2, 2, 3, 24)), "bias": jnp.ones(24)}, "head": 1}
+  got = airbench.initialise_from_data(params, images, mean, std)
+  normalised = (images[:5000].astype(np.float64) / 255 - mean) / std
+  np.testing.assert_allclose(got["whiten"]["kernel"], airbench.whitening_kernel(normalised),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got["whiten"]["bias"], np.ones(24))
+  assert got["head"] == 1
+
+
+def test_network_shapes_and_parameter_count_are_airbench94s():
+  model = models.Airbench94(num_classes=10)
+  images = jnp.zeros((4, 32, 32, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+  assert models.describe_shapes(model, params, images) == [
+      "whiten (Conv): (4, 32, 32, 3) -> (4, 31, 31, 24)",
+      "group1 (ConvGroup): (4, 31, 31, 24) -> (4, 15, 15, 64)",
+      "group2 (ConvGroup): (4, 15, 15, 64) -> (4, 7, 7, 256)",
+      "group3 (ConvGroup): (4, 7, 7, 256) -> (4, 3, 3, 256)",
+      "head (Dense): (4, 256) -> (4, 10)"]
+  whiten = 2 * 2 * 3 * 24 + 24
+  convolutions = 9 * (24 * 64 + 64 * 64 + 64 * 256 + 256 * 256 + 256 * 256 + 256 * 256)
+  offsets = 2 * (64 + 256 + 256)
+  head = 256 * 10
+  assert models.count_parameters(params) == whiten + convolutions + offsets + head == 1_971_640
+  # PyTorch's sum(p.numel() for p in net.parameters()) for airbench94 is 1,972,792: it also
+  # counts the 2 * (64 + 256 + 256) = 1,152 BatchNorm weights that airbench fixes at 1, which
+  # this BatchNorm has no parameter for.
+  assert models.count_parameters(params) + offsets == 1_972_792
+
+
+def test_convolutions_start_with_identity_filters():
+  init = models.dirac_then_fan_in_uniform()
+  kernel = np.asarray(init(jax.random.key(0), (3, 3, 24, 64)))
+  for channel in range(24):
+    expected = np.zeros((3, 3, 24))
+    expected[1, 1, channel] = 1
+    np.testing.assert_array_equal(kernel[..., channel], expected)
+  rest = kernel[..., 24:]
+  bound = math.sqrt(1 / (9 * 24))
+  assert np.all(np.abs(rest) <= bound) and np.abs(rest).max() > 0.9 * bound
+
+
+def test_label_smoothed_loss_is_the_formula():
+  logits = np.array([[2.0, -1.0, 0.5, 0.0], [0.3, 0.3, 3.0, -2.0]])
+  labels = np.array([0, 3])
+  smoothing = 0.2
+  log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  targets = np.full((2, 4), smoothing / 4)
+  targets[np.arange(2), labels] += 1 - smoothing
+  expected = -(targets * log_softmax).sum(axis=1)
+  got = steps.cross_entropy_losses(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                                   smoothing)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _linear_state(config, steps_per_epoch=2, w=None):
+  def apply_fn(variables, x):
+    return x.reshape(x.shape[0], -1) @ variables["params"]["w"]
+
+  w = jnp.asarray(np.random.default_rng(3).standard_normal((6, 3)) if w is None else w,
+                  jnp.float32)
+  tx = optim.create_optimizer(config, steps_per_epoch)
+  return steps.TrainState.create(apply_fn=apply_fn, params={"w": w}, tx=tx,
+                                 lookahead_params={"w": w} if config.lookahead_every_steps
+                                 else None)
+
+
+def _config(**overrides):
+  config = default_config.get_config()
+  config.update(overrides)
+  return config
+
+
+def test_lookahead_matches_a_hand_written_loop():
+  # Plain SGD (lr 0.1, no momentum) on a linear model with a summed squared-error-free loss:
+  # the mean cross-entropy; lookahead every 2 steps of 5, decay 0.6 * (step / 5) ** 2.
+  config = _config(schedule="step", momentum=0.0, learning_rate=0.1, num_epochs=2.5,
+                   lookahead_every_steps=2, lookahead_decay=0.6, lookahead_power=2.0)
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((8, 2, 3)).astype(np.float32)
+  y = rng.integers(0, 3, 8)
+  state = _linear_state(config)
+  options = steps.step_options(config, steps_per_epoch=2)
+  assert options.total_steps == 5
+  step = jax.jit(lambda s: steps.train_step(s, jnp.asarray(x), jnp.asarray(y), options))
+
+  def gradient(w):  # d/dw of the mean cross-entropy of softmax(x w)
+    flat = x.reshape(8, -1).astype(np.float64)
+    logits = flat @ w
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(8), y] -= 1
+    return flat.T @ p / 8
+
+  w = np.asarray(state.params["w"], np.float64)
+  slow = w.copy()
+  for count in range(1, 6):
+    state, _ = step(state)
+    w = w - 0.1 * gradient(w)
+    if count % 2 == 0:
+      decay = 0.6 * (count / 5) ** 2
+      slow = slow + (1 - decay) * (w - slow)
+      w = slow.copy()
+    elif count == 5:  # the final copy
+      w = slow.copy()
+    np.testing.assert_allclose(state.params["w"], w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.lookahead_params["w"], slow, rtol=1e-5, atol=1e-6)
+
+
+def _pytorch_sgd(params, grads_per_step, groups):
+  """PyTorch's SGD step (torch.optim.SGD, momentum, dampening 0, nesterov=True), as its docs
+  write it, per parameter group {names: (lr, weight_decay)}: d = g + wd p; b = m b + d (b = d
+  at the first step); d = d + m b; p = p - lr d. `lr` may be a function of the step."""
+  params = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  buffers = {}
+  for t, grads in enumerate(grads_per_step):
+    for name, (lr, weight_decay, momentum) in groups.items():
+      d = grads[name] + weight_decay * params[name]
+      buffers[name] = d if t == 0 else momentum * buffers[name] + d
+      d = d + momentum * buffers[name]
+      params[name] = params[name] - lr(t) * d
+  return params
+
+
+def test_decoupled_nesterov_with_fast_offsets_matches_pytorchs_rule():
+  config = cifar10_airbench94.get_config()
+  config.num_epochs = 2.0
+  config.frozen_parameters = config.late_frozen_parameters = ()
+  rng = np.random.default_rng(5)
+  params = {"conv": {"kernel": rng.standard_normal((3, 4))},
+            "norm": {"offset": rng.standard_normal(4)}}
+  grads = [{"conv": {"kernel": rng.standard_normal((3, 4))},
+            "norm": {"offset": rng.standard_normal(4)}} for _ in range(4)]
+  steps_per_epoch = 2
+  optimizer = optim.create_optimizer(config, steps_per_epoch)
+  state = optimizer.init(jax.tree_util.tree_map(jnp.float32, params))
+  got = jax.tree_util.tree_map(jnp.float32, params)
+  for g in grads:
+    updates, state = optimizer.update(jax.tree_util.tree_map(jnp.float32, g), state, got)
+    got = optax.apply_updates(got, updates)
+
+  # airbench's conversion of its decoupled hyperparameters, in its own words.
+  momentum, batch_size = 0.85, 1024
+  kilostep_scale = 1024 * (1 + 1 / (1 - momentum))
+  lr = 11.5 / kilostep_scale
+  wd = 0.0153 * batch_size / kilostep_scale
+  lr_biases = lr * 64.0
+  total = 4
+  warmup = int(total * 0.23)
+
+  def shape(step):  # airbench's get_lr
+    if step < warmup:
+      frac = step / warmup
+      return 0.2 * (1 - frac) + 1.0 * frac
+    frac = (step - warmup) / (total - warmup)
+    return 1.0 * (1 - frac) + 0.07 * frac
+
+  expected = _pytorch_sgd(
+      {"conv": params["conv"]["kernel"], "norm": params["norm"]["offset"]},
+      [{"conv": g["conv"]["kernel"], "norm": g["norm"]["offset"]} for g in grads],
+      {"conv": (lambda t: lr * shape(t), wd / lr, momentum),
+       "norm": (lambda t: lr_biases * shape(t), wd / lr_biases, momentum)})
+  np.testing.assert_allclose(got["conv"]["kernel"], expected["conv"], rtol=2e-5)
+  np.testing.assert_allclose(got["norm"]["offset"], expected["norm"], rtol=2e-5)
+
+
+def test_frozen_parameters_never_move_and_late_frozen_ones_stop_after_their_epochs():
+  config = _config(schedule="step", momentum=0.9, weight_decay=0.1, num_epochs=3.0,
+                   frozen_parameters=("whiten/kernel",), late_frozen_parameters=("whiten",),
+                   late_freeze_epochs=1)
+  params = {"whiten": {"kernel": jnp.ones(3), "bias": jnp.ones(2)}, "head": jnp.ones(2)}
+  optimizer = optim.create_optimizer(config, steps_per_epoch=2)
+  state = optimizer.init(params)
+  history = []
+  for _ in range(5):
+    updates, state = optimizer.update(jax.tree_util.tree_map(jnp.ones_like, params), state,
+                                      params)
+    params = optax.apply_updates(params, updates)
+    history.append(jax.device_get(params))
+  assert all(np.all(h["whiten"]["kernel"] == 1) for h in history)
+  bias = [float(h["whiten"]["bias"][0]) for h in history]
+  assert bias[0] < 1 and bias[1] < bias[0] and bias[1] == bias[2] == bias[3] == bias[4]
+  head = [float(h["head"][0]) for h in history]
+  assert all(b < a for a, b in zip(head, head[1:]))
+
+
+def test_frozen_parameters_get_no_gradient():
+  params = {"whiten": {"kernel": jnp.ones(3)}, "head": jnp.ones(3)}
+  grads = jax.grad(lambda p: jnp.sum(steps.stop_frozen_gradients(p, ("whiten",))["whiten"]
+                                     ["kernel"] * p["head"]))(params)
+  np.testing.assert_array_equal(grads["whiten"]["kernel"], np.zeros(3))
+  np.testing.assert_array_equal(grads["head"], np.ones(3))
+
+
+def test_alternating_flips_flip_each_image_in_every_other_epoch():
+  key = jax.random.key(7)
+  flips = np.array([steps.epoch_flips(key, epoch, 1000) for epoch in range(5)])
+  assert np.all(flips[1:] != flips[:-1])
+  assert 0.4 < flips[0].mean() < 0.6
+  images = np.random.default_rng(8).integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
+  mask = np.array([True, False, True, True, False, False])
+  got = np.asarray(input_pipeline.augment(jax.random.key(0), jnp.asarray(images), 0, "zeros",
+                                          jnp.asarray(mask)))
+  np.testing.assert_array_equal(got[mask], images[mask][:, :, ::-1])
+  np.testing.assert_array_equal(got[~mask], images[~mask])
+
+
+def test_reflect_translation_is_a_crop_of_the_reflected_image():
+  images = np.random.default_rng(9).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+  got = np.asarray(input_pipeline.augment(jax.random.key(1), jnp.asarray(images), 2, "reflect",
+                                          jnp.zeros(20, bool)))
+  offsets = set()
+  for image, result in zip(images, got):
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    matches = [(i, j) for i in range(5) for j in range(5)
+               if np.array_equal(padded[i:i + 6, j:j + 6], result)]
+    assert matches, "not a crop of the reflect-padded image"
+    offsets.update(matches)
+  assert len(offsets) > 5  # translations vary
+
+
+def test_test_time_augmentation_is_the_weighted_mean_of_six_views():
+  rng = np.random.default_rng(10)
+  images = rng.standard_normal((3, 6, 6, 2)).astype(np.float32)
+  weights = rng.standard_normal((72, 4)).astype(np.float32)
+
+  def apply_fn(variables, x):  # a nonlinear function of the whole batch, like BatchNorm
+    flat = x.reshape(x.shape[0], -1)
+    return jnp.tanh((flat - flat.mean(0)) @ variables["params"])
+
+  def numpy_logits(x):
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    return np.tanh((flat - flat.mean(0)) @ weights)
+
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  up_left, down_right = padded[:, 0:6, 0:6], padded[:, 2:8, 2:8]
+  views = [(images, 1 / 4), (images[:, :, ::-1], 1 / 4), (up_left, 1 / 8),
+           (up_left[:, :, ::-1], 1 / 8), (down_right, 1 / 8), (down_right[:, :, ::-1], 1 / 8)]
+  expected = sum(weight * numpy_logits(view) for view, weight in views)
+  got = steps.tta_logits(weights, apply_fn, jnp.asarray(images), "mirror_translate")
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  mirror = steps.tta_logits(weights, apply_fn, jnp.asarray(images), "mirror")
+  np.testing.assert_allclose(
+      mirror, (numpy_logits(images) + numpy_logits(images[:, :, ::-1])) / 2, rtol=1e-5,
+      atol=1e-6)
+
+
+def test_the_recipe_takes_476_steps_with_a_44_step_last_epoch():
+  config = cifar10_airbench94.get_config()
+  validation.validate_config(config)
+  steps_per_epoch = steps.steps_per_epoch(50_000, config.batch_size, config.drop_last_batch)
+  assert steps_per_epoch == 48  # 50,000 // 1,024, the short batch dropped
+  assert optim.total_steps(config, steps_per_epoch) == 476  # ceil(48 * 9.9)
+  assert optim.num_epochs_run(config) == 10
+  assert [optim.epoch_steps(config, 48, e) for e in range(10)] == [48] * 9 + [44]
+  assert optim.late_freeze_step(config, 48) == 144  # the whitening bias trains 3 epochs
+
+
+def test_warmup_linear_is_airbenchs_schedule():
+  config = cifar10_airbench94.get_config()
+  schedule = optim.create_learning_rate_fn(config, 48, peak=1.0)
+  warmup = int(476 * 0.23)
+  assert warmup == 109
+  for step in (0, 1, 50, 108, 109, 110, 300, 475):
+    if step < warmup:
+      expected = 0.2 * (1 - step / warmup) + step / warmup
+    else:
+      frac = (step - warmup) / (476 - warmup)
+      expected = (1 - frac) + 0.07 * frac
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("label_smoothing", 1.0, "expected a number in [0, 1)"),
+    ("loss_reduction", "max", "expected one of ('mean', 'sum')"),
+    ("augment_flip", "sometimes", "expected one of ('random', 'alternate', 'none')"),
+    ("augment_padding", "edge", "expected one of ('zeros', 'reflect')"),
+    ("test_time_augmentation", "all", "expected one of ('none', 'mirror', "),
+    ("lookahead_every_steps", -1, "expected 0 (no lookahead) or a positive integer"),
+    ("offset_lr_multiplier", 0.0, "expected a positive number"),
+    ("schedule", "triangle", "expected one of ('linear', 'step', 'cosine', 'warmup_linear')"),
+    ("warmup_fraction", 1.0, "expected a number in [0, 1)"),
+])
+def test_bad_recipe_keys_are_named(key, value, message):
+  config = cifar10_airbench94.get_config()
+  config[key] = value
+  with pytest.raises(UserError, match=None) as error:
+    validation.validate_config(config)
+  assert str(error.value).startswith(f"config.{key}=") and message in str(error.value)
+
+
+def test_parameter_paths_that_name_nothing_are_refused():
+  config = cifar10_airbench94.get_config()
+  config.frozen_parameters = ("whitening/kernel",)
+  params = jax.eval_shape(lambda: models.Airbench94().init(jax.random.key(0),
+                                                          jnp.zeros((1, 32, 32, 3))))["params"]
+  validation.check_parameter_paths(cifar10_airbench94.get_config(), params)
+  with pytest.raises(UserError, match="config.frozen_parameters=.*'whitening/kernel' names none"):
+    validation.check_parameter_paths(config, params)
+
+
+@pytest.mark.slow
+def test_real_steps_on_real_cifar10_lower_the_loss(cifar10_dir, tmp_path):
+  """Twelve steps of the recipe at batch 256 on 2,048 real training images (a fractional
+  second epoch of 4 of its 8 steps), the whitening from those images."""
+  config = cifar10_airbench94.get_config()
+  config.data_dir = str(cifar10_dir)
+  config.max_train_examples, config.max_test_examples = 2048, 1000
+  config.batch_size, config.eval_batch_size = 256, 500
+  config.num_epochs = 1.5
+  config.operations.tensorboard = False
+  last = train.train_and_evaluate(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert [r["epoch"] for r in records] == [0, 1]
+  assert records[1]["train_loss"] < records[0]["train_loss"]
+  assert records[1]["test_acc"] > 0.2  # chance is 0.1
+  assert last == records[1] and 0.2 < last["tta_test_acc"] <= 1
+  assert "tta_test_acc" not in records[0]
