@@ -298,6 +298,8 @@ def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std:
     batch_images = parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
                                         batch_sharding)
     batch_labels = parallel.split_batch(batch_labels, batch_sharding)
+    if test_time_augmentation == "none":
+      return eval_step(params, apply_fn, batch_images, batch_labels)
     return _evaluate_logits(tta_logits(params, apply_fn, batch_images, test_time_augmentation),
                             batch_labels)
 

@@ -191,7 +191,7 @@ def test_the_model_registry_is_what_validation_accepts():
   from convnet_jax import validation
 
   assert validation.MODELS == tuple(models.MODELS) == (
-      "seed_convnet", "resnet18", "resnet34", "resnet50")
+      "seed_convnet", "resnet18", "resnet34", "resnet50", "airbench94")
   config = ml_collections.ConfigDict(dict(default_config.get_config()))
   config.model = "resnet101"
   with pytest.raises(UserError, match=r"config.model='resnet101': expected one of"):
