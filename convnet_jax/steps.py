@@ -3,7 +3,8 @@ evaluation programs built from them, each compiled once.
 
 The whole data set lives on the device as uint8; an epoch is one compiled call that shuffles
 with the PRNG key, runs `train_step` over the full batches with `lax.scan` and then over the
-short last batch, so the host never waits inside an epoch. `train` runs them in its loop.
+short last batch (a fractional last epoch: over its first full batches only), so the host
+never waits inside an epoch. `train` runs them in its loop.
 """
 
 from __future__ import annotations

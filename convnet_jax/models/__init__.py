@@ -35,6 +35,15 @@ from convnet_jax.models.resnet import ResNet
 from convnet_jax.models.seed import ResidualBlock
 from convnet_jax.models.seed import SeedConvNet
 
+# The package's public names: the layers and every family's modules, as `models.X`.
+__all__ = [
+    "Airbench94", "BATCH_NORM_EPSILON", "BasicBlock", "BatchNorm", "BottleneckBlock", "Conv",
+    "DATA_INITIALISERS", "MODELS", "ResNet", "ResidualBlock", "SeedConvNet", "airbench",
+    "batch_norm", "count_parameters", "create_model", "describe_shapes",
+    "dirac_then_fan_in_uniform", "fan_in_uniform", "initialise_from_data", "max_pool_2x2",
+    "uniform_bias",
+]
+
 
 def _resnet(stage_sizes: Sequence[int], block_cls: type[nn.Module]) -> Callable[..., nn.Module]:
   def build(config, num_classes: int, **settings) -> nn.Module:

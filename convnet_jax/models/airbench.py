@@ -11,7 +11,6 @@ training images, and `initialise_from_data` puts it into freshly initialised par
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
