@@ -163,7 +163,7 @@ def test_a_workdir_of_another_sweep_is_refused_and_left_unchanged(grid_sweep, tm
   with pytest.raises(UserError) as error:
     sweep.run_sweep(config, workdir, sweep_tiny.sweep)
   assert "holds a sweep of another sweep config" in str(error.value)
-  assert "base.num_epochs: 5 here, 3 there" in str(error.value)
+  assert "base.num_epochs: 5.0 here, 3.0 there" in str(error.value)
   assert "sampler: 'random' here, 'grid' there" in str(error.value)
   assert snapshot(workdir) == before
   # Nor is a folder that holds something else than a sweep.
