@@ -79,6 +79,8 @@ def check_inputs(config, workdir: str | Path):
 
 def check_model(config, model) -> None:
   """The checks that need the model's parameter tree (its shapes only: nothing is computed)."""
+  if not (config.frozen_parameters or config.late_frozen_parameters):
+    return  # nothing to check: no need to trace the model
   dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
   validation.check_parameter_paths(
       config, jax.eval_shape(lambda: model.lazy_init(jax.random.key(0), dummy))["params"])

@@ -269,7 +269,9 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
     return train_step(state, batch_images,
                       parallel.split_batch(labels[indices], batch_sharding), options)
 
-  partial = num_steps is not None and num_steps < num_full
+  # A fractional epoch runs `num_steps` full batches and never the short one, even when
+  # `num_steps` is all of the full batches.
+  partial = num_steps is not None
   num_scanned = num_steps if partial else num_full
   full_batches = order[:num_scanned * batch_size].reshape(num_scanned, batch_size)
   state, per_step = jax.lax.scan(step, state, (full_batches, jnp.arange(num_scanned)))

@@ -96,6 +96,20 @@ def test_train_epoch_sees_every_example_once(drop_last_batch):
     assert losses.sum() - float(totals["loss_sum"]) > 0
 
 
+def test_a_fractional_epoch_runs_only_its_full_batches():
+  # 10 examples in batches of 4: two full batches and a short one. An epoch cut to 2 steps
+  # (num_steps, the fractional last epoch) takes the two full batches and not the short one.
+  images, labels = _tiny_data(10)
+  state = _linear_state(12)
+  for num_steps in (1, 2):
+    epoch = jax.jit(functools.partial(steps.train_epoch, batch_size=4, drop_last_batch=False,
+                                      num_steps=num_steps))
+    new_state, totals = epoch(state, images, labels, jax.random.key(3), 0, jnp.zeros(3),
+                              jnp.ones(3))
+    assert int(new_state.step) == num_steps
+    assert totals["step_losses"].shape == (num_steps,)
+
+
 def test_train_epoch_orders_differ_between_keys():
   images, labels = _tiny_data(12)
   state = _linear_state(12, learning_rate=0.5)
