@@ -129,9 +129,18 @@ def get_config():
   # newest few. Restarting with the same workdir and config resumes from the newest intact one.
   config.operations.checkpoint_every_epochs = 1
   config.operations.max_checkpoints_to_keep = 3
+  # Also every N steps (0: only per epoch), named by the global step in WORKDIR/checkpoints. A
+  # run resumes from the middle of an epoch exactly as if it had not stopped.
+  config.operations.checkpoint_every_steps = 0
+  # An epoch runs as calls of one compiled program; between calls the run can checkpoint, stop
+  # on SIGTERM or Ctrl-C and move the progress bar. steps_per_call=0 sizes each call to take
+  # about seconds_per_call at the measured step time (short epochs: one call per epoch, the
+  # fastest), N runs N steps a call. The numbers are the same however an epoch is cut.
+  config.operations.steps_per_call = 0
+  config.operations.seconds_per_call = 10.0
   # Scalars in WORKDIR/tensorboard (tensorboardX, no TensorFlow).
   config.operations.tensorboard = True
-  # An epoch bar with ETA on stderr, drawn only in a terminal.
+  # A step bar with the epoch, images/s and ETA on stderr, drawn only in a terminal.
   config.operations.progress_bar = True
   # Print the shapes of the first training step to stderr.
   config.operations.trace_shapes = False
@@ -147,4 +156,10 @@ def get_config():
   config.benchmark.num_epochs = 2
   # Also time one epoch of N replicas trained together, for each N listed (empty: skip).
   config.benchmark.num_replicas = ()
+  # Compile instead of timing, for a TPU topology that is not here (libtpu's names: "v5e:2x2",
+  # "v4:2x2x1", ...; needs `pip install -e ".[tpu]"`), data parallel over all its chips, and
+  # lower the same programs for each GPU platform listed. Reports memory per chip and the
+  # compiler's estimates, never measured times (see docs/speed.md).
+  config.benchmark.aot_topology = ""
+  config.benchmark.aot_gpu_platforms = ("cuda", "rocm")
   return config

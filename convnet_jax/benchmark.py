@@ -8,6 +8,10 @@ achieved GFLOP/s from XLA's cost analysis, and the time of one whole epoch. Opti
 batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`), and the epoch
 time and throughput of N models trained together (`config.benchmark.num_replicas`, e.g.
 "(1, 2, 4, 8, 16)").
+
+With `--config.benchmark.aot_topology=v5e:2x2` it times nothing: it compiles the run's programs
+for that TPU topology without a TPU and lowers them for GPU (`aot`), reporting memory per chip
+and the compiler's estimates.
 """
 
 from __future__ import annotations
@@ -191,11 +195,34 @@ def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes
   }
 
 
+def run_aot(config) -> dict:
+  """`benchmark.aot_topology`: the run's programs compiled for that TPU topology and lowered
+  for each of `benchmark.aot_gpu_platforms`, for every dtype of `benchmark.dtypes` (default:
+  the config's); returns the report (see `aot`)."""
+  from convnet_jax import aot  # imported here: only this mode needs the TPU topology code
+
+  bench = config.benchmark
+  aot.tpu_mesh(bench.aot_topology)  # no libtpu, or an unknown name: one line, before any work
+  report = {"jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+            "model": config.model, "tpu": [], "gpu_lowering": []}
+  for dtype in bench.dtypes or (config.dtype,):
+    dtype_config = config.copy_and_resolve_references()
+    dtype_config.dtype = dtype
+    report["tpu"].append(aot.compile_for_tpu(dtype_config, bench.aot_topology))
+    print(json.dumps(report["tpu"][-1]), file=sys.stderr)
+  for platform in bench.aot_gpu_platforms:
+    report["gpu_lowering"].append(aot.lower_for_gpu(config, platform))
+  return report
+
+
 def run_benchmark(config) -> dict:
   """Benchmarks every (batch size, dtype) pair the config lists, and every replica count of
-  `benchmark.num_replicas`; returns the report."""
+  `benchmark.num_replicas`; returns the report. With `benchmark.aot_topology`, compiles for it
+  instead (`run_aot`)."""
   validation.validate_config(config)
   bench = config.benchmark
+  if bench.aot_topology:
+    return run_aot(config)
   devices = jax.devices()
   report = {
       "backend": jax.default_backend(),

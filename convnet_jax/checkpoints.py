@@ -1,8 +1,10 @@
 """Checkpoints with orbax: the train state plus a JSON record, verified by checksum on restore.
 
 A checkpoint holds the whole `TrainState` (parameters, optimiser state, step) and a JSON record
-with the completed epoch count, the metrics history, the PRNG key data that fixes the data order,
-a fingerprint of the config and a SHA-256 of the state's bytes. Orbax writes each checkpoint to a
+with the metrics history of the completed epochs, the per-step metrics of an epoch in progress
+(a checkpoint taken mid-epoch), where the run stands in words, the PRNG key data that fixes the
+data order, a fingerprint of the config and a SHA-256 of the state's bytes. Checkpoints are
+named by the number of steps trained. Orbax writes each checkpoint to a
 temporary folder and renames it when complete, so a run killed while saving leaves no half
 checkpoint behind; the checksum catches one damaged later. Restoring reads arrays and JSON only:
 nothing is unpickled and no code runs.
@@ -41,49 +43,52 @@ class ForeignCheckpointError(ValueError):
 
 
 class CheckpointStore:
-  """The workdir's checkpoints, one per saved epoch count, keeping the newest `max_to_keep`."""
+  """The workdir's checkpoints, one per saved step count, keeping the newest `max_to_keep`."""
 
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
-    # Epoch count of the newest checkpoint known to read back intact: the one restored or the
+    # Step count of the newest checkpoint known to read back intact: the one restored or the
     # last one saved (None: none yet). Not orbax's latest step, which may be a damaged one.
     self.newest_intact: int | None = None
+    # Where the run stood at that checkpoint, in words (its record's "position").
+    self.newest_intact_position: str | None = None
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False))
 
-  def save(self, epochs_done: int, state, record: dict[str, Any]) -> None:
-    """Saves `state` and the JSON `record` (a checksum of `state` is added) synchronously."""
-    record = dict(record, epochs_done=epochs_done, checksum=state_checksum(state))
-    self._manager.save(epochs_done, args=ocp.args.Composite(
+  def save(self, step: int, state, record: dict[str, Any]) -> None:
+    """Saves `state` and the JSON `record` (a checksum of `state` is added) synchronously as
+    checkpoint `step`."""
+    record = dict(record, checksum=state_checksum(state))
+    self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
     self._manager.wait_until_finished()
-    self.newest_intact = epochs_done
+    self.newest_intact, self.newest_intact_position = step, record.get("position")
 
   def restore_latest(self, target_state, fingerprint: str):
     """Restores the newest checkpoint that reads back intact, as (state, record), or None if
     there is none. A damaged one is skipped with a warning; one written by another config
     raises `ForeignCheckpointError`."""
-    for epochs_done in sorted(self._manager.all_steps(), reverse=True):
+    for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self._manager.restore(epochs_done, args=ocp.args.Composite(
+        restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target_state), record=ocp.args.JsonRestore()))
         state, record = restored.state, restored.record
         intact = record.get("checksum") == state_checksum(state)
       except Exception as error:  # orbax and tensorstore raise many types on damaged files
         logging.warning("checkpoint %s/%d could not be read (%s: %s); trying the previous one",
-                        self.directory, epochs_done, type(error).__name__, error)
+                        self.directory, step, type(error).__name__, error)
         continue
       if record.get("config_fingerprint") != fingerprint:
         raise ForeignCheckpointError(
-            f"{self.directory}/{epochs_done}: checkpoint of another config (fingerprint "
+            f"{self.directory}/{step}: checkpoint of another config (fingerprint "
             f"{record.get('config_fingerprint')}, this config {fingerprint}); use a new --workdir")
       if not intact:
         logging.warning("checkpoint %s/%d fails its checksum; trying the previous one",
-                        self.directory, epochs_done)
+                        self.directory, step)
         continue
-      self.newest_intact = epochs_done
+      self.newest_intact, self.newest_intact_position = step, record.get("position")
       return state, record
     return None
 

@@ -5,38 +5,71 @@ line and an exit status, not a traceback."""
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import importlib.util
+import os
 import sys
+import types
 from typing import NoReturn, Sequence
 
 import ml_collections
 from absl import app
 from absl import flags
 
+from convnet_jax import logs
+from convnet_jax.errors import RunStopped
 from convnet_jax.errors import TrainingDiverged
 from convnet_jax.errors import UserError
 
 CONFIG_PREFIX = "--config."
 
 
-def _load_config_file(argv: Sequence[str]):
-  """The ConfigDict of the `--config FILE[:ARG]` in argv (None if absent or unloadable)."""
+def _config_path(argv: Sequence[str]) -> str | None:
+  """The FILE[:ARG] of the last `--config` in argv, or None."""
   path = None
   for index, arg in enumerate(argv):
     if arg == "--config" and index + 1 < len(argv):
       path = argv[index + 1]
     elif arg.startswith("--config="):
       path = arg.split("=", 1)[1]
-  if not path:
-    return None
-  path, _, config_arg = path.partition(":")
+  return path or None
+
+
+def load_config_file(path_and_arg: str):
+  """The config of a config file `FILE[:ARG]` (its `get_config()`, or `get_config(ARG)`).
+  Raises `UserError` naming the file and the problem: missing, not Python, failing on import,
+  no `get_config`, or `get_config` failing."""
+  path, _, config_arg = path_and_arg.partition(":")
+  flag = f"--config {path}"
+  if not os.path.isfile(path):
+    raise UserError(f"{flag}: no such file" if not os.path.exists(path) else
+                    f"{flag}: not a file")
   try:
-    spec = importlib.util.spec_from_file_location("_convnet_jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    source = open(path, encoding="utf-8").read()
+    code = compile(source, path, "exec")
+  except SyntaxError as error:
+    raise UserError(f"{flag}: not valid Python: {error.msg} (line {error.lineno})") from None
+  except (OSError, UnicodeDecodeError, ValueError) as error:
+    raise UserError(f"{flag}: cannot be read ({type(error).__name__}: {error})") from None
+  module = types.ModuleType("_convnet_jax_config")
+  module.__file__ = path
+  try:
+    exec(code, module.__dict__)  # what ml_collections does with a config file, checked first
+  except Exception as error:
+    raise UserError(f"{flag}: fails when loaded: {type(error).__name__}: "
+                    f"{_one_line(error)}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"{flag}: has no get_config() function, which a config file must define")
+  try:
     return module.get_config(config_arg) if config_arg else module.get_config()
-  except Exception:  # the flag parser will report a bad config file itself
-    return None
+  except Exception as error:
+    call = f"get_config({config_arg!r})" if config_arg else "get_config()"
+    raise UserError(f"{flag}: {call} failed: {type(error).__name__}: "
+                    f"{_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())[:300]
 
 
 def unknown_config_key(config, argv: Sequence[str]) -> str | None:
@@ -61,15 +94,21 @@ def unknown_config_key(config, argv: Sequence[str]) -> str | None:
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing, with a config-key mistake or a bad flag value reported as one line
-  `error: ...` on stderr and exit status 2."""
+  """absl's flag parsing, with a bad config file, a config-key mistake or a bad flag value
+  reported as one line `error: ...` on stderr and exit status 2."""
+  path = _config_path(argv)
+  config = None
+  if path is not None:
+    try:
+      config = load_config_file(path)
+    except UserError as error:
+      fail(str(error))
   try:
     return flags.FLAGS(argv)
   except Exception as error:  # absl and ml_collections raise several types for a bad flag
-    config = _load_config_file(argv)
     message = unknown_config_key(config, argv) if config is not None else None
     if message is None:
-      message = " ".join(str(error).split())  # the parser's own words, on one line
+      message = _one_line(error)  # the parser's own words, on one line
     fail(message)
 
 
@@ -79,16 +118,44 @@ def fail(message: str, status: int = 2) -> NoReturn:
   sys.exit(status)
 
 
+def skip_absent_tpu() -> None:
+  """With libtpu installed (the `[tpu]` extra, for TPU VMs and for compiling for a TPU
+  topology) on a machine without TPU chips, keeps JAX from starting its TPU runtime, which
+  only fails there, printing five lines of libtpu warnings into every command's stderr. Leaves
+  JAX alone where JAX_PLATFORMS is set, a GPU plugin is installed or TPU chips are present.
+  Call before JAX's backends start."""
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return  # a GPU plugin: JAX must keep choosing among its platforms
+  try:
+    from jax._src import hardware_utils  # JAX's own test for TPU chips (private: guarded)
+
+    num_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except Exception:
+    return
+  if num_chips == 0:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
+
 def run(main) -> None:
-  """`app.run(main)` with `parse_flags`; a `UserError` from `main` is one line and exit status
-  2, a `TrainingDiverged` one line and status 1, with no traceback."""
+  """`app.run(main)` with `parse_flags` and a quiet stderr (`logs.quiet_stderr`); a `UserError`
+  from `main` is one line and exit status 2, a `TrainingDiverged` one line and status 1, a
+  `RunStopped` its line and the signal's status (143, 130), all without a traceback."""
 
   def main_reporting_errors(argv):
+    logs.quiet_stderr()
+    skip_absent_tpu()
     try:
       return main(argv)
     except UserError as error:
       fail(str(error), 2)
     except TrainingDiverged as error:
       fail(str(error), 1)
+    except RunStopped as error:
+      print(error, file=sys.stderr, flush=True)
+      sys.exit(error.exit_status)
 
   app.run(main_reporting_errors, flags_parser=parse_flags)

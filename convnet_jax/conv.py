@@ -212,8 +212,9 @@ def check_conv_implementation(requested: str) -> None:
 
 
 def choose_conv_implementation(requested: str, dtype: str = "float32",
-                               num_devices: int = 1) -> ConvChoice:
-  """Resolves `config.conv_implementation` for this process.
+                               num_devices: int = 1, backend: str | None = None) -> ConvChoice:
+  """Resolves `config.conv_implementation` for this process, or for `backend` ("cpu", "gpu",
+  "tpu"; default: JAX's backend here) when compiling for another platform.
 
   "auto": oneDNN on a CPU backend when the extension loads, the compute dtype is float32 and
   there is one device (its custom calls have no partitioning rule, so a data-parallel mesh would
@@ -221,7 +222,7 @@ def choose_conv_implementation(requested: str, dtype: str = "float32",
   asked for explicitly falls back the same way for bfloat16 and for data parallel, and raises
   `ConvUnavailable` where the extension cannot load or the backend is not a CPU.
   """
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   if requested not in ("auto", "onednn"):
     return ConvChoice(requested, "as configured")
   prefix = "auto" if requested == "auto" else "onednn asked for"

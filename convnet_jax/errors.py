@@ -1,4 +1,5 @@
-"""The error type for mistakes in user input (config values, files, workdirs)."""
+"""The exceptions a run ends with that are not bugs: mistakes in user input (config values,
+files, workdirs), a diverged loss, a stop asked for by a signal."""
 
 
 class UserError(ValueError):
@@ -13,3 +14,16 @@ class TrainingDiverged(RuntimeError):
 
   `main` prints the message as one line and exits with status 1.
   """
+
+
+class RunStopped(Exception):
+  """A SIGTERM or SIGINT stopped the run at a step boundary, after saving a checkpoint; the
+  message says where and how to resume.
+
+  `main` prints the message as one line and exits with `exit_status` (143 for SIGTERM, 130 for
+  SIGINT), as the shell reports a process ended by that signal.
+  """
+
+  def __init__(self, message: str, exit_status: int):
+    super().__init__(message)
+    self.exit_status = exit_status

@@ -1,7 +1,7 @@
 """Everything a run shows and keeps besides checkpoints, behind one object, `Reporter`.
 
 stdout gets one JSON line per epoch and nothing else; stderr the notes (convolution path, compile
-time, resumption, the shape trace), and in a terminal an epoch progress bar; the workdir
+time, resumption, the shape trace), and in a terminal a progress bar over the run's steps; the workdir
 config.json, metrics.jsonl, preds and tensorboard/. In a multi-process run only process 0
 writes: the others get a reporter that does nothing, so the training loop never asks.
 """
@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from convnet_jax import models
+from convnet_jax import optim
 from convnet_jax import replicas
 from convnet_jax import workdir as workdir_lib
 
@@ -32,17 +33,21 @@ class Reporter:
     self.files = files
     self.is_writer = is_writer
     self._progress = None
+    self._progress_range = (0, 0)
     self._tensorboard = None
 
   def note(self, message: str) -> None:
     """One line on stderr."""
     if self.is_writer:
+      if self._progress is not None and not self._progress.disable:
+        self._progress.clear()  # the line goes above the bar, not through it
       print(message, file=sys.stderr, flush=True)
 
-  def start(self, history: Sequence[dict], recorded: dict[str, Any]) -> None:
-    """Writes config.json (the config plus the `recorded` facts about
-    this run) and metrics.jsonl (the epochs restored from a checkpoint: later ones are computed
-    again). Opens TensorBoard and the progress bar."""
+  def start(self, history: Sequence[dict], recorded: dict[str, Any], total_steps: int = 0,
+            steps_done: int = 0) -> None:
+    """Writes config.json (the config plus the `recorded` facts about this run) and
+    metrics.jsonl (the epochs restored from a checkpoint: later ones are computed again). Opens
+    TensorBoard and the progress bar over the run's `total_steps`, `steps_done` of them done."""
     if not self.is_writer:
       return
     workdir_lib.write_atomically(self.files.metrics,
@@ -54,19 +59,33 @@ class Reporter:
       import tensorboardX  # imported here: writes event files without TensorFlow
 
       self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard))
-    import tqdm  # imported here: only interactive runs draw a bar
+    self._progress_range = (total_steps, steps_done)
 
-    self._progress = tqdm.tqdm(
-        total=self.config.num_epochs, initial=len(history), unit="epoch", file=sys.stderr,
-        disable=not (operations.progress_bar and sys.stderr.isatty()), dynamic_ncols=True)
+  def steps(self, num_steps: int, epoch: int, images_per_second: float) -> None:
+    """Moves the progress bar by `num_steps` steps of epoch `epoch`."""
+    if not self.is_writer:
+      return
+    if self._progress is None:  # drawn from the first call on, so compiling is not in its rate
+      import tqdm  # imported here: only interactive runs draw a bar
+
+      total, initial = self._progress_range
+      self._progress = tqdm.tqdm(
+          total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+          disable=not (self.config.operations.progress_bar and sys.stderr.isatty()))
+    self._progress.set_description(f"epoch {epoch + 1}/{optim.num_epochs_run(self.config)}",
+                                   refresh=False)
+    self._progress.set_postfix_str(f"{images_per_second:,.0f} img/s", refresh=False)
+    self._progress.update(num_steps)
 
   def epoch(self, record: dict, step_time_ms: float, images_per_second: float) -> None:
     """Reports a finished epoch: its JSON line on stdout and in metrics.jsonl, its scalars in
     TensorBoard (with the step time and throughput, which are not in the record, as they differ
-    between identical runs), one tick of the progress bar."""
+    between identical runs)."""
     if not self.is_writer:
       return
     line = json.dumps(record)
+    if self._progress is not None and not self._progress.disable:
+      self._progress.clear()  # the JSON line goes above the bar, not through it
     print(line, flush=True)
     with self.files.metrics.open("a") as metrics_file:
       metrics_file.write(line + "\n")
@@ -74,7 +93,6 @@ class Reporter:
       write_tensorboard(self._tensorboard, dict(record, step_time_ms=step_time_ms,
                                                 images_per_second=images_per_second),
                         record["epoch"] + 1)
-    self._progress.update(1)
 
   def finish(self, predictions: np.ndarray, last_record: dict) -> None:
     """Writes preds (one line per test example, a column per replica) and, for replicas, the

@@ -4,7 +4,6 @@ everything `train.train_and_evaluate` does before its first epoch."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
@@ -55,26 +54,29 @@ def create_run_state(config, model, steps: int, mesh, data=None):
     # Lookahead's slow copy starts as the (data-initialised) parameters, in buffers of its own,
     # since the epoch program donates both.
     state = state.replace(lookahead_params=jax.tree_util.tree_map(jnp.copy, state.params))
-  logging.info("model %s: %d parameters x %d replicas; %d steps per epoch on %d devices",
-               config.model, models.count_parameters(state.params) // config.num_replicas,
-               config.num_replicas, steps, parallel.mesh_size(mesh))
   # The optimiser built inside `jit` only served to initialise: its hyperparameters are in
   # `opt_state`, and a concrete one is kept for the updates.
   return state.replace(tx=optim.create_optimizer(config, steps)), data_key
 
 
-def check_inputs(config, workdir: str | Path):
-  """Every check that can fail on user input, before any compilation: the config, the devices,
-  the workdir (returns whether it holds this run to resume) and the data, which it loads.
-  Returns (run files, run identity, resuming, data set)."""
-  validation.validate_config(config)
-  validation.check_devices(config, jax.device_count())
-  files = workdir_lib.RunFiles(workdir)
+def describe_run(config, state, steps: int, mesh) -> str:
+  """The start-up line on the model and the devices: "model seed: 102,784 parameters x 1
+  replicas; 79 steps per epoch on 1 devices"."""
+  return (f"model {config.model}: "
+          f"{models.count_parameters(state.params) // config.num_replicas:,} parameters x "
+          f"{config.num_replicas} replicas; {steps} steps per epoch on "
+          f"{parallel.mesh_size(mesh)} devices")
+
+
+def check_inputs(config, files: workdir_lib.RunFiles):
+  """Every check of the workdir and the data, before any compilation: the workdir (returns
+  whether it holds this run to resume) and the data, which it loads. Returns (run identity,
+  resuming, data set). The config is checked before (`validation.validate_config`)."""
   identity = workdir_lib.run_identity(config)
   resuming = workdir_lib.check_workdir(files, identity)
   data = input_pipeline.load_dataset(config)
   validation.check_batch_sizes(config, len(data.train_labels))
-  return files, identity, resuming, data
+  return identity, resuming, data
 
 
 def check_model(config, model) -> None:
@@ -107,21 +109,25 @@ def create_workdir(files: workdir_lib.RunFiles, is_writer: bool) -> None:
 
 def restore_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
                     resuming: bool, reporter: reporting.Reporter):
-  """(state, history): restored from the newest intact checkpoint when resuming and there is
-  one, else the fresh `state` and no history."""
+  """(state, history, epoch in progress): restored from the newest intact checkpoint when
+  resuming and there is one, else the fresh `state`, no history and None. The epoch in progress
+  is a record of `epoch_calls.EpochInProgress` (a checkpoint taken mid-epoch) or None."""
   if not resuming:
-    return state, []
+    return state, [], None
   try:
     restored = store.restore_latest(state, fingerprint)
   except checkpoints.ForeignCheckpointError as error:
     raise UserError(str(error)) from None
   if restored is None:
-    return state, []
+    return state, [], None
   state, record = restored
   history = record["history"]
-  logging.info("resuming from %s after epoch %d", store.directory, len(history))
-  reporter.note(f"resuming after epoch {len(history) - 1} from {store.directory}")
-  return state, history
+  in_progress = record.get("epoch_in_progress")
+  where = (f"at step {in_progress['steps_done']} of epoch {in_progress['epoch']}" if in_progress
+           else f"after epoch {len(history) - 1}")
+  logging.info("resuming from %s %s", store.directory, where)
+  reporter.note(f"resuming {where} from {store.directory}")
+  return state, history, in_progress
 
 
 class DeviceData(NamedTuple):
@@ -143,26 +149,27 @@ def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
 
 
 class Programs:
-  """The run's compiled programs, each compiled once when first needed (the training epoch and
-  the evaluation at once): `train_epoch(num_steps)` -> (state, images, labels, data_key,
-  epoch, mean, std) -> (state, totals); `evaluate(level)` -> (params, test images, labels, mean,
-  std) -> (predictions, totals), `level` a test-time augmentation. `compile_seconds` adds up
-  the compile times."""
+  """The run's compiled programs, each compiled once when first needed (the training steps and
+  the plain evaluation at once): `train_steps` -> (state, images, labels, data_key, epoch,
+  first_step, end_step, mean, std) -> (state, per-step metrics); `evaluate(level)` -> (params,
+  test images, labels, mean, std) -> (predictions, totals), `level` a test-time augmentation.
+  `compile_seconds` adds up the compile times."""
 
   def __init__(self, config, model, state, data: DeviceData, data_key: jax.Array, mesh,
                steps_per_epoch: int):
     self._config, self._model, self._mesh = config, model, mesh
-    # Shapes only: the state's arrays are donated to the first epoch, and a program compiled
-    # later (a fractional last epoch, test-time augmentation) must not touch them.
+    # Shapes only: the state's arrays are donated to the first call, and a program compiled
+    # later (test-time augmentation) must not touch them.
     self._arguments = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         (state, data, data_key))
     self._steps_per_epoch = steps_per_epoch
     self._compiled = {}
     self.compile_seconds = 0.0
-    self.train_epoch(steps_per_epoch)
+    self.train_steps
     self.evaluate("none")
-    logging.info("compiled the epoch and evaluation programs in %.2f s", self.compile_seconds)
+    logging.info("compiled the training and evaluation programs in %.2f s",
+                 self.compile_seconds)
 
   def _get(self, key, compile_fn):
     if key not in self._compiled:
@@ -171,17 +178,16 @@ class Programs:
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[key]
 
-  def train_epoch(self, num_steps: int) -> Callable:
-    """The epoch program running `num_steps` steps (all of an epoch, or fewer)."""
+  @property
+  def train_steps(self) -> Callable:
+    """The program that runs steps first_step to end_step - 1 of an epoch."""
     config = self._config
     state, data, data_key = self._arguments
-    return self._get(("train", num_steps), lambda: steps_lib.compile_train_epoch(
+    return self._get("train", lambda: steps_lib.compile_train_steps(
         state, data.train_images, data.train_labels, data_key, data.mean, data.std,
         batch_size=config.batch_size, drop_last_batch=config.drop_last_batch,
         augment=steps_lib.augment_options(config), vmap_replicas=config.num_replicas > 1,
-        mesh=self._mesh,
-        num_steps=None if num_steps == self._steps_per_epoch else num_steps,
-        options=steps_lib.step_options(config, self._steps_per_epoch)))
+        mesh=self._mesh, options=steps_lib.step_options(config, self._steps_per_epoch)))
 
   def evaluate(self, test_time_augmentation: str = "none") -> Callable:
     """The evaluation program on the test set, with `test_time_augmentation`."""

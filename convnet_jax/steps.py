@@ -1,10 +1,11 @@
 """The pure functions of training and evaluation: `train_step`/`eval_step`, and the epoch and
 evaluation programs built from them, each compiled once.
 
-The whole data set lives on the device as uint8; an epoch is one compiled call that shuffles
-with the PRNG key, runs `train_step` over the full batches with `lax.scan` and then over the
-short last batch (a fractional last epoch: over its first full batches only), so the host
-never waits inside an epoch. `train` runs them in its loop.
+The whole data set lives on the device as uint8. `train_steps` is one compiled program that
+runs any stretch of steps of an epoch: it draws the epoch's order from the PRNG key, runs
+`train_step` over the full batches in a loop with traced bounds and then, in the call that ends
+the epoch, over the short last batch; the host never waits inside a call, and the loop in
+`train` chooses how many steps a call runs. `train_epoch` is a whole epoch in one call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state as flax_train_state
 
@@ -231,22 +233,30 @@ def epoch_key(data_key: jax.Array, epoch) -> jax.Array:
   return jax.random.fold_in(data_key, epoch)
 
 
-def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
-                epoch: jax.Array, mean: jax.Array, std: jax.Array, *, batch_size: int,
-                drop_last_batch: bool, augment: AugmentOptions | None = None,
-                batch_sharding=None, num_steps: int | None = None,
+def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
+                epoch: jax.Array, first_step: jax.Array, end_step: jax.Array, mean: jax.Array,
+                std: jax.Array, *, batch_size: int, drop_last_batch: bool,
+                augment: AugmentOptions | None = None, batch_sharding=None,
                 options: StepOptions = StepOptions()):
-  """One epoch: a fresh permutation from the epoch key fold_in(data_key, epoch), every example
-  once (the last batch short unless `drop_last_batch`), or only the first `num_steps` full
-  batches of it (a fractional last epoch). With `augment`, each gathered uint8 batch is
-  augmented (`input_pipeline.augment`) before normalisation, under the key
-  fold_in(fold_in(epoch key, AUGMENT_KEY_STREAM), step index within the epoch), so every image
-  gets a fresh augmentation every epoch. With `batch_sharding`, each batch is split over its
-  devices (`parallel.split_batch`). Returns the new state and the epoch's summed metrics, with
-  each step's mean loss under "step_losses"."""
+  """Steps `first_step` to `end_step` - 1 of epoch `epoch`: a part of the epoch, or all of it.
+
+  The epoch's order is a permutation drawn from the epoch key fold_in(data_key, epoch); step i
+  trains on its i-th full batch, and step `num_examples // batch_size` on the short last batch
+  (unless `drop_last_batch`). With `augment`, each gathered uint8 batch is augmented
+  (`input_pipeline.augment`) before normalisation, under the key fold_in(fold_in(epoch key,
+  AUGMENT_KEY_STREAM), step), so every image gets a fresh augmentation every epoch. With
+  `batch_sharding`, each batch is split over its devices (`parallel.split_batch`).
+
+  `first_step` and `end_step` are traced: one compiled program runs any part of any epoch, and
+  an epoch run in several calls computes exactly what one call computes. Returns the new state
+  and each step's metrics of `train_step`, in arrays of `steps_per_epoch` entries that are zero
+  outside the steps run.
+  """
   key = jax.random.fold_in(data_key, epoch)
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
+  remainder = num_examples % batch_size
+  has_short_batch = bool(remainder) and not drop_last_batch
   order = jax.random.permutation(key, num_examples)
   augment_key = jax.random.fold_in(key, AUGMENT_KEY_STREAM)
   flips = None
@@ -255,8 +265,7 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   elif augment is not None and augment.flip == "none":
     flips = jnp.zeros(num_examples, bool)
 
-  def step(state, batch):
-    indices, step_index = batch
+  def step(state, indices, step_index):
     # Sharding the indices makes each device gather only its own part of the batch.
     indices = parallel.split_batch(indices, batch_sharding)
     batch_images = images[indices]
@@ -269,22 +278,63 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
     return train_step(state, batch_images,
                       parallel.split_batch(labels[indices], batch_sharding), options)
 
-  # A fractional epoch runs `num_steps` full batches and never the short one, even when
-  # `num_steps` is all of the full batches.
-  partial = num_steps is not None
-  num_scanned = num_steps if partial else num_full
-  full_batches = order[:num_scanned * batch_size].reshape(num_scanned, batch_size)
-  state, per_step = jax.lax.scan(step, state, (full_batches, jnp.arange(num_scanned)))
+  def record(per_step, metrics, step_index):
+    return jax.tree_util.tree_map(lambda buffer, value: buffer.at[step_index].set(value),
+                                  per_step, metrics)
+
+  def full_step(step_index, carry):
+    state, per_step = carry
+    indices = jax.lax.dynamic_slice_in_dim(order, step_index * batch_size, batch_size)
+    state, metrics = step(state, indices, step_index)
+    return state, record(per_step, metrics, step_index)
+
+  def short_step(carry):
+    state, per_step = carry
+    state, metrics = step(state, order[num_full * batch_size:], num_full)
+    return state, record(per_step, metrics, num_full)
+
+  metric_shapes = jax.eval_shape(
+      lambda s: step(s, order[:batch_size], 0)[1], state)
+  per_step = jax.tree_util.tree_map(
+      lambda shape: jnp.zeros((num_full + has_short_batch,), shape.dtype), metric_shapes)
+  carry = jax.lax.fori_loop(first_step, jnp.minimum(end_step, num_full), full_step,
+                            (state, per_step))
+  if has_short_batch:
+    # A real conditional (the bounds are never batched, even under vmap): only the call that
+    # ends the epoch runs the short batch.
+    carry = jax.lax.cond(end_step > num_full, short_step, lambda c: c, carry)
+  return carry
+
+
+def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
+                epoch: jax.Array, mean: jax.Array, std: jax.Array, *, batch_size: int,
+                drop_last_batch: bool, augment: AugmentOptions | None = None,
+                batch_sharding=None, num_steps: int | None = None,
+                options: StepOptions = StepOptions()):
+  """One epoch of `train_steps` in one call: every example once (the last batch short unless
+  `drop_last_batch`), or only the first `num_steps` full batches (a fractional last epoch, which
+  never runs the short batch). Returns the new state and the epoch's summed metrics, with each
+  step's mean loss under "step_losses"."""
+  num_examples = labels.shape[0]
+  end_step = steps_per_epoch(num_examples, batch_size, drop_last_batch)
+  if num_steps is not None:
+    end_step = min(num_steps, num_examples // batch_size)
+  state, per_step = train_steps(
+      state, images, labels, data_key, epoch, 0, end_step, mean, std, batch_size=batch_size,
+      drop_last_batch=drop_last_batch, augment=augment, batch_sharding=batch_sharding,
+      options=options)
+  per_step = jax.tree_util.tree_map(lambda x: x[:end_step], per_step)
   totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
-  step_losses = per_step["loss_sum"] / batch_size
-  remainder = num_examples % batch_size
-  if remainder and not drop_last_batch and not partial:
-    state, last = step(state, (order[num_full * batch_size:], num_full))
-    totals = _sum_metrics(totals, last)
-    step_losses = jnp.concatenate([step_losses, last["loss_sum"][None] / remainder])
-  # Each step's mean loss, for naming the first non-finite one.
-  totals["step_losses"] = step_losses
+  totals["step_losses"] = per_step["loss_sum"] / batch_sizes(num_examples, batch_size, end_step)
   return state, totals
+
+
+def batch_sizes(num_examples: int, batch_size: int, num_steps: int) -> np.ndarray:
+  """The sizes of an epoch's first `num_steps` batches (all full but a short last one)."""
+  sizes = np.full(num_steps, batch_size, np.float32)
+  if num_steps * batch_size > num_examples:
+    sizes[-1] = num_examples - (num_steps - 1) * batch_size
+  return sizes
 
 
 def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std: jax.Array, *,
@@ -353,6 +403,26 @@ def compile_train_epoch(state, images, labels, data_key, mean, std, *, batch_siz
   return jax.jit(epoch, donate_argnums=0, out_shardings=parallel.mirrored_sharding(mesh)).lower(
       state, images, labels, data_key, jnp.int32(0), mean, std).compile(
           compiler_options=compiler_options())
+
+
+def compile_train_steps(state, images, labels, data_key, mean, std, *, batch_size: int,
+                        drop_last_batch: bool, augment: AugmentOptions | None = None,
+                        vmap_replicas: bool = False, mesh=None,
+                        options: StepOptions = StepOptions()):
+  """Compiles `train_steps` ahead of time for these shapes; the state argument is donated. The
+  compiled program takes (state, images, labels, data_key, epoch, first_step, end_step, mean,
+  std) and returns (state, per-step metrics). `vmap_replicas`, `mesh`: as
+  `compile_train_epoch`."""
+  batch_sharding = parallel.split_sharding(mesh)
+  run = functools.partial(train_steps, batch_size=batch_size, drop_last_batch=drop_last_batch,
+                          augment=augment, batch_sharding=batch_sharding, options=options)
+  if vmap_replicas:
+    run = jax.vmap(run, in_axes=(0, None, None, 0, None, None, None, None, None))
+  step_number = jnp.int32(0)
+  # Donating the state lets XLA update parameters and momenta in place.
+  return jax.jit(run, donate_argnums=0, out_shardings=parallel.mirrored_sharding(mesh)).lower(
+      state, images, labels, data_key, step_number, step_number, step_number, mean,
+      std).compile(compiler_options=compiler_options())
 
 
 def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, batch_size: int,

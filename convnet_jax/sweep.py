@@ -33,6 +33,7 @@ from convnet_jax import sweep_report
 from convnet_jax import sweep_study
 from convnet_jax import train
 from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import RunStopped
 from convnet_jax.errors import TrainingDiverged
 from convnet_jax.errors import UserError
 from convnet_jax.sweep_config import SweepFunction
@@ -76,8 +77,9 @@ def make_objective(config, workdir: Path, sweep_fn: SweepFunction):
       # stdout is kept for the final table; the epochs' JSON lines are in each metrics.jsonl.
       with contextlib.redirect_stdout(sys.stderr):
         metrics = train.train_and_evaluate(training_config, workdir / relative)
-    except KeyboardInterrupt:
-      # Ctrl-C: queue this trial again before optuna marks it failed, so it is resumed.
+    except (KeyboardInterrupt, RunStopped):
+      # Ctrl-C or SIGTERM: queue this trial again before optuna marks it failed, so it is
+      # resumed from the checkpoint it saved.
       sweep_study.retry(trial.study, next(t for t in trial.study.get_trials(deepcopy=False)
                                           if t.number == trial.number))
       raise

@@ -4,7 +4,6 @@ server for several workers), the re-running of trials whose worker died, and wha
 
 from __future__ import annotations
 
-import fcntl
 import random
 import sys
 import time
@@ -207,15 +206,9 @@ def open_study(config, workdir: Path, identity: dict) -> optuna.Study:
   return study
 
 
-def lock_sweep_dir(workdir: Path):
-  """An exclusive lock on DIR/sweep.lock, held until the returned file is closed (the kernel
-  drops it when the process dies, even by SIGKILL); `UserError` if another process holds it."""
-  lock_file = open(workdir / "sweep.lock", "w")
-  try:
-    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    lock_file.close()
-    raise UserError(f"--workdir {workdir}: another sweep process is running in it; the default "
-                    f"SQLite storage takes one process at a time (give several workers a "
-                    f"database server: sweep.storage)") from None
-  return lock_file
+def lock_sweep_dir(workdir: Path) -> workdir_lib.FolderLock:
+  """The lock on DIR/sweep.lock that keeps a second process off the default SQLite storage (a
+  `workdir.FolderLock`, to enter)."""
+  return workdir_lib.FolderLock(
+      workdir, "sweep.lock", advice="the default SQLite storage takes one sweep process at a "
+      "time (give several workers a database server: sweep.storage)")

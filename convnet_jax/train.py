@@ -1,11 +1,12 @@
-"""Training: `train_and_evaluate`, the loop that runs the compiled epochs of `steps` and evaluates
-after each, and its per-epoch pieces.
+"""Training: `train_and_evaluate`, the loop that runs each epoch as calls of the compiled
+training program of `steps` and evaluates after each, and its per-epoch pieces.
 
 The machinery around the loop lives in its own modules: `steps` (the pure train and eval steps
-and the epoch programs), `run_setup` (checks, state, data on the device, compiled programs),
-`optim` (schedules, SGD), `parallel` (mesh, split batches), `replicas` (models trained
-together), `checkpoints`, `workdir` (run files, same-run check) and `reporting` (stdout,
-metrics.jsonl, TensorBoard, preds).
+and the programs), `epoch_calls` (how an epoch is cut into calls, an epoch in progress),
+`run_setup` (checks, state, data on the device, compiled programs), `optim` (schedules, SGD),
+`parallel` (mesh, split batches), `replicas` (models trained together), `checkpoints`,
+`stopping` (SIGTERM and Ctrl-C), `workdir` (run files, its lock, same-run check), `logs` and
+`reporting` (stdout, metrics.jsonl, TensorBoard, preds).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 from absl import logging
 
 from convnet_jax import checkpoints
+from convnet_jax import epoch_calls
+from convnet_jax import logs
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import parallel
@@ -28,10 +31,13 @@ from convnet_jax import replicas
 from convnet_jax import reporting
 from convnet_jax import run_setup
 from convnet_jax import steps as steps_lib
+from convnet_jax import stopping
+from convnet_jax import validation
 from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import RunStopped
 from convnet_jax.errors import TrainingDiverged
 
-__all__ = ["TrainingDiverged", "train_and_evaluate"]
+__all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,18 +53,6 @@ def run_evaluation(programs: run_setup.Programs, state, data: run_setup.DeviceDa
 def _host_totals(totals):
   # float64 on the host, so that an accuracy is exactly correct / count.
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.device_get(totals))
-
-
-def run_epoch(programs: run_setup.Programs, state, data: run_setup.DeviceData,
-              data_key: jax.Array, epoch: int, num_steps: int):
-  """Trains `num_steps` steps of epoch `epoch` and evaluates the result. Returns the new state,
-  the test predictions and the training and test totals on the host."""
-  state, train_totals = programs.train_epoch(num_steps)(
-      state, data.train_images, data.train_labels, data_key, np.int32(epoch), data.mean,
-      data.std)
-  predictions, test_totals = run_evaluation(programs, state, data)
-  train_totals, test_totals = _host_totals((train_totals, test_totals))
-  return state, predictions, train_totals, test_totals
 
 
 def test_time_accuracy(config, programs: run_setup.Programs, state,
@@ -91,20 +85,20 @@ def initial_divergence(config, history: list[dict]) -> np.ndarray:
 
 
 def check_divergence(step_losses: np.ndarray, diverged: np.ndarray, *, epoch: int,
-                     num_steps: int, last_checkpoint: int | None, checkpoint_dir: Path):
-  """The updated mask of diverged replicas after an epoch with these step losses (one row per
-  replica). Raises `TrainingDiverged`, naming the first bad step and the checkpoint kept, when
-  every model's loss has stopped being finite."""
+                     num_steps: int, last_checkpoint: str | None, checkpoint_dir: Path):
+  """The updated mask of diverged replicas after these step losses of epoch `epoch` (one row
+  per replica; the epoch's steps so far). Raises `TrainingDiverged`, naming the first bad step
+  and the checkpoint kept (`last_checkpoint`, where the run stood at it), when every model's
+  loss has stopped being finite."""
   bad_steps = replicas.first_nonfinite_steps(step_losses)
   stacked = bad_steps.ndim > 0
   if np.all(bad_steps >= 0):
     bad_step = int(np.min(bad_steps))
-    kept = f"after epoch {last_checkpoint - 1}" if last_checkpoint else "none yet"
     subject = "loss in every replica" if stacked else "loss"
     raise TrainingDiverged(
         f"non-finite {subject} at step {epoch * num_steps + bad_step} (epoch {epoch}, step "
-        f"{bad_step} of the epoch); the last good checkpoint ({kept}) is kept in "
-        f"{checkpoint_dir}")
+        f"{bad_step} of the epoch); the last good checkpoint ({last_checkpoint or 'none yet'}) "
+        f"is kept in {checkpoint_dir}")
   for replica in np.flatnonzero((bad_steps >= 0) & ~diverged):
     logging.warning("replica %d: non-finite loss at step %d of epoch %d; it goes on as null",
                     replica, bad_steps[replica], epoch)
@@ -143,76 +137,189 @@ def checkpoint_is_due(config, epoch: int) -> bool:
           or epoch + 1 == optim.num_epochs_run(config))
 
 
-def checkpoint_record(history: list[dict], fingerprint: str, data_key: jax.Array) -> dict:
-  """What a checkpoint keeps beside the state: the metrics so far, the config fingerprint and
-  the data-order key."""
-  return {"history": history, "config_fingerprint": fingerprint,
-          "data_key": np.asarray(jax.random.key_data(data_key)).tolist()}
+def checkpoint_record(history: list[dict], fingerprint: str, data_key: jax.Array,
+                      position: str, in_progress: epoch_calls.EpochInProgress | None = None
+                      ) -> dict:
+  """What a checkpoint keeps beside the state: the metrics of the epochs done, those of the
+  epoch in progress (a mid-epoch checkpoint), where the run stands in words, the config
+  fingerprint and the data-order key."""
+  record = {"history": history, "config_fingerprint": fingerprint, "position": position,
+            "data_key": np.asarray(jax.random.key_data(data_key)).tolist()}
+  if in_progress is not None and in_progress.steps_done:
+    record["epoch_in_progress"] = in_progress.to_json()
+  return record
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
+class TrainingLoop:
+  """The epochs of one run, each as calls of the training program (`epoch_calls`), evaluated
+  after each; checkpoints, stops on a signal and reports as it goes."""
+
+  def __init__(self, config, programs: run_setup.Programs, data: run_setup.DeviceData,
+               data_key: jax.Array, steps_per_epoch: int, store: checkpoints.CheckpointStore,
+               fingerprint: str, reporter: reporting.Reporter, signals: stopping.StopSignals):
+    self.config, self.programs, self.data, self.data_key = config, programs, data, data_key
+    self.steps_per_epoch = steps_per_epoch
+    self.store, self.fingerprint = store, fingerprint
+    self.reporter, self.signals = reporter, signals
+    self.planner = epoch_calls.CallPlanner(config.operations, steps_per_epoch)
+    self.num_train = int(data.train_labels.shape[0])
+    self.num_test = int(data.test_labels.shape[0])
+    self.seeds = replicas.replica_settings(config)["seed"] if config.num_replicas > 1 else None
+    self.start = time.perf_counter()
+
+  def run(self, state, history: list[dict], in_progress: epoch_calls.EpochInProgress | None):
+    """Trains from where `history` and `in_progress` stand to the end; returns the last
+    record and the final predictions (None if there was nothing left to train)."""
+    config = self.config
+    diverged = initial_divergence(config, history)
+    predictions = None
+    for epoch in range(len(history), optim.num_epochs_run(config)):
+      progress = in_progress or epoch_calls.EpochInProgress.start(
+          epoch, optim.current_learning_rate(config, self.steps_per_epoch, state),
+          config.num_replicas)
+      in_progress = None
+      state, diverged = self.train_epoch(state, history, progress, diverged)
+      predictions, test_totals = run_evaluation(self.programs, state, self.data)
+      test_totals = _host_totals(test_totals)
+      epoch_steps = progress.steps_done
+      num_trained = examples_trained(config, self.num_train, self.steps_per_epoch, epoch_steps)
+      history.append(epoch_record(
+          epoch, progress.totals(self.num_train, config.batch_size), test_totals,
+          progress.learning_rate, diverged, num_trained=num_trained, num_test=self.num_test,
+          seconds=time.perf_counter() - self.start,
+          compile_seconds=self.programs.compile_seconds, seeds=self.seeds))
+      if epoch + 1 == optim.num_epochs_run(config):
+        history[-1].update(test_time_accuracy(config, self.programs, state, self.data, diverged))
+      global_step = epoch_calls.global_step(self.steps_per_epoch, epoch, epoch_steps)
+      if checkpoint_is_due(config, epoch) or self.planner.checkpoint_due(global_step):
+        self.save(state, history, None)
+      self.reporter.epoch(history[-1], step_time_ms=1e3 * progress.seconds / epoch_steps,
+                          images_per_second=num_trained * config.num_replicas / progress.seconds)
+    return state, predictions
+
+  def train_epoch(self, state, history: list[dict], progress: epoch_calls.EpochInProgress,
+                  diverged: np.ndarray):
+    """Runs the rest of `progress`'s epoch, call by call; returns the state and the updated
+    divergence mask. Between calls: the stop check, the divergence check, the progress bar and
+    the checkpoints of `operations.checkpoint_every_steps`."""
+    config, epoch = self.config, progress.epoch
+    epoch_steps = optim.epoch_steps(config, self.steps_per_epoch, epoch)
+    while progress.steps_done < epoch_steps:
+      first = progress.steps_done
+      stop, end = self.signals.agree(self.planner.call_end(epoch, first, epoch_steps))
+      if stop:
+        self.stop(stop, state, history, progress)
+      call_start = time.perf_counter()
+      state, per_step = self.programs.train_steps(
+          state, self.data.train_images, self.data.train_labels, self.data_key,
+          np.int32(epoch), np.int32(first), np.int32(end), self.data.mean, self.data.std)
+      per_step = jax.device_get(per_step)
+      seconds = time.perf_counter() - call_start
+      progress.add(per_step, first, end, seconds)
+      self.planner.measured(end - first, seconds)
+      diverged = check_divergence(
+          progress.step_losses(self.num_train, config.batch_size), diverged, epoch=epoch,
+          num_steps=self.steps_per_epoch, last_checkpoint=self.store.newest_intact_position,
+          checkpoint_dir=self.store.directory)
+      self.reporter.steps(end - first, epoch, images_per_second=(
+          (end - first) * config.batch_size * config.num_replicas / seconds))
+      global_step = epoch_calls.global_step(self.steps_per_epoch, epoch, end)
+      if end < epoch_steps and self.planner.checkpoint_due(global_step):
+        self.save(state, history, progress)
+    return state, diverged
+
+  def save(self, state, history: list[dict], progress: epoch_calls.EpochInProgress | None):
+    """A checkpoint of where the run stands: after the epochs of `history`, and `progress`'s
+    steps into the next one."""
+    steps_done = progress.steps_done if progress is not None else 0
+    epoch = len(history)
+    position = epoch_calls.position(self.config, self.steps_per_epoch, epoch, steps_done)
+    self.store.save(epoch_calls.global_step(self.steps_per_epoch, epoch, steps_done), state,
+                    checkpoint_record(history, self.fingerprint, self.data_key, position,
+                                      progress))
+
+  def stop(self, signum: int, state, history: list[dict],
+           progress: epoch_calls.EpochInProgress) -> None:
+    """Saves a checkpoint of where the run stands (unless it has one) and raises
+    `RunStopped`."""
+    epoch, steps_done = len(history), progress.steps_done
+    global_step = epoch_calls.global_step(self.steps_per_epoch, epoch, steps_done)
+    name = stopping.StopSignals.name(signum)
+    if global_step == 0:
+      message = f"stopped by {name} before the first step; run the same command to start again"
+    else:
+      if self.store.newest_intact != global_step:
+        self.save(state, history, progress)
+      where = epoch_calls.position(self.config, self.steps_per_epoch, epoch, steps_done)
+      message = (f"stopped by {name} {where}; checkpoint saved in {self.store.directory}; run "
+                 f"the same command to resume")
+    logging.info("%s", message)  # for log.txt; `main` prints it on stderr
+    raise stopping.RunStopped(message, stopping.exit_status(signum))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains the configured model, evaluating after every epoch; resumes from the workdir's
-  newest intact checkpoint if it holds one of the same config.
+  newest intact checkpoint if it holds one of the same config, mid-epoch if it was taken there.
 
-  Prints one JSON line per new epoch on stdout; keeps config.json, metrics.jsonl, preds,
-  checkpoints/ and tensorboard/ in `workdir` (see `reporting`). Returns the last epoch's record.
-  Raises `UserError` for bad configs, data or workdirs before any work, and `TrainingDiverged`
-  when the loss stops being finite (the last good checkpoint stays). Replicas (`num_replicas` >
-  1) train together, see `replicas`; several devices split each batch, see `parallel`.
+  Prints one JSON line per new epoch on stdout; keeps config.json, metrics.jsonl, preds, log.txt,
+  checkpoints/ and tensorboard/ in `workdir` (see `reporting`), which it holds locked while it
+  runs (`workdir.FolderLock`). Returns the last epoch's record. Raises `UserError` for bad
+  configs, data or workdirs (a workdir in use included) before any work, `TrainingDiverged`
+  when the loss stops being finite (the last good checkpoint stays), and `RunStopped` after a
+  SIGTERM or SIGINT, with a checkpoint saved at the step it stopped (`stopping`). Replicas
+  (`num_replicas` > 1) train together, see `replicas`; several devices split each batch, see
+  `parallel`.
   """
-  files, identity, resuming, data = run_setup.check_inputs(config, workdir)
-  mesh = parallel.create_mesh(config.operations.num_devices)
-  reporter = reporting.Reporter(config, files, is_writer=jax.process_index() == 0)
-  conv_choice = run_setup.choose_convolutions(config, mesh)
-  reporter.note(conv_choice.describe())
-  run_setup.create_workdir(files, reporter.is_writer)
+  validation.validate_config(config)
+  validation.check_devices(config, jax.device_count())
+  files = workdir_lib.RunFiles(workdir)
+  is_writer = jax.process_index() == 0
+  with contextlib.ExitStack() as stack:
+    if is_writer:  # the other processes of a multi-process run share process 0's workdir
+      lock = stack.enter_context(workdir_lib.FolderLock(files.workdir, workdir_lib.RUN_LOCK))
+      if lock.taken_over:
+        logging.warning("took over the lock of %s in %s, which ended without releasing it",
+                        lock.taken_over, files.workdir)
+    signals = stack.enter_context(stopping.StopSignals())
+    identity, resuming, data = run_setup.check_inputs(config, files)
+    stack.enter_context(logs.log_file(files.log if is_writer else None))
+    mesh = parallel.create_mesh(config.operations.num_devices)
+    reporter = reporting.Reporter(config, files, is_writer=is_writer)
+    conv_choice = run_setup.choose_convolutions(config, mesh)
+    reporter.note(conv_choice.describe())
+    run_setup.create_workdir(files, reporter.is_writer)
 
-  model = models.create_model(config, data.num_classes, conv_choice.implementation)
-  run_setup.check_model(config, model)
-  num_steps = steps_lib.steps_per_epoch(len(data.train_labels), config.batch_size,
-                                        config.drop_last_batch)
-  state, data_key = run_setup.create_run_state(config, model, num_steps, mesh, data)
-  store = checkpoints.CheckpointStore(files.checkpoints,
-                                      config.operations.max_checkpoints_to_keep)
-  fingerprint = checkpoints.config_fingerprint(identity)
-  state, history = run_setup.restore_history(store, state, fingerprint, resuming, reporter)
-  reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()})
+    model = models.create_model(config, data.num_classes, conv_choice.implementation)
+    run_setup.check_model(config, model)
+    steps_per_epoch = steps_lib.steps_per_epoch(len(data.train_labels), config.batch_size,
+                                                config.drop_last_batch)
+    state, data_key = run_setup.create_run_state(config, model, steps_per_epoch, mesh, data)
+    reporter.note(run_setup.describe_run(config, state, steps_per_epoch, mesh))
+    store = stack.enter_context(contextlib.closing(checkpoints.CheckpointStore(
+        files.checkpoints, config.operations.max_checkpoints_to_keep)))
+    fingerprint = checkpoints.config_fingerprint(identity)
+    state, history, in_progress = run_setup.restore_history(store, state, fingerprint, resuming,
+                                                            reporter)
+    in_progress = in_progress and epoch_calls.EpochInProgress.from_json(in_progress)
+    steps_done = epoch_calls.global_step(steps_per_epoch, len(history),
+                                         in_progress.steps_done if in_progress else 0)
+    reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()},
+                   total_steps=optim.total_steps(config, steps_per_epoch), steps_done=steps_done)
+    stack.enter_context(reporter)
 
-  device_data = run_setup.put_data(data, mesh)
-  run_setup.report_shapes(reporter, config, model, state, device_data)
-  programs = run_setup.Programs(config, model, state, device_data, data_key, mesh, num_steps)
-  reporter.note(f"compile time: {programs.compile_seconds:.2f} s")
+    device_data = run_setup.put_data(data, mesh)
+    run_setup.report_shapes(reporter, config, model, state, device_data)
+    programs = run_setup.Programs(config, model, state, device_data, data_key, mesh,
+                                  steps_per_epoch)
+    reporter.note(f"compile time: {programs.compile_seconds:.2f} s")
 
-  diverged = initial_divergence(config, history)
-  seeds = replicas.replica_settings(config)["seed"] if config.num_replicas > 1 else None
-  predictions, start = None, time.perf_counter()
-  with reporter, contextlib.closing(store):
-    for epoch in range(len(history), optim.num_epochs_run(config)):
-      learning_rate = optim.current_learning_rate(config, num_steps, state)
-      steps_this_epoch = optim.epoch_steps(config, num_steps, epoch)
-      epoch_start = time.perf_counter()
-      state, predictions, train_totals, test_totals = run_epoch(
-          programs, state, device_data, data_key, epoch, steps_this_epoch)
-      epoch_seconds = time.perf_counter() - epoch_start
-      diverged = check_divergence(train_totals["step_losses"], diverged, epoch=epoch,
-                                  num_steps=num_steps, last_checkpoint=store.newest_intact,
-                                  checkpoint_dir=files.checkpoints)
-      num_trained = examples_trained(config, len(data.train_labels), num_steps,
-                                     steps_this_epoch)
-      history.append(epoch_record(
-          epoch, train_totals, test_totals, learning_rate, diverged, num_trained=num_trained,
-          num_test=len(data.test_labels), seconds=time.perf_counter() - start,
-          compile_seconds=programs.compile_seconds, seeds=seeds))
-      if epoch + 1 == optim.num_epochs_run(config):
-        history[-1].update(test_time_accuracy(config, programs, state, device_data, diverged))
-      if checkpoint_is_due(config, epoch):
-        store.save(epoch + 1, state, checkpoint_record(history, fingerprint, data_key))
-      reporter.epoch(history[-1], step_time_ms=1e3 * epoch_seconds / steps_this_epoch,
-                     images_per_second=num_trained * config.num_replicas / epoch_seconds)
-  if predictions is None:  # every epoch was already done: only the predictions may be missing
-    predictions, _ = run_evaluation(programs, state, device_data)
-  reporter.finish(np.asarray(jax.device_get(predictions)), history[-1])
+    loop = TrainingLoop(config, programs, device_data, data_key, steps_per_epoch, store,
+                        fingerprint, reporter, signals)
+    state, predictions = loop.run(state, history, in_progress)
+    if predictions is None:  # every epoch was already done: only the predictions may be missing
+      predictions, _ = run_evaluation(programs, state, device_data)
+    reporter.finish(np.asarray(jax.device_get(predictions)), history[-1])
   return history[-1]

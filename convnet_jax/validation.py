@@ -123,6 +123,15 @@ def _validate_operations(operations) -> None:
   require(is_int(operations.num_devices) and operations.num_devices >= 0,
           "operations.num_devices", "0 (all devices) or a positive integer",
           operations.num_devices)
+  require(is_int(operations.checkpoint_every_steps) and operations.checkpoint_every_steps >= 0,
+          "operations.checkpoint_every_steps", "0 (only per epoch) or a positive integer",
+          operations.checkpoint_every_steps)
+  require(is_int(operations.steps_per_call) and operations.steps_per_call >= 0,
+          "operations.steps_per_call", "0 (sized by operations.seconds_per_call) or a positive "
+          "integer", operations.steps_per_call)
+  require(_is_number(operations.seconds_per_call) and operations.seconds_per_call > 0,
+          "operations.seconds_per_call", "a positive number of seconds",
+          operations.seconds_per_call)
 
 
 def check_devices(config, device_count: int) -> None:
@@ -149,6 +158,12 @@ def _validate_benchmark(bench) -> None:
   for key in ("num_examples", "num_steps", "num_epochs"):
     require(is_int(bench[key]) and bench[key] > 0, f"benchmark.{key}", "a positive integer",
             bench[key])
+  require(isinstance(bench.aot_topology, str), "benchmark.aot_topology",
+          'a TPU topology name such as "v5e:2x2", or "" (time on this machine)',
+          bench.aot_topology)
+  for platform in bench.aot_gpu_platforms:
+    require(platform in ("cuda", "rocm"), "benchmark.aot_gpu_platforms",
+            'a tuple of "cuda" and "rocm"', bench.aot_gpu_platforms)
   require(is_int(bench.warmup_steps) and bench.warmup_steps >= 0, "benchmark.warmup_steps",
           "a non-negative integer", bench.warmup_steps)
   for size in bench.batch_sizes or ():

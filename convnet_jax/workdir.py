@@ -1,4 +1,5 @@
-"""A run's folder: its file names, atomic writes, and the check that a folder holds this run.
+"""A run's folder: its file names, atomic writes, its lock, and the check that a folder holds
+this run.
 
 A workdir is resumed only by the same run: the same config, leaving out the groups that say how
 a run is operated, not what it computes (`validation.OPERATION_GROUPS`). Sweeps use the same
@@ -7,8 +8,11 @@ comparison for their folders and studies.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -18,6 +22,8 @@ from convnet_jax.errors import UserError
 # The key of config.json that records the convolution path a run resolved to and why. Not a
 # config key: the same config may resolve differently on another machine, to the same math.
 CONV_RECORD_KEY = "conv_implementation_used"
+# The lock file of a workdir in use by a training run.
+RUN_LOCK = "run.lock"
 
 
 class RunFiles:
@@ -30,6 +36,8 @@ class RunFiles:
     self.predictions = self.workdir / "preds"
     self.checkpoints = self.workdir / "checkpoints"
     self.tensorboard = self.workdir / "tensorboard"
+    self.log = self.workdir / "log.txt"
+    self.lock = self.workdir / RUN_LOCK
 
 
 def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
@@ -105,3 +113,86 @@ def check_workdir(files: RunFiles, identity: dict) -> bool:
                     f"({differences(identity, saved)}); use a new workdir or the same config "
                     f"to resume")
   return True
+
+
+class FolderLock:
+  """An exclusive lock on one folder for one process, as a context manager: a run's workdir,
+  or a sweep's folder.
+
+  The lock is `flock` on the file FOLDER/NAME, which names its holder (host, pid, start time):
+  the kernel drops it when the holder dies, even by SIGKILL, so a lock left by a dead process
+  is simply taken over (`taken_over` then names the process that left it), and two processes
+  starting at the same instant cannot both get it. Entering raises `UserError` naming the
+  folder and the holder when another process holds it, before anything is written. The folder
+  is created if missing, and removed again on exit if the holder wrote nothing else into it.
+  """
+
+  def __init__(self, folder: str | Path, name: str, flag: str = "--workdir",
+               advice: str = "wait for it to end or choose another folder"):
+    self.folder = Path(folder)
+    self.path = self.folder / name
+    self._flag, self._advice = flag, advice
+    self._fd: int | None = None
+    self._created = False
+    self.taken_over: str | None = None
+
+  def __enter__(self) -> FolderLock:
+    if self.folder.exists() and not self.folder.is_dir():
+      raise UserError(f"{self._flag} {self.folder}: exists and is not a folder")
+    self._created = not self.folder.exists()
+    self.folder.mkdir(parents=True, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        self._remove_created_folder()
+        raise UserError(f"{self._flag} {self.folder}: in use by {holder}; "
+                        f"{self._advice}") from None
+      try:  # the holder before us may have removed the file between our open and our lock
+        if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+          break
+      except FileNotFoundError:
+        pass
+      os.close(fd)
+    previous = _read_holder(fd, wait_seconds=0.0)
+    if previous != "another process":
+      self.taken_over = previous
+    holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                         "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (holder + "\n").encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._fd is None:
+      return
+    # Unlinked while still held, so the next holder always locks a file that exists.
+    self.path.unlink(missing_ok=True)
+    os.close(self._fd)
+    self._fd = None
+    self._remove_created_folder()
+
+  def _remove_created_folder(self) -> None:
+    if self._created:
+      try:
+        self.folder.rmdir()  # only if empty: a run that wrote anything keeps its folder
+      except OSError:
+        pass
+
+
+def _read_holder(fd: int, wait_seconds: float = 1.0) -> str:
+  """The lock file's holder as "process PID on HOST since TIME", or "another process" when it
+  names none (yet: the holder writes its name just after locking)."""
+  deadline = time.monotonic() + wait_seconds
+  while True:
+    try:
+      holder = json.loads(os.pread(fd, 4096, 0).decode())
+      return f"process {holder['pid']} on {holder['host']} since {holder['since']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+      if time.monotonic() >= deadline:
+        return "another process"
+      time.sleep(0.05)

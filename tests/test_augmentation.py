@@ -12,6 +12,9 @@ import pytest
 from convnet_jax import input_pipeline
 from convnet_jax import steps
 
+# One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("augmentation")
+
 PAD = 4
 
 

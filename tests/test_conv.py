@@ -16,6 +16,9 @@ from conftest import REPO_ROOT
 from convnet_jax import conv
 from convnet_jax import onednn
 
+# One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("conv")
+
 ONEDNN_SUPPORTED = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 
 
@@ -222,6 +225,7 @@ def test_other_names_are_taken_as_configured():
 FORCED_OFF = """
 from convnet_jax import conv, onednn, validation
 from configs import default
+
 print(onednn.load())
 print(conv.choose_conv_implementation("auto").describe())
 config = default.get_config()

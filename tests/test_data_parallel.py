@@ -13,6 +13,9 @@ import pytest
 
 from conftest import REPO_ROOT
 
+# One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("data_parallel")
+
 # The smoke run for one epoch: 200 training images in batches of 64 (3 full batches and one of
 # 8) and 100 test images (batches of 64 and 36), so every batch splits over 2 or 4 devices.
 RUN_ARGS = ("--config", "configs/smoke.py", "--config.operations.tensorboard=False")
@@ -92,13 +95,14 @@ def test_two_processes_on_localhost_match_one_device(one_device, cifar10_dir, tm
   records, predictions = _read(workdir)
   assert json.loads(printed[0][0]) == records[0]
   _assert_matches(records, predictions, one_device)
-  assert (workdir / "checkpoints" / "1").is_dir()
+  assert (workdir / "checkpoints" / "4").is_dir()  # after epoch 0's 4 steps
 
 
 SHARDED_BATCH_NORM = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from convnet_jax import models, parallel, train
+
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,))
 batch = NamedSharding(mesh, P(parallel.DATA_AXIS))
 x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 2, 2, 3)).astype(np.float32)

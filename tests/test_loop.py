@@ -55,11 +55,13 @@ def test_epoch_record_of_replicas_nulls_the_diverged_and_summarises_the_rest():
 def test_check_divergence_keeps_going_while_one_replica_is_finite():
   losses = np.array([[1.0, 0.9, 0.8], [1.0, np.inf, np.nan], [1.0, 1.0, 1.0]])
   diverged = train.check_divergence(losses, np.array([False, False, False]), epoch=3,
-                                    num_steps=3, last_checkpoint=3, checkpoint_dir="ckpt")
+                                    num_steps=3, last_checkpoint="after epoch 2",
+                                    checkpoint_dir="ckpt")
   assert diverged.tolist() == [False, True, False]
 
 
-@pytest.mark.parametrize("last_checkpoint, kept", [(2, "after epoch 1"), (None, "none yet")])
+@pytest.mark.parametrize("last_checkpoint, kept", [("at step 3 of epoch 1", "at step 3 of epoch 1"),
+                                                   (None, "none yet")])
 def test_check_divergence_names_the_global_step_and_the_checkpoint_kept(last_checkpoint, kept):
   losses = np.array([0.7, 0.6, np.nan, np.nan])
   with pytest.raises(TrainingDiverged) as error:
@@ -206,14 +208,14 @@ def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path
   fresh = {"w": np.zeros(3, np.float32)}
   store = checkpoints.CheckpointStore(files.checkpoints, max_to_keep=2)
   try:
-    assert run_setup.restore_history(store, fresh, "fp", False, reporter) == (fresh, [])
-    assert run_setup.restore_history(store, fresh, "fp", True, reporter) == (fresh, [])  # none yet
+    assert run_setup.restore_history(store, fresh, "fp", False, reporter) == (fresh, [], None)
+    assert run_setup.restore_history(store, fresh, "fp", True, reporter) == (fresh, [], None)
     saved = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
     history = [{"epoch": 0}, {"epoch": 1}]
     store.save(2, saved, {"history": history, "config_fingerprint": "fp"})
-    state, restored = run_setup.restore_history(store, fresh, "fp", True, reporter)
+    state, restored, in_progress = run_setup.restore_history(store, fresh, "fp", True, reporter)
     np.testing.assert_array_equal(state["w"], [1.0, 2.0, 3.0])
-    assert restored == history and store.newest_intact == 2
+    assert restored == history and in_progress is None and store.newest_intact == 2
     with pytest.raises(UserError, match="checkpoint of another config"):
       run_setup.restore_history(store, fresh, "other", True, reporter)
   finally:

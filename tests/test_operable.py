@@ -1,20 +1,22 @@
-"""Operable runs: kill and resume, damaged checkpoints, reproducibility, NaN guard, logs."""
+"""Operable runs: damaged checkpoints, reproducibility, NaN guard, TensorBoard, the progress bar
+(kills and signals: test_long_runs)."""
 
 import fcntl
 import json
 import os
 import pty
-import signal
 import struct
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 
 from conftest import REPO_ROOT
 from test_cli import run_main
+
+# One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("operable")
 
 TIMING_KEYS = ("time", "compile_time")
 # 1,000 training images in batches of 64: 16 steps, long enough to be killed mid-epoch.
@@ -47,36 +49,14 @@ def test_same_config_and_seed_give_identical_metrics(uninterrupted, cifar10_dir,
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(uninterrupted, cifar10_dir,
-                                                             tmp_path):
-  workdir = tmp_path / "killed"
-  command = [sys.executable, "-m", "convnet_jax.main", *RUN_ARGS,
-             f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"]
-  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
-  first_line = process.stdout.readline()  # epoch 0 done and checkpointed
-  assert json.loads(first_line)["epoch"] == 0
-  time.sleep(0.5)  # into epoch 1
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL
-  assert not (workdir / "preds").exists()
-  result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "resuming after epoch" in result.stderr
-  printed = [json.loads(line)["epoch"] for line in result.stdout.splitlines()]
-  assert printed and printed[-1] == 3 and printed[0] >= 1  # only the epochs not yet done
-  assert read_run(workdir) == uninterrupted
-
-
-@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cifar10_dir,
                                                               tmp_path):
   workdir = tmp_path / "damaged"
   args = [*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"]
   assert run_main(*args).returncode == 0
-  # Damage every data file of the newest checkpoint (epoch 4) and lose the predictions.
-  damaged = [path for path in (workdir / "checkpoints" / "4" / "state").rglob("*")
+  # Damage every data file of the newest checkpoint (after epoch 3: 4 x 16 steps) and lose the
+  # predictions.
+  damaged = [path for path in (workdir / "checkpoints" / "64" / "state").rglob("*")
              if path.is_file() and path.stat().st_size > 64]
   assert damaged
   for path in damaged:
@@ -105,7 +85,8 @@ def test_non_finite_loss_stops_with_step_and_epoch(cifar10_dir, tmp_path):
   assert len(records) == bad_epoch  # no line for the diverged epoch
   saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir()
                  if p.name.isdigit())
-  assert saved == list(range(1, bad_epoch + 1))[-3:]
+  # Named by steps: smoke's epochs are 4 steps long.
+  assert saved == [4 * epochs for epochs in range(1, bad_epoch + 1)][-3:]
 
 
 @pytest.mark.slow

@@ -17,6 +17,9 @@ from convnet_jax import train
 from convnet_jax import validation
 from convnet_jax.errors import UserError
 
+# One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("replicas")
+
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate")
 # Replica 2's peak learning rate makes its loss overflow within the first few steps.
 REPLICAS = {"replica_learning_rates": (0.1, 0.05, 1e4), "replica_momenta": (0.9, 0.5, 0.9)}
@@ -95,7 +98,8 @@ def test_replicated_run_resumes_from_its_checkpoint(replicated_run, cifar10_dir,
   workdir, records, predictions = replicated_run
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
-  shutil.rmtree(copy / "checkpoints" / "2")  # as if killed during epoch 1
+  # As if killed during epoch 1: the checkpoint after it (smoke: 4 steps an epoch) is gone.
+  shutil.rmtree(copy / "checkpoints" / "8")
   (copy / "preds").unlink()
   train.train_and_evaluate(_config(cifar10_dir, num_replicas=3, **REPLICAS), copy)
   resumed_records, resumed_predictions = _read(copy)

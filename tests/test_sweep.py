@@ -25,6 +25,9 @@ from convnet_jax import sweep_config as sweep_config_lib
 from convnet_jax import sweep_study
 from convnet_jax.errors import UserError
 
+# One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("sweep")
+
 GRID_LR = (0.05, 0.2, 1e38)  # 1e38 diverges to NaN in the first epoch
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-pytestmark = pytest.mark.slow
+# One worker runs this file (one throwaway cluster; pytest-xdist).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("postgres")]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every trial is 6 epochs of 2 steps (a checkpoint after each), so that a worker can be caught
