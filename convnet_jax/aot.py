@@ -42,7 +42,7 @@ def tpu_mesh(topology: str) -> Mesh:
   names them ("v5e:2x2", "v4:2x2x1", ...). `UserError` without libtpu or for a name it does not
   know."""
   key = f"benchmark.aot_topology={topology!r}"
-  if not _tpu_chips_here():
+  if not parallel.tpu_chips_here():
     # libtpu asks these of the host it runs on and warns when they are unset; compiling for a
     # topology uses neither, so plain values keep stderr quiet off a TPU VM.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
@@ -60,16 +60,6 @@ def tpu_mesh(topology: str) -> Mesh:
                       f"{INSTALL_TPU}") from None
     raise UserError(f"{key}: libtpu could not make this topology ({reason[:300]})") from None
   return Mesh(np.asarray(description.devices), (parallel.DATA_AXIS,))
-
-
-def _tpu_chips_here() -> bool:
-  """Whether this machine has TPU chips (JAX's own test; True if it cannot tell)."""
-  try:
-    from jax._src import hardware_utils  # private: guarded
-
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-  except Exception:
-    return True
 
 
 def data_counts(config) -> tuple[int, int]:

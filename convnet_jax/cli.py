@@ -128,15 +128,11 @@ def skip_absent_tpu() -> None:
     return
   if importlib.metadata.entry_points(group="jax_plugins"):
     return  # a GPU plugin: JAX must keep choosing among its platforms
-  try:
-    from jax._src import hardware_utils  # JAX's own test for TPU chips (private: guarded)
+  import jax
 
-    num_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-  except Exception:
-    return
-  if num_chips == 0:
-    import jax
+  from convnet_jax import parallel
 
+  if not parallel.tpu_chips_here():
     jax.config.update("jax_platforms", "cpu")
 
 

@@ -27,6 +27,17 @@ def create_mesh(num_devices: int) -> Mesh | None:
   return Mesh(np.asarray(devices[:count]), (DATA_AXIS,))
 
 
+def tpu_chips_here() -> bool:
+  """Whether this machine has TPU chips, by JAX's own test (private, so guarded: True when it
+  cannot tell, so that callers then leave JAX's TPU set-up alone)."""
+  try:
+    from jax._src import hardware_utils
+
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except Exception:
+    return True
+
+
 def mesh_size(mesh: Mesh | None) -> int:
   """The number of devices a run uses: the mesh's, or 1 without one."""
   return mesh.size if mesh is not None else 1
