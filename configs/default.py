@@ -138,6 +138,11 @@ def get_config():
   # fastest), N runs N steps a call. The numbers are the same however an epoch is cut.
   config.operations.steps_per_call = 0
   config.operations.seconds_per_call = 10.0
+  # JAX's persistent compilation cache: a later run with the same shapes loads its programs
+  # instead of compiling them. "" = $CONVNET_JAX_COMPILATION_CACHE if set, else the per-user
+  # ~/.cache/convnet_jax/xla; "off" turns it off; else a folder. Entries sit in a subfolder
+  # named by jaxlib, the CPU and the oneDNN extension, so another machine's are never read.
+  config.operations.compilation_cache = ""
   # Scalars in WORKDIR/tensorboard (tensorboardX, no TensorFlow).
   config.operations.tensorboard = True
   # A step bar with the epoch, images/s and ETA on stderr, drawn only in a terminal.

@@ -25,8 +25,10 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from convnet_jax import onednn
+from convnet_jax import parallel
 from convnet_jax.errors import UserError
 
 
@@ -132,34 +134,71 @@ _conv_hybrid_stride1.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
 
 def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1,
                 padding: int | None = None) -> jax.Array:
-  """The convolution as oneDNN custom calls, float32 only (other dtypes run `conv_im2col`).
+  """The convolution as oneDNN custom calls, in float32 or bfloat16 (other dtypes, or mixed
+  ones, run `conv_im2col`).
+
+  bfloat16 runs oneDNN's bfloat16 kernels (float32 sums) where the CPU has bfloat16 arithmetic
+  (`onednn.Status.bf16_native`); elsewhere its float32 kernels on the bfloat16 values, rounded
+  back to bfloat16: the same products (a bfloat16 value is exact in float32) and float32 sums,
+  at float32 speed, where oneDNN has no bfloat16 kernels at all.
 
   Works under `jit`, `grad`, `lax.scan` and `vmap` (replicas: one call per replica, in
-  sequence). Raises `ConvUnavailable` where the extension cannot load (see
+  sequence), and on a data-parallel mesh (`parallel.tracing_mesh`: each device convolves its
+  part of the batch). Raises `ConvUnavailable` where the extension cannot load (see
   `choose_conv_implementation`, which falls back instead).
   """
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+  dtype = x.dtype
+  if kernel.dtype != dtype or dtype not in (jnp.float32, jnp.bfloat16):
     return conv_im2col(x, kernel, strides, padding)
   status = onednn.load()  # registers the custom-call targets on first use
   if not status.available:
     raise ConvUnavailable(f"the oneDNN extension is not available: {status.detail}")
-  return _conv_onednn(x, kernel, strides, kernel.shape[0] // 2 if padding is None else padding)
+  padding = kernel.shape[0] // 2 if padding is None else padding
+  if dtype == jnp.bfloat16 and not status.bf16_native:
+    return _conv_onednn(x.astype(jnp.float32), kernel.astype(jnp.float32), strides,
+                        padding).astype(dtype)
+  return _conv_onednn(x, kernel, strides, padding)
 
 
 def _onednn_call(target: str, shape, *operands, strides: int, padding: int) -> jax.Array:
   # "sequential": under vmap (replicas), one call per replica; each has its own kernel.
-  return jax.ffi.ffi_call(onednn.TARGETS[target], jax.ShapeDtypeStruct(shape, jnp.float32),
+  return jax.ffi.ffi_call(onednn.TARGETS[target], jax.ShapeDtypeStruct(shape, operands[0].dtype),
                           vmap_method="sequential")(*operands, stride=np.int64(strides),
                                                     padding=np.int64(padding))
 
 
+def _split_mesh(batch: int):
+  """The mesh in context (`jax.set_mesh`, as `steps` sets it for a data-parallel run) when a
+  batch of this size is split over its data axis (`parallel.split_batch`'s rule), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or parallel.DATA_AXIS not in mesh.axis_names:
+    return None
+  devices = mesh.shape[parallel.DATA_AXIS]
+  return mesh if devices > 1 and batch % devices == 0 else None
+
+
+def _per_device(function, mesh, in_specs, out_specs):
+  """`function` run by each data-parallel device on its part of the batch (shard_map), so the
+  custom calls, which XLA cannot partition, see local arrays; as is without a mesh."""
+  if mesh is None:
+    return function
+  return jax.shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+_SPLIT, _WHOLE = P(parallel.DATA_AXIS), P()
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_onednn(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
-  batch, height, width, _ = x.shape
   size = kernel.shape[0]
-  output_shape = (batch, conv_output_size(height, strides, size, padding),
-                  conv_output_size(width, strides, size, padding), kernel.shape[-1])
-  return _onednn_call("forward", output_shape, x, kernel, strides=strides, padding=padding)
+
+  def forward(x, kernel):
+    batch, height, width, _ = x.shape
+    output_shape = (batch, conv_output_size(height, strides, size, padding),
+                    conv_output_size(width, strides, size, padding), kernel.shape[-1])
+    return _onednn_call("forward", output_shape, x, kernel, strides=strides, padding=padding)
+
+  return _per_device(forward, _split_mesh(x.shape[0]), (_SPLIT, _WHOLE), _SPLIT)(x, kernel)
 
 
 def _conv_onednn_forward(x, kernel, strides, padding):
@@ -168,12 +207,22 @@ def _conv_onednn_forward(x, kernel, strides, padding):
 
 def _conv_onednn_backward(strides, padding, residuals, output_gradient):
   x, kernel = residuals
+  mesh = _split_mesh(x.shape[0])
+
   # Two separate calls, so XLA drops the input gradient where nothing uses it (the stem's).
-  input_gradient = _onednn_call("backward_data", x.shape, output_gradient, kernel,
-                                strides=strides, padding=padding)
-  kernel_gradient = _onednn_call("backward_weights", kernel.shape, x, output_gradient,
-                                 strides=strides, padding=padding)
-  return input_gradient, kernel_gradient
+  def input_gradient(output_gradient, kernel):
+    shape = (output_gradient.shape[0],) + x.shape[1:]
+    return _onednn_call("backward_data", shape, output_gradient, kernel, strides=strides,
+                        padding=padding)
+
+  def kernel_gradient(x, output_gradient):
+    gradient = _onednn_call("backward_weights", kernel.shape, x, output_gradient,
+                            strides=strides, padding=padding)
+    # Each device's part of the batch gives a partial sum; the kernel's gradient is their sum.
+    return gradient if mesh is None else jax.lax.psum(gradient, parallel.DATA_AXIS)
+
+  return (_per_device(input_gradient, mesh, (_SPLIT, _WHOLE), _SPLIT)(output_gradient, kernel),
+          _per_device(kernel_gradient, mesh, (_SPLIT, _SPLIT), _WHOLE)(x, output_gradient))
 
 
 _conv_onednn.defvjp(_conv_onednn_forward, _conv_onednn_backward)
@@ -216,11 +265,12 @@ def choose_conv_implementation(requested: str, dtype: str = "float32",
   """Resolves `config.conv_implementation` for this process, or for `backend` ("cpu", "gpu",
   "tpu"; default: JAX's backend here) when compiling for another platform.
 
-  "auto": oneDNN on a CPU backend when the extension loads, the compute dtype is float32 and
-  there is one device (its custom calls have no partitioning rule, so a data-parallel mesh would
-  gather every batch); im2col on other CPUs; XLA's native convolution on GPU and TPU. "onednn"
-  asked for explicitly falls back the same way for bfloat16 and for data parallel, and raises
-  `ConvUnavailable` where the extension cannot load or the backend is not a CPU.
+  "auto": oneDNN on a CPU backend when the extension loads (float32, or bfloat16 in bfloat16
+  kernels where the CPU has bfloat16 arithmetic and in float32 ones elsewhere, see
+  `conv_onednn`; on a data-parallel mesh each device convolves its part of the batch); im2col on
+  other CPUs and for other dtypes; XLA's native convolution on GPU and TPU. "onednn" asked for
+  explicitly falls back the same way for other dtypes, and raises `ConvUnavailable` where the
+  extension cannot load or the backend is not a CPU. `num_devices` only goes into the reason.
   """
   backend = backend or jax.default_backend()
   if requested not in ("auto", "onednn"):
@@ -235,10 +285,14 @@ def choose_conv_implementation(requested: str, dtype: str = "float32",
   status = onednn.load()
   if not status.available:
     return ConvChoice("im2col", f"auto: oneDNN extension unavailable ({status.detail})")
-  if dtype != "float32":
-    return ConvChoice("im2col", f"{prefix}, but the oneDNN path is float32 only and the "
-                                f"dtype is {dtype}")
+  if dtype not in ("float32", "bfloat16"):
+    return ConvChoice("im2col", f"{prefix}, but the oneDNN path is float32 and bfloat16 only "
+                                f"and the dtype is {dtype}")
+  where = f" on an {platform.machine()} CPU"
+  if dtype == "bfloat16":
+    where += (", bfloat16 kernels (the CPU has bfloat16 arithmetic)" if status.bf16_native else
+              ", float32 kernels for bfloat16: this CPU has no bfloat16 arithmetic "
+              "(AVX512_BF16 or AMX)")
   if num_devices > 1:
-    return ConvChoice("im2col", f"{prefix}, but the oneDNN calls are not partitioned over the "
-                                f"{num_devices} data-parallel devices")
-  return ConvChoice("onednn", f"{prefix}: {status.detail} on an {platform.machine()} CPU")
+    where += f", each of {num_devices} devices on its part of the batch"
+  return ConvChoice("onednn", f"{prefix}: {status.detail}{where}")

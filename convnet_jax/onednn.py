@@ -38,9 +38,11 @@ TARGETS = {
 @dataclasses.dataclass(frozen=True)
 class Status:
   """Whether the oneDNN convolutions can run in this process; `detail` is the oneDNN version
-  when they can and the reason when they cannot."""
+  when they can and the reason when they cannot; `bf16_native`: whether oneDNN runs bfloat16
+  convolutions with this CPU's own bfloat16 instructions (AVX512_BF16 or AMX)."""
   available: bool
   detail: str
+  bf16_native: bool = False
 
 
 def _runtime_library() -> str:
@@ -56,6 +58,12 @@ def _runtime_library() -> str:
   raise OSError(f"the {RUNTIME_DISTRIBUTION} package holds no libdnnl.so.3")
 
 
+def extension_path() -> str | None:
+  """The built extension's file, or None where it was not built."""
+  spec = importlib.util.find_spec(EXTENSION_MODULE)
+  return spec.origin if spec is not None and spec.origin else None
+
+
 @functools.cache
 def load() -> Status:
   """Loads the extension once per process and registers its targets for the CPU platform."""
@@ -63,8 +71,8 @@ def load() -> Status:
     return Status(False, f"turned off by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
   if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
     return Status(False, f"built only for Linux x86-64, not {sys.platform} {platform.machine()}")
-  spec = importlib.util.find_spec(EXTENSION_MODULE)
-  if spec is None or not spec.origin:
+  origin = extension_path()
+  if origin is None:
     return Status(False, "the extension was not built at install time (it needs a C++ compiler "
                          "and the onednn-devel-cpu-gomp wheel); reinstall with `pip install -e .`")
   try:
@@ -72,11 +80,12 @@ def load() -> Status:
     # finds the copy already loaded here instead of searching the library path.
     # (ctypes never unloads a library, so it stays loaded for the extension.)
     ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
-    library = ctypes.CDLL(spec.origin)
+    library = ctypes.CDLL(origin)
   except OSError as error:
     return Status(False, f"could not load the extension: {error}")
   for symbol in TARGETS.values():
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   library.convnet_onednn_version.restype = ctypes.c_char_p
-  return Status(True, f"oneDNN {library.convnet_onednn_version().decode()}")
+  return Status(True, f"oneDNN {library.convnet_onednn_version().decode()}",
+                bool(library.convnet_onednn_bf16_native()))

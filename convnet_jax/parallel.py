@@ -7,6 +7,8 @@ together, see `replicas.py`). A *split* batch has its leading axis divided over 
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -36,6 +38,12 @@ def tpu_chips_here() -> bool:
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except Exception:
     return True
+
+
+def tracing_mesh(mesh: Mesh | None):
+  """A context in which programs are traced for `mesh`: it makes the mesh JAX's context mesh,
+  from which the oneDNN convolutions learn to run per device (`conv._split_mesh`)."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def mesh_size(mesh: Mesh | None) -> int:

@@ -13,6 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from convnet_jax import checkpoints
+from convnet_jax import compile_cache
 from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
@@ -148,16 +149,25 @@ def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
        data.std), mesh))
 
 
+def program_identity(config, conv_choice: conv.ConvChoice) -> dict:
+  """What the run's programs compute, for `compile_cache.ProgramStore`: the run's identity
+  (`workdir.run_identity`) less the data folder, and the convolution path it resolved to."""
+  identity = workdir_lib.run_identity(config)
+  identity.pop("data_dir", None)
+  return {**identity, "convolutions": conv_choice.implementation}
+
+
 class Programs:
   """The run's compiled programs, each compiled once when first needed (the training steps and
   the plain evaluation at once): `train_steps` -> (state, images, labels, data_key, epoch,
   first_step, end_step, mean, std) -> (state, per-step metrics); `evaluate(level)` -> (params,
   test images, labels, mean, std) -> (predictions, totals), `level` a test-time augmentation.
-  `compile_seconds` adds up the compile times."""
+  `compile_seconds` adds up the compile times. With a `store`, each is loaded from it when it
+  holds the program and stored in it when not (`compile_cache.ProgramStore`)."""
 
   def __init__(self, config, model, state, data: DeviceData, data_key: jax.Array, mesh,
-               steps_per_epoch: int):
-    self._config, self._model, self._mesh = config, model, mesh
+               steps_per_epoch: int, store: compile_cache.ProgramStore | None = None):
+    self._config, self._model, self._mesh, self._store = config, model, mesh, store
     # Shapes only: the state's arrays are donated to the first call, and a program compiled
     # later (test-time augmentation) must not touch them.
     self._arguments = jax.tree_util.tree_map(
@@ -171,10 +181,12 @@ class Programs:
     logging.info("compiled the training and evaluation programs in %.2f s",
                  self.compile_seconds)
 
-  def _get(self, key, compile_fn):
+  def _get(self, key, arguments: tuple, outputs, compile_fn):
     if key not in self._compiled:
       start = time.perf_counter()
-      self._compiled[key] = compile_fn()
+      self._compiled[key] = (self._store.load_or_compile(str(key), arguments, outputs,
+                                                         compile_fn)
+                             if self._store else compile_fn())
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[key]
 
@@ -183,7 +195,11 @@ class Programs:
     """The program that runs steps first_step to end_step - 1 of an epoch."""
     config = self._config
     state, data, data_key = self._arguments
-    return self._get("train", lambda: steps_lib.compile_train_steps(
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    arguments = (state, data.train_images, data.train_labels, data_key, step, step, step,
+                 data.mean, data.std)
+    outputs = (state, dict.fromkeys(steps_lib.STEP_METRICS, step))
+    return self._get("train", arguments, outputs, lambda: steps_lib.compile_train_steps(
         state, data.train_images, data.train_labels, data_key, data.mean, data.std,
         batch_size=config.batch_size, drop_last_batch=config.drop_last_batch,
         augment=steps_lib.augment_options(config), vmap_replicas=config.num_replicas > 1,
@@ -193,7 +209,10 @@ class Programs:
     """The evaluation program on the test set, with `test_time_augmentation`."""
     config = self._config
     state, data, _ = self._arguments
-    return self._get(("evaluate", test_time_augmentation), lambda: steps_lib.compile_evaluate(
+    arguments = (state.params, data.test_images, data.test_labels, data.mean, data.std)
+    outputs = (data.test_labels, dict.fromkeys(steps_lib.STEP_METRICS, data.mean))
+    return self._get(f"evaluate-{test_time_augmentation}", arguments, outputs,
+                     lambda: steps_lib.compile_evaluate(
         state.params, data.test_images, data.test_labels, data.mean, data.std,
         apply_fn=self._model.apply, batch_size=config.eval_batch_size,
         vmap_replicas=config.num_replicas > 1, mesh=self._mesh,

@@ -24,6 +24,7 @@ from flax.training import train_state as flax_train_state
 from convnet_jax import input_pipeline
 from convnet_jax import optim
 from convnet_jax import parallel
+from convnet_jax import tta
 
 
 class TrainState(flax_train_state.TrainState):
@@ -119,6 +120,10 @@ def lookahead(state: TrainState, options: StepOptions) -> TrainState:
   return jax.lax.cond(sync | (step == options.total_steps), update, lambda s: s, state)
 
 
+# What `train_step` returns for a batch, each a float32 scalar.
+STEP_METRICS = ("loss_sum", "correct")
+
+
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                options: StepOptions = StepOptions()):
   """One SGD step on a normalised batch. Returns the new state and the batch's summed loss and
@@ -135,7 +140,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
   if options.lookahead_every_steps:
     state = lookahead(state, options)
   count = labels.shape[0]
-  metrics = {"loss_sum": loss if options.loss_reduction == "sum" else loss * count,
+  loss_sum = loss if options.loss_reduction == "sum" else loss * count
+  metrics = {"loss_sum": loss_sum.astype(jnp.float32),
              "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
   return state, metrics
 
@@ -150,38 +156,6 @@ def _evaluate_logits(logits: jax.Array, labels: jax.Array):
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return predictions, {"loss_sum": jnp.sum(losses),
                        "correct": jnp.sum(predictions == labels).astype(jnp.float32)}
-
-
-# Test-time augmentation (`config.test_time_augmentation`): (view, weight) pairs, airbench's
-# weighting. "mirror": the image and its mirror image, 1/2 each. "mirror_translate": half of that
-# weight, and the other half to the mirror pairs of the image translated by one pixel (reflect
-# padding) up-left and down-right: 1/4 + 1/4 + 4 x 1/8.
-TEST_TIME_AUGMENTATIONS = ("none", "mirror", "mirror_translate")
-
-
-def tta_views(images: jax.Array, level: str) -> list[tuple[jax.Array, float]]:
-  """The weighted views of a batch of NHWC images for test-time augmentation `level`."""
-  if level == "none":
-    return [(images, 1.0)]
-
-  def mirrored(x, weight):
-    return [(x, weight / 2), (x[:, :, ::-1, :], weight / 2)]
-
-  if level == "mirror":
-    return mirrored(images, 1.0)
-  height, width = images.shape[1:3]
-  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-  shifted = [padded[:, :height, :width], padded[:, 2:height + 2, 2:width + 2]]
-  return mirrored(images, 0.5) + [view for x in shifted for view in mirrored(x, 0.25)]
-
-
-def tta_logits(params, apply_fn: Callable, images: jax.Array, level: str) -> jax.Array:
-  """The weighted sum of the logits of the views of `tta_views`; each view is its own batch
-  (so BatchNorm normalises it with its own statistics)."""
-  if level == "none":
-    return apply_fn({"params": params}, images)
-  return sum(weight * apply_fn({"params": params}, view)
-             for view, weight in tta_views(images, level))
 
 
 def _sum_metrics(a, b):
@@ -293,10 +267,10 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
     state, metrics = step(state, order[num_full * batch_size:], num_full)
     return state, record(per_step, metrics, num_full)
 
-  metric_shapes = jax.eval_shape(
-      lambda s: step(s, order[:batch_size], 0)[1], state)
-  per_step = jax.tree_util.tree_map(
-      lambda shape: jnp.zeros((num_full + has_short_batch,), shape.dtype), metric_shapes)
+  # The metrics of `train_step` are float32 scalars: known without tracing a step for them
+  # (a trace costs ~0.3 s of a warm start).
+  per_step = {name: jnp.zeros((num_full + has_short_batch,), jnp.float32)
+              for name in STEP_METRICS}
   carry = jax.lax.fori_loop(first_step, jnp.minimum(end_step, num_full), full_step,
                             (state, per_step))
   if has_short_batch:
@@ -342,7 +316,7 @@ def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std:
              test_time_augmentation: str = "none"):
   """Evaluates on the whole set in order, in batches of `batch_size` (the last one short), as
   BatchNorm uses each batch's statistics; with `batch_sharding` each batch is split over its
-  devices; with `test_time_augmentation`, on the weighted views of `tta_views`. Returns
+  devices; with `test_time_augmentation`, on the weighted views of `tta.views`. Returns
   predictions and summed metrics."""
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
@@ -353,7 +327,7 @@ def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std:
     batch_labels = parallel.split_batch(batch_labels, batch_sharding)
     if test_time_augmentation == "none":
       return eval_step(params, apply_fn, batch_images, batch_labels)
-    return _evaluate_logits(tta_logits(params, apply_fn, batch_images, test_time_augmentation),
+    return _evaluate_logits(tta.logits(params, apply_fn, batch_images, test_time_augmentation),
                             batch_labels)
 
   def step(_, start):
@@ -400,9 +374,10 @@ def compile_train_epoch(state, images, labels, data_key, mean, std, *, batch_siz
   if vmap_replicas:
     epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, None, None, None))
   # Donating the state lets XLA update parameters and momenta in place.
-  return jax.jit(epoch, donate_argnums=0, out_shardings=parallel.mirrored_sharding(mesh)).lower(
-      state, images, labels, data_key, jnp.int32(0), mean, std).compile(
-          compiler_options=compiler_options())
+  with parallel.tracing_mesh(mesh):
+    lowered = jax.jit(epoch, donate_argnums=0, out_shardings=parallel.mirrored_sharding(
+        mesh)).lower(state, images, labels, data_key, jnp.int32(0), mean, std)
+  return lowered.compile(compiler_options=compiler_options())
 
 
 def compile_train_steps(state, images, labels, data_key, mean, std, *, batch_size: int,
@@ -420,9 +395,11 @@ def compile_train_steps(state, images, labels, data_key, mean, std, *, batch_siz
     run = jax.vmap(run, in_axes=(0, None, None, 0, None, None, None, None, None))
   step_number = jnp.int32(0)
   # Donating the state lets XLA update parameters and momenta in place.
-  return jax.jit(run, donate_argnums=0, out_shardings=parallel.mirrored_sharding(mesh)).lower(
-      state, images, labels, data_key, step_number, step_number, step_number, mean,
-      std).compile(compiler_options=compiler_options())
+  with parallel.tracing_mesh(mesh):
+    lowered = jax.jit(run, donate_argnums=0, out_shardings=parallel.mirrored_sharding(
+        mesh)).lower(state, images, labels, data_key, step_number, step_number, step_number,
+                     mean, std)
+  return lowered.compile(compiler_options=compiler_options())
 
 
 def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, batch_size: int,
@@ -436,8 +413,10 @@ def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, b
                           test_time_augmentation=test_time_augmentation)
   if vmap_replicas:
     run = jax.vmap(run, in_axes=(0, None, None, None, None))
-  return jax.jit(run, out_shardings=parallel.mirrored_sharding(mesh)).lower(
-      params, images, labels, mean, std).compile(compiler_options=compiler_options())
+  with parallel.tracing_mesh(mesh):
+    lowered = jax.jit(run, out_shardings=parallel.mirrored_sharding(mesh)).lower(
+        params, images, labels, mean, std)
+  return lowered.compile(compiler_options=compiler_options())
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from convnet_jax import checkpoints
+from convnet_jax import compile_cache
 from convnet_jax import epoch_calls
 from convnet_jax import logs
 from convnet_jax import models
@@ -285,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         lock.taken_over, files.workdir)
     signals = stack.enter_context(stopping.StopSignals())
     identity, resuming, data = run_setup.check_inputs(config, files)
+    cache_choice = compile_cache.enable(config.operations.compilation_cache)
+    cache_watch = stack.enter_context(compile_cache.Watch(cache_choice))
     stack.enter_context(logs.log_file(files.log if is_writer else None))
     mesh = parallel.create_mesh(config.operations.num_devices)
     reporter = reporting.Reporter(config, files, is_writer=is_writer)
@@ -313,8 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     device_data = run_setup.put_data(data, mesh)
     run_setup.report_shapes(reporter, config, model, state, device_data)
     programs = run_setup.Programs(config, model, state, device_data, data_key, mesh,
-                                  steps_per_epoch)
-    reporter.note(f"compile time: {programs.compile_seconds:.2f} s")
+                                  steps_per_epoch, compile_cache.ProgramStore(
+                                      cache_choice, run_setup.program_identity(config, conv_choice)))
+    cached = cache_watch.finish()
+    reporter.note(f"compile time: {programs.compile_seconds:.2f} s"
+                  + (f" ({cached})" if cached else ""))
 
     loop = TrainingLoop(config, programs, device_data, data_key, steps_per_epoch, store,
                         fingerprint, reporter, signals)

@@ -14,7 +14,7 @@ from convnet_jax import conv
 from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import optim
-from convnet_jax import steps
+from convnet_jax import tta
 from convnet_jax.errors import UserError
 
 MODELS = tuple(models.MODELS)
@@ -132,6 +132,8 @@ def _validate_operations(operations) -> None:
   require(_is_number(operations.seconds_per_call) and operations.seconds_per_call > 0,
           "operations.seconds_per_call", "a positive number of seconds",
           operations.seconds_per_call)
+  require(isinstance(operations.compilation_cache, str), "operations.compilation_cache",
+          '"" (the default folder), "off" or a folder path', operations.compilation_cache)
 
 
 def check_devices(config, device_count: int) -> None:
@@ -204,8 +206,8 @@ def _validate_recipe(config) -> None:
           f"one of {AUGMENT_PADDINGS}", config.augment_padding)
   require(config.augment_flip in AUGMENT_FLIPS, "augment_flip", f"one of {AUGMENT_FLIPS}",
           config.augment_flip)
-  require(config.test_time_augmentation in steps.TEST_TIME_AUGMENTATIONS,
-          "test_time_augmentation", f"one of {steps.TEST_TIME_AUGMENTATIONS}",
+  require(config.test_time_augmentation in tta.LEVELS,
+          "test_time_augmentation", f"one of {tta.LEVELS}",
           config.test_time_augmentation)
   require(isinstance(config.decoupled_hyperparameters, bool), "decoupled_hyperparameters",
           "True or False", config.decoupled_hyperparameters)

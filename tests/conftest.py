@@ -6,9 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convnet_jax import compile_cache
 from convnet_jax import input_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_of_this_test_run(tmp_path_factory):
+  """One compilation cache for this test run (both pytest-xdist workers and the runs they start
+  in subprocesses), not the user's: each test run starts cold, and its tests share programs."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the workers' folders sit side by side in the run's own folder
+  os.environ[compile_cache.CACHE_VARIABLE] = str(base / "compilation-cache")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import steps
+from convnet_jax import tta
 from convnet_jax import train
 from convnet_jax import validation
 from convnet_jax.errors import UserError
@@ -305,9 +306,9 @@ def test_test_time_augmentation_is_the_weighted_mean_of_six_views():
   views = [(images, 1 / 4), (images[:, :, ::-1], 1 / 4), (up_left, 1 / 8),
            (up_left[:, :, ::-1], 1 / 8), (down_right, 1 / 8), (down_right[:, :, ::-1], 1 / 8)]
   expected = sum(weight * numpy_logits(view) for view, weight in views)
-  got = steps.tta_logits(weights, apply_fn, jnp.asarray(images), "mirror_translate")
+  got = tta.logits(weights, apply_fn, jnp.asarray(images), "mirror_translate")
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-  mirror = steps.tta_logits(weights, apply_fn, jnp.asarray(images), "mirror")
+  mirror = tta.logits(weights, apply_fn, jnp.asarray(images), "mirror")
   np.testing.assert_allclose(
       mirror, (numpy_logits(images) + numpy_logits(images[:, :, ::-1])) / 2, rtol=1e-5,
       atol=1e-6)

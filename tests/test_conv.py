@@ -192,13 +192,51 @@ def test_unused_input_gradient_is_not_computed():
   assert onednn.TARGETS["backward_data"] not in text
 
 
-def test_bfloat16_runs_the_im2col_fallback():
+# bfloat16 keeps 8 significant bits: rounding to nearest is off by at most 2^-8 relative.
+BF16_ROUNDING = 2.0 ** -8
+
+
+def _bf16(values):
+  return jnp.asarray(values, jnp.bfloat16)
+
+
+def _as_float64(values):
+  return np.asarray(jnp.asarray(values, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,size,p", [
+    (3, 16, 3, 1, 32, None), (64, 128, 3, 2, 16, None), (64, 128, 1, 2, 16, None),
+    (128, 128, 3, 1, 8, None), (3, 24, 2, 1, 32, 0), (5, 6, 3, 2, 7, None)])
+def test_bfloat16_matches_the_exact_convolution_of_its_values_rounded_once(cin, cout, k, s, size,
+                                                                           p):
+  """bfloat16 in, bfloat16 out, sums in float32: each output, input gradient and kernel
+  gradient is the exact (float64) result on the bfloat16 inputs, rounded once to bfloat16.
+  Runs whichever kernels this CPU gets: oneDNN's bfloat16 ones with AVX512_BF16 or AMX, its
+  float32 ones elsewhere."""
+  x, w, dy = _case(cin, cout, k, s, size, p=p)
+  x, w, dy = _bf16(x), _bf16(w), _bf16(dy)
+  got = jax.jit(lambda x, w, dy: (lambda y, vjp: (y,) + vjp(dy))(
+      *jax.vjp(lambda x, w: conv.conv_onednn(x, w, s, p), x, w)))(x, w, dy)
+  exact = (numpy_conv(_as_float64(x), _as_float64(w), s, p),) + numpy_conv_gradients(
+      _as_float64(x), _as_float64(w), s, _as_float64(dy), p)
+  for name, g, e in zip(("output", "input gradient", "kernel gradient"), got, exact):
+    assert g.dtype == jnp.bfloat16, name
+    # Rounding, plus float32 sums of up to 1,152 products (~1e-6 of the largest magnitude).
+    np.testing.assert_allclose(_as_float64(g), e, rtol=BF16_ROUNDING * 1.01,
+                               atol=1e-5 * np.max(np.abs(e)), err_msg=name)
+
+
+def test_bfloat16_runs_through_onednn_not_im2col():
   x, w, _ = _case(4, 6, 3, 1, 6)
-  x, w = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-  got = conv.conv_onednn(x, w)
-  assert got.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(conv.conv_im2col(x, w), np.float32))
+  text = jax.jit(conv.conv_onednn).lower(_bf16(x), _bf16(w)).as_text()
+  assert onednn.TARGETS["forward"] in text
+
+
+def test_other_dtypes_and_mixed_dtypes_run_im2col():
+  x, w, _ = _case(4, 6, 3, 1, 6)
+  for x_dtype, w_dtype in ((jnp.float16, jnp.float16), (jnp.bfloat16, jnp.float32)):
+    lowered = jax.jit(conv.conv_onednn).lower(jnp.asarray(x, x_dtype), jnp.asarray(w, w_dtype))
+    assert onednn.TARGETS["forward"] not in lowered.as_text()
 
 
 # --- Which path runs, and why. ------------------------------------------------------------------
@@ -209,12 +247,32 @@ def test_auto_picks_onednn_on_a_cpu_with_the_extension():
   assert choice.describe().startswith("convolutions: onednn (auto: oneDNN 3.")
 
 
+@pytest.mark.parametrize("bf16_native", [True, False])
 @pytest.mark.parametrize("requested", ["auto", "onednn"])
-def test_bfloat16_and_data_parallel_fall_back_to_im2col_and_say_why(requested):
+def test_bfloat16_keeps_onednn_and_says_which_kernels(monkeypatch, requested, bf16_native):
+  monkeypatch.setattr(onednn, "load", lambda: onednn.Status(True, "oneDNN 3.2.0", bf16_native))
   choice = conv.choose_conv_implementation(requested, dtype="bfloat16")
-  assert choice.implementation == "im2col" and "float32 only" in choice.reason
+  assert choice.implementation == "onednn"
+  if bf16_native:
+    assert choice.reason.endswith("bfloat16 kernels (the CPU has bfloat16 arithmetic)")
+  else:
+    assert choice.reason.endswith("float32 kernels for bfloat16: this CPU has no bfloat16 "
+                                  "arithmetic (AVX512_BF16 or AMX)")
+
+
+def test_the_kernels_this_cpu_gets_follow_its_bfloat16_instructions():
+  """oneDNN's own ISA test against the kernel's CPU flags (Linux)."""
+  flags = set(open("/proc/cpuinfo").read().split())
+  assert onednn.load().bf16_native == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("requested", ["auto", "onednn"])
+def test_float16_falls_back_to_im2col_and_data_parallel_keeps_onednn(requested):
+  choice = conv.choose_conv_implementation(requested, dtype="float16")
+  assert choice.implementation == "im2col" and "float32 and bfloat16 only" in choice.reason
   choice = conv.choose_conv_implementation(requested, num_devices=4)
-  assert choice.implementation == "im2col" and "4 data-parallel devices" in choice.reason
+  assert choice.implementation == "onednn"
+  assert choice.reason.endswith("CPU, each of 4 devices on its part of the batch")
 
 
 def test_other_names_are_taken_as_configured():

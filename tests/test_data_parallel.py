@@ -52,13 +52,13 @@ def _assert_matches(records, predictions, expected):
 
 @pytest.fixture(scope="module")
 def one_device(cifar10_dir, tmp_path_factory):
-  """The reference: one device with im2col, the convolution path "auto" falls back to on a
-  data-parallel mesh (the oneDNN calls have no partitioning rule)."""
+  """The reference: one device, with the oneDNN convolutions "auto" chooses there as on a
+  data-parallel mesh."""
   workdir = tmp_path_factory.mktemp("one_device") / "run"
-  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}",
-                      "--config.conv_implementation=im2col"])
+  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 1 devices" in result.stderr
+  assert "convolutions: onednn (auto: oneDNN" in result.stderr
   return _read(workdir)
 
 
@@ -68,8 +68,8 @@ def test_four_devices_match_one_device(one_device, cifar10_dir, tmp_path):
                      devices_per_process=4)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 4 devices" in result.stderr
-  assert ("convolutions: im2col (auto, but the oneDNN calls are not partitioned over the 4 "
-          "data-parallel devices)") in result.stderr
+  assert ("CPU, each of 4 devices on its part of the batch)") in result.stderr
+  assert "convolutions: onednn (auto: oneDNN" in result.stderr
   _assert_matches(*_read(tmp_path), one_device)
 
 
@@ -129,6 +129,62 @@ def test_batch_norm_statistics_span_the_global_batch():
   mean = x.mean(axis=(0, 1, 2))
   variance = ((x - mean) ** 2).mean(axis=(0, 1, 2))
   np.testing.assert_allclose(out["y"], (x - mean) / np.sqrt(variance + 1e-5), atol=1e-5)
+
+
+SHARDED_CONVOLUTION = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from convnet_jax import conv, parallel
+
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,))
+batch = NamedSharding(mesh, P(parallel.DATA_AXIS))
+rng = np.random.default_rng(0)
+x = rng.standard_normal((8, 6, 6, 3)).astype(np.float32)
+w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+dy = rng.standard_normal((8, 3, 3, 4)).astype(np.float32)
+
+def forward_and_gradients(x, w, dy):
+  x, dy = parallel.split_batch(x, batch), parallel.split_batch(dy, batch)
+  y, vjp = jax.vjp(lambda x, w: conv.conv_onednn(x, w, 2), x, w)
+  return (y,) + vjp(dy)
+
+program = jax.jit(forward_and_gradients)
+with parallel.tracing_mesh(mesh):
+  lowered = program.lower(x, w, dy)
+text = lowered.compile().as_text()
+y, dx, dw = lowered.compile()(x, w, dy)
+print(json.dumps({"shard_rows": [s.data.shape[0] for s in y.addressable_shards],
+                  "calls": text.count("convnet_onednn_conv_"),
+                  "all_gather": "all-gather" in text, "all_reduce": "all-reduce" in text,
+                  "y": np.asarray(y).tolist(), "dx": np.asarray(dx).tolist(),
+                  "dw": np.asarray(dw).tolist()}))
+"""
+
+
+def test_onednn_convolutions_run_per_device_on_a_data_parallel_mesh():
+  """Each of 4 devices convolves its quarter of the batch (no all-gather of activations); the
+  kernel gradient is the all-reduced sum of the quarters'; all three match the definition."""
+  result = subprocess.run([sys.executable, "-c", "import json\n" + SHARDED_CONVOLUTION],
+                          cwd=REPO_ROOT, env=_environment(4), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["shard_rows"] == [2, 2, 2, 2] and out["calls"] >= 3
+  assert not out["all_gather"] and out["all_reduce"]
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((8, 6, 6, 3)), rng.standard_normal((3, 3, 3, 4))
+  dy = rng.standard_normal((8, 3, 3, 4))
+  # The stride-2 convolution with one zero of padding, by its definition in float64.
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y, dx_padded, dw = np.zeros((8, 3, 3, 4)), np.zeros_like(padded), np.zeros_like(w)
+  for a in range(3):
+    for b in range(3):
+      window = (slice(None), slice(a, a + 5, 2), slice(b, b + 5, 2))
+      y += np.einsum("nijc,co->nijo", padded[window], w[a, b])
+      dw[a, b] = np.einsum("nijc,nijo->co", padded[window], dy)
+      dx_padded[window] += np.einsum("nijo,co->nijc", dy, w[a, b])
+  for name, expected in (("y", y), ("dx", dx_padded[:, 1:7, 1:7]), ("dw", dw)):
+    np.testing.assert_allclose(out[name], expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_batch_that_does_not_split_is_refused_before_work(cifar10_dir, tmp_path):

@@ -8,6 +8,8 @@
 //   convnet_onednn_conv_backward_weights  x[N,H,W,C], dy[N,OH,OW,K]  -> dw[KH,KW,C,K]
 // XLA's row-major buffers are handed to oneDNN as they are (its `nhwc` and `hwio` tags); only the
 // small kernels are reordered into the blocked layout oneDNN picks for each primitive.
+// Every operand of a call is float32, or every one bfloat16 (oneDNN accumulates bfloat16 in
+// float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively.
 //
 // Primitives are built once per (pass, shape, stride, padding) and kept in a mutex-guarded cache; each
 // executing thread has its own stream and its own scratch buffers (scratchpad and reordered
@@ -18,6 +20,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,14 +36,16 @@ namespace {
 
 enum class Pass : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// N, H, W, C (input), K (output channels), kernel size, stride, zeros of padding on each side.
+// N, H, W, C (input), K (output channels), kernel size, stride, zeros of padding on each side,
+// and the element type of every operand.
 struct ConvShape {
   int64_t n, h, w, c, k, kernel, stride, padding;
+  memory::data_type type = memory::data_type::f32;
   int64_t out_h() const { return (h + 2 * padding - kernel) / stride + 1; }
   int64_t out_w() const { return (w + 2 * padding - kernel) / stride + 1; }
 };
 
-using CacheKey = std::array<int64_t, 9>;
+using CacheKey = std::array<int64_t, 10>;
 
 dnnl::engine& cpu_engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -66,7 +71,7 @@ struct Descs {
 };
 
 Descs make_descs(const ConvShape& s) {
-  const auto f32 = memory::data_type::f32;
+  const auto f32 = s.type;
   Descs d;
   d.src = memory::desc({s.n, s.c, s.h, s.w}, f32, tag::nhwc);
   d.weights_user = memory::desc({s.k, s.c, s.kernel, s.kernel}, f32, tag::hwio);
@@ -129,7 +134,7 @@ const Prepared& cached(Pass pass, const ConvShape& s) {
   static std::mutex mutex;
   static std::map<CacheKey, std::unique_ptr<Prepared>> cache;
   CacheKey key = {static_cast<int64_t>(pass), s.n, s.h, s.w, s.c, s.k, s.kernel, s.stride,
-                  s.padding};
+                  s.padding, static_cast<int64_t>(s.type)};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
@@ -218,28 +223,70 @@ ffi::Error guarded(const ConvShape& s, F&& body) {
   return ffi::Error::Success();
 }
 
-using F32Buffer = ffi::Buffer<ffi::F32, 4>;
-using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
+// The oneDNN element type of an XLA buffer: float32 or bfloat16, else an error.
+ffi::Error element_type(ffi::DataType type, memory::data_type* out) {
+  if (type == ffi::DataType::F32) {
+    *out = memory::data_type::f32;
+  } else if (type == ffi::DataType::BF16) {
+    *out = memory::data_type::bf16;
+  } else {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "convnet_onednn_conv: expected float32 or bfloat16 operands");
+  }
+  return ffi::Error::Success();
+}
 
-ffi::Error ConvForward(F32Buffer x, F32Buffer w, F32Result y, int64_t stride, int64_t padding) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
+// The shape of a call from its activation (NHWC) and kernel (HWIO) buffers; every operand must
+// be 4-D and of one element type.
+ffi::Error call_shape(const ffi::AnyBuffer& activations, const ffi::AnyBuffer& kernel,
+                      std::initializer_list<ffi::DataType> others, int64_t stride,
+                      int64_t padding, ConvShape* s) {
+  auto xd = activations.dimensions(), wd = kernel.dimensions();
+  if (xd.size() != 4 || wd.size() != 4) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "convnet_onednn_conv: expected 4-D NHWC activations and HWIO kernels");
+  }
+  for (ffi::DataType other : others) {
+    if (other != activations.element_type()) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "convnet_onednn_conv: every operand must have the same element type");
+    }
+  }
+  *s = ConvShape{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
+  return element_type(activations.element_type(), &s->type);
+}
+
+ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t stride, int64_t padding) {
+  ConvShape s;
+  if (ffi::Error e = call_shape(x, w, {w.element_type(), y->element_type()}, stride, padding, &s);
+      e.failure()) {
+    return e;
+  }
   return guarded(s, [&] { run(Pass::kForward, s, x.untyped_data(), w.untyped_data(), y->untyped_data()); });
 }
 
-ffi::Error ConvBackwardData(F32Buffer dy, F32Buffer w, F32Result dx, int64_t stride,
-                            int64_t padding) {
-  auto xd = dx->dimensions(), wd = w.dimensions();
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
+ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                            int64_t stride, int64_t padding) {
+  ConvShape s;
+  if (ffi::Error e = call_shape(*dx, w, {w.element_type(), dy.element_type()}, stride, padding,
+                                &s);
+      e.failure()) {
+    return e;
+  }
   return guarded(s, [&] {
     run(Pass::kBackwardData, s, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
   });
 }
 
-ffi::Error ConvBackwardWeights(F32Buffer x, F32Buffer dy, F32Result dw, int64_t stride,
-                               int64_t padding) {
-  auto xd = x.dimensions(), wd = dw->dimensions();
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
+ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                               int64_t stride, int64_t padding) {
+  ConvShape s;
+  if (ffi::Error e = call_shape(x, *dw, {dw->element_type(), dy.element_type()}, stride, padding,
+                                &s);
+      e.failure()) {
+    return e;
+  }
   return guarded(s, [&] {
     run(Pass::kBackwardWeights, s, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
   });
@@ -247,12 +294,28 @@ ffi::Error ConvBackwardWeights(F32Buffer x, F32Buffer dy, F32Result dw, int64_t 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_forward, ConvForward,
-                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride").Attr<int64_t>("padding"));
+#define CONVNET_ONEDNN_BINDING \
+  ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("stride").Attr<int64_t>("padding")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_forward, ConvForward, CONVNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_data, ConvBackwardData,
-                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride").Attr<int64_t>("padding"));
+                              CONVNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_weights, ConvBackwardWeights,
-                              ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>().Attr<int64_t>("stride").Attr<int64_t>("padding"));
+                              CONVNET_ONEDNN_BINDING);
+
+// 1 when oneDNN runs bfloat16 convolutions with native instructions on this CPU (its effective
+// ISA has AVX512_BF16 or AMX), 0 when it would emulate them or has none (AVX2 and older).
+extern "C" int convnet_onednn_bf16_native() {
+  using isa = dnnl::cpu_isa;
+  switch (dnnl::get_effective_cpu_isa()) {
+    case isa::avx512_core_bf16:
+    case isa::avx512_core_fp16:
+    case isa::avx512_core_amx:
+    case isa::avx512_core_amx_fp16:
+      return 1;
+    default:
+      return 0;
+  }
+}
 
 // The oneDNN version this library runs with, for the start-up line ("3.2.0").
 extern "C" const char* convnet_onednn_version() {
