@@ -23,8 +23,9 @@ def get_config():
   # How convolutions are computed (same math, other last digits; see convnet_jax/conv.py):
   # "onednn" (XLA FFI custom calls into oneDNN, fastest on x86-64 CPUs), "im2col" (patches
   # times kernel, pure JAX), "xla" (native convolution, for GPU/TPU), "hybrid", or "auto":
-  # onednn on an x86-64 CPU where the extension was built (float32, one device), im2col on
-  # other CPUs, xla on GPU/TPU. The run's first stderr line says which runs and why.
+  # onednn on an x86-64 CPU where the extension was built (float32 or bfloat16, any number of
+  # data-parallel devices), im2col on other CPUs, xla on GPU/TPU. The run's first stderr line
+  # says which runs and why.
   config.conv_implementation = "auto"
 
   config.dataset = "cifar10"

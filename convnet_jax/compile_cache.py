@@ -217,6 +217,35 @@ def _source_digest() -> str:
   return digest.hexdigest()
 
 
+# In a programs folder: this machine could not load the programs it stored (see ProgramStore).
+UNLOADABLE = "UNLOADABLE"
+
+
+def _compile_afresh(compile_fn: Callable):
+  """`compile_fn()` with JAX's persistent cache off: an executable JAX loaded from its cache
+  serializes without its compiled kernels (it then fails when run: "Function ... not found"),
+  so a program to be stored whole is compiled anew."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  if not jax.config.jax_enable_compilation_cache:
+    return compile_fn()
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once per process whether it uses its cache
+  try:
+    return compile_fn()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+
+
+def _load(path: Path, in_tree, out_tree):
+  from jax.experimental import serialize_executable
+
+  program = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree, out_tree)
+  os.utime(path)  # the newest use, for `ProgramStore._prune`
+  return program
+
+
 def _signature(tree) -> list[str]:
   """Shapes, dtypes and shardings of a tree of arrays (or ShapeDtypeStructs), in order."""
   return [f"{leaf.shape} {leaf.dtype} {getattr(leaf, 'sharding', None)}"
@@ -243,37 +272,50 @@ class ProgramStore:
     """The program `compile_fn()` compiles for `arguments` (a tuple of the positional
     arguments, arrays or ShapeDtypeStructs), whose outputs have the tree structure of
     `outputs`: loaded when stored, else compiled and stored."""
-    from jax.experimental import serialize_executable
-
-    if self._folder is None:
+    if self._folder is None or (self._folder / UNLOADABLE).exists():
       return compile_fn()
     key = hashlib.sha256("\n".join([self._identity, name] + _signature(arguments)).encode())
     path = self._folder / f"{name}-{key.hexdigest()[:32]}.bin"
-    in_tree = jax.tree_util.tree_structure((arguments, {}))
-    out_tree = jax.tree_util.tree_structure(outputs)
+    trees = (jax.tree_util.tree_structure((arguments, {})), jax.tree_util.tree_structure(outputs))
+    failed = False
     if path.is_file():
       try:
-        program = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree,
-                                                            out_tree)
-        os.utime(path)  # newest use, for `_prune`
+        program = _load(path, *trees)
         _events["requests"] += 1  # counted as a program from the cache (`Watch`)
         _events["hits"] += 1
         return program
-      except Exception as error:  # unreadable or incompatible: compile, and store anew
+      except Exception as error:  # damaged, or refused by this machine: see below
         logging.warning("stored program %s could not be loaded (%s: %s); compiling it", path,
-                        type(error).__name__, str(error)[:200])
-    program = compile_fn()
+                        type(error).__name__, " ".join(str(error).split())[:200])
+        failed = True
+    _events["requests"] += 1  # a program that asked the cache and was not answered
+    program = _compile_afresh(compile_fn)
+    if self._store(path, program) and failed:
+      # An entry written just now that does not load either means this machine refuses the
+      # programs it compiles itself (jax-ml/jax#38445): stop storing them here.
+      try:
+        _load(path, *trees)
+      except Exception as error:
+        (self._folder / UNLOADABLE).write_text(f"{type(error).__name__}: {error}\n")
+        path.unlink(missing_ok=True)
+        logging.warning("programs stored on this machine cannot be loaded back; no longer "
+                        "storing them in %s", self._folder)
+    return program
+
+  def _store(self, path: Path, program) -> bool:
+    from jax.experimental import serialize_executable
+
     try:
       payload, _, _ = serialize_executable.serialize(program)
     except (ValueError, NotImplementedError) as error:
-      logging.info("program %s is not stored: %s", name, error)
-      return program
+      logging.info("program %s is not stored: %s", path.name, error)
+      return False
     self._folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(payload)
     temporary.replace(path)  # a kill never leaves half an entry under the real name
     self._prune()
-    return program
+    return True
 
   def _prune(self) -> None:
     entries = sorted(self._folder.glob("*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)
