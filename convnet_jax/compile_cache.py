@@ -116,11 +116,15 @@ def enable(setting: str) -> CacheChoice:
     return CacheChoice(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]),
                        "$JAX_COMPILATION_CACHE_DIR")
   choice = resolve(setting)
+  if choice.folder is not None:
+    try:
+      choice.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only home, say: the run goes on without a cache
+      logging.warning("compilation cache off: cannot create %s (%s)", choice.folder, error)
+      choice = CacheChoice(None, f"off: cannot create {choice.folder}")
   folder = str(choice.folder) if choice.folder else None
   if (jax.config.jax_compilation_cache_dir != folder
       or jax.config.jax_enable_compilation_cache != (folder is not None)):
-    if folder:
-      choice.folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_enable_compilation_cache", folder is not None)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
@@ -310,11 +314,16 @@ class ProgramStore:
     except (ValueError, NotImplementedError) as error:
       logging.info("program %s is not stored: %s", path.name, error)
       return False
-    self._folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(payload)
-    temporary.replace(path)  # a kill never leaves half an entry under the real name
-    self._prune()
+    try:
+      self._folder.mkdir(parents=True, exist_ok=True)
+      temporary.write_bytes(payload)
+      temporary.replace(path)  # a kill never leaves half an entry under the real name
+      self._prune()
+    except OSError as error:  # a full disk, say: the run goes on with the program in memory
+      logging.warning("program %s is not stored: %s", path, error)
+      temporary.unlink(missing_ok=True)
+      return False
     return True
 
   def _prune(self) -> None:

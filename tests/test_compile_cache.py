@@ -3,6 +3,7 @@ read, that unreadable entries heal, that whole programs are stored and loaded, a
 second run of the same config loads every program instead of compiling it."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -219,3 +220,18 @@ def test_a_machine_that_refuses_its_own_programs_stops_storing_them(tmp_path, mo
   store.load_or_compile("double", (argument,), argument,
                         lambda: compiles.append(1) or compile_fn())
   assert compiles == [1] and not list((tmp_path / "programs").glob("*.bin"))
+
+
+def test_a_folder_that_cannot_be_created_leaves_the_cache_off(tmp_path, caplog):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a folder")
+  choice = compile_cache.resolve(str(blocker / "cache"))
+  assert choice.folder is not None
+  from jax.experimental.compilation_cache import compilation_cache
+  try:
+    enabled = compile_cache.enable(str(blocker / "cache"))
+    assert enabled.folder is None and enabled.source.startswith("off: cannot create")
+    assert any("compilation cache off: cannot create" in r.getMessage() for r in caplog.records)
+  finally:
+    compile_cache.enable(os.environ[compile_cache.CACHE_VARIABLE])
+    compilation_cache.reset_cache()
