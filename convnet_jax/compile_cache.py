@@ -225,23 +225,6 @@ def _source_digest() -> str:
 UNLOADABLE = "UNLOADABLE"
 
 
-def _compile_afresh(compile_fn: Callable):
-  """`compile_fn()` with JAX's persistent cache off: an executable JAX loaded from its cache
-  serializes without its compiled kernels (it then fails when run: "Function ... not found"),
-  so a program to be stored whole is compiled anew."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  if not jax.config.jax_enable_compilation_cache:
-    return compile_fn()
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()  # JAX decides once per process whether it uses its cache
-  try:
-    return compile_fn()
-  finally:
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()
-
-
 def _load(path: Path, in_tree, out_tree):
   from jax.experimental import serialize_executable
 
@@ -292,8 +275,13 @@ class ProgramStore:
         logging.warning("stored program %s could not be loaded (%s: %s); compiling it", path,
                         type(error).__name__, " ".join(str(error).split())[:200])
         failed = True
-    _events["requests"] += 1  # a program that asked the cache and was not answered
-    program = _compile_afresh(compile_fn)
+    hits = _events["hits"]
+    program = compile_fn()
+    if _events["hits"] > hits:
+      # Loaded from JAX's cache: such an executable serializes without its compiled kernels (it
+      # would fail when run, "Function ... not found"), so it is not stored. JAX's cache serves
+      # the next run of this config too; what it compiles afresh is stored.
+      return program
     if self._store(path, program) and failed:
       # An entry written just now that does not load either means this machine refuses the
       # programs it compiles itself (jax-ml/jax#38445): stop storing them here.

@@ -170,7 +170,7 @@ def _smoke_run(cifar10_dir, workdir, cache, extra=()):
 def test_a_second_run_loads_every_program_and_computes_the_same(cifar10_dir, tmp_path):
   cache = tmp_path / "cache"
   cold_line, cold, _ = _smoke_run(cifar10_dir, tmp_path / "cold", cache)
-  assert cold_line.endswith("(0 of 3 programs from the compilation cache)")
+  assert cold_line.endswith("(0 of 4 programs from the compilation cache)")
   warm_line, warm, _ = _smoke_run(cifar10_dir, tmp_path / "warm", cache)
   # The training and evaluation programs whole, and the initialisation from JAX's cache.
   assert warm_line.endswith("(3 of 3 programs from the compilation cache)")
@@ -189,16 +189,17 @@ def test_a_second_run_loads_every_program_and_computes_the_same(cifar10_dir, tmp
   healed_line, healed, _ = _smoke_run(cifar10_dir, tmp_path / "healed", cache)
   assert healed_line.endswith("(3 of 3 programs from the compilation cache)")
   assert healed == cold
-  # Another seed: the same programs in JAX's cache, but not stored whole for this config. They
-  # are compiled afresh and stored (one JAX loaded from its cache would be stored without its
-  # kernels), and a third run loads them and computes what a run without the cache computes.
+  # Another seed: the same programs in JAX's cache, but not stored whole for this config. JAX's
+  # cache serves them, and they are not stored (an executable JAX loaded from its cache
+  # serializes without its kernels), so every run computes what a run without the cache does.
   reseeded = ("--config.seed=1",)
   _, fresh, _ = _smoke_run(cifar10_dir, tmp_path / "seed1-off", "off", reseeded)
-  line, first, _ = _smoke_run(cifar10_dir, tmp_path / "seed1-a", cache, reseeded)
-  assert line.endswith("(1 of 3 programs from the compilation cache)")
-  line, second, _ = _smoke_run(cifar10_dir, tmp_path / "seed1-b", cache, reseeded)
-  assert line.endswith("(3 of 3 programs from the compilation cache)")
-  assert first == second == fresh != cold
+  stored = sorted(cache.rglob("*.bin"))
+  for name in ("seed1-a", "seed1-b"):
+    line, reseeded_run, _ = _smoke_run(cifar10_dir, tmp_path / name, cache, reseeded)
+    assert line.endswith("(4 of 4 programs from the compilation cache)")  # all from JAX's
+    assert reseeded_run == fresh != cold
+  assert sorted(cache.rglob("*.bin")) == stored
 
 
 def test_a_machine_that_refuses_its_own_programs_stops_storing_them(tmp_path, monkeypatch):

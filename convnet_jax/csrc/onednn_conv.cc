@@ -71,12 +71,12 @@ struct Descs {
 };
 
 Descs make_descs(const ConvShape& s) {
-  const auto f32 = s.type;
+  const auto type = s.type;
   Descs d;
-  d.src = memory::desc({s.n, s.c, s.h, s.w}, f32, tag::nhwc);
-  d.weights_user = memory::desc({s.k, s.c, s.kernel, s.kernel}, f32, tag::hwio);
-  d.weights_any = memory::desc({s.k, s.c, s.kernel, s.kernel}, f32, tag::any);
-  d.dst = memory::desc({s.n, s.k, s.out_h(), s.out_w()}, f32, tag::nhwc);
+  d.src = memory::desc({s.n, s.c, s.h, s.w}, type, tag::nhwc);
+  d.weights_user = memory::desc({s.k, s.c, s.kernel, s.kernel}, type, tag::hwio);
+  d.weights_any = memory::desc({s.k, s.c, s.kernel, s.kernel}, type, tag::any);
+  d.dst = memory::desc({s.n, s.k, s.out_h(), s.out_w()}, type, tag::nhwc);
   d.strides = {s.stride, s.stride};
   d.padding = {s.padding, s.padding};
   return d;
