@@ -33,6 +33,7 @@ import jax
 import jaxlib
 from absl import logging
 
+from convnet_jax import download
 from convnet_jax import onednn
 
 CACHE_VARIABLE = "CONVNET_JAX_COMPILATION_CACHE"
@@ -71,7 +72,7 @@ def _cpu_description() -> str:
 def _file_digest(path: str | None) -> str:
   if not path or not os.path.isfile(path):
     return "none"
-  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+  return download.file_sha256(Path(path))
 
 
 @functools.cache
@@ -86,8 +87,7 @@ def machine_key() -> str:
 
 def default_root() -> Path:
   """$XDG_CACHE_HOME/convnet_jax/xla, or ~/.cache/convnet_jax/xla."""
-  cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-  return cache / "convnet_jax" / "xla"
+  return download.user_cache_folder() / "xla"
 
 
 def resolve(setting: str) -> CacheChoice:
@@ -110,7 +110,6 @@ def enable(setting: str) -> CacheChoice:
   `jax_compilation_cache_dir` (JAX_COMPILATION_CACHE_DIR) alone."""
   from jax.experimental.compilation_cache import compilation_cache
 
-  _count_cache_events()
   onednn.load()
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return CacheChoice(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]),
@@ -204,6 +203,7 @@ class Watch:
     return self._summary
 
 
+@functools.cache  # the package's files do not change while it runs
 def _source_digest() -> str:
   """The package's own code (Python and C++ sources) and the versions of the libraries that
   trace its programs: a stored program is only reused by the code that traced it."""

@@ -32,12 +32,17 @@ class DownloadError(UserError):
   """The archive could not be fetched or verified; the message says how to proceed offline."""
 
 
+def user_cache_folder() -> Path:
+  """The package's per-user cache folder: $XDG_CACHE_HOME/convnet_jax, else
+  ~/.cache/convnet_jax (the data and the compiled programs go below it)."""
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convnet_jax"
+
+
 def default_data_dir() -> Path:
   """$CONVNET_JAX_DATA_DIR, else $XDG_CACHE_HOME/convnet_jax/cifar10 (~/.cache/...)."""
   if os.environ.get(DATA_DIR_ENV):
     return Path(os.environ[DATA_DIR_ENV])
-  cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-  return cache / "convnet_jax" / "cifar10"
+  return user_cache_folder() / "cifar10"
 
 
 def _offline_hint(folder: Path) -> str:
@@ -45,7 +50,8 @@ def _offline_hint(folder: Path) -> str:
           f"{ARCHIVE_NAME} into {folder}")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+  """The SHA-256 of a file, read in chunks."""
   digest = hashlib.sha256()
   with path.open("rb") as file:
     for chunk in iter(lambda: file.read(_CHUNK_BYTES), b""):
@@ -126,7 +132,7 @@ def ensure_cifar10(folder: Path, names, url: str = CIFAR10_URL,
   folder.mkdir(parents=True, exist_ok=True)
   archive = folder / ARCHIVE_NAME
   if archive.is_file():
-    if _sha256(archive) != sha256:
+    if file_sha256(archive) != sha256:
       archive.unlink()
       raise DownloadError(f"{archive}: SHA-256 does not match the published archive's "
                           f"({sha256}); it was removed. Run again to download it, or "

@@ -181,11 +181,10 @@ class Programs:
     logging.info("compiled the training and evaluation programs in %.2f s",
                  self.compile_seconds)
 
-  def _get(self, key, arguments: tuple, outputs, compile_fn):
+  def _get(self, key: str, arguments: tuple, outputs, compile_fn):
     if key not in self._compiled:
       start = time.perf_counter()
-      self._compiled[key] = (self._store.load_or_compile(str(key), arguments, outputs,
-                                                         compile_fn)
+      self._compiled[key] = (self._store.load_or_compile(key, arguments, outputs, compile_fn)
                              if self._store else compile_fn())
       self.compile_seconds += time.perf_counter() - start
     return self._compiled[key]
