@@ -150,6 +150,10 @@ def get_config():
   config.operations.progress_bar = True
   # Print the shapes of the first training step to stderr.
   config.operations.trace_shapes = False
+  # Multi-process runs (jax.distributed): a process that sends no heartbeat for this long is
+  # taken as lost, and the others stop with one line naming it (the last checkpoint stays;
+  # start every process again to resume). Also the time a finishing process waits for the rest.
+  config.operations.peer_timeout_seconds = 60
 
   # `python -m convnet_jax.benchmark`: synthetic data of the training set's size; empty
   # batch_sizes / dtypes mean the config's own.

@@ -50,6 +50,11 @@ def get_config():
   # waiting or starting worker. A worker exits once no trial of the study is left running.
   config.heartbeat_interval = 60
   config.grace_period = 180
+  # Shared storage only: a database that cannot be reached (a server restarted, a network gone
+  # for a while) is retried with backoff for this long, with one line when it goes and one when
+  # it is back; past it the worker stops (exit 75), and its trial in flight is resumed from its
+  # checkpoint when the sweep is started again.
+  config.storage_retry_seconds = 300
   return config
 
 

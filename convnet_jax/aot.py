@@ -29,6 +29,7 @@ from convnet_jax import models
 from convnet_jax import parallel
 from convnet_jax import steps as steps_lib
 from convnet_jax.errors import UserError
+from convnet_jax.errors import one_line
 
 # CIFAR-10 holds this many training and test images of each class.
 TRAIN_PER_CLASS, TEST_PER_CLASS = 5_000, 1_000
@@ -129,10 +130,6 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   }
 
 
-def _one_line(error: BaseException) -> str:
-  return " ".join(f"{type(error).__name__}: {error}".split())[:500]
-
-
 def _memory(compiled) -> dict[str, int] | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
@@ -172,7 +169,8 @@ def compile_for_tpu(config, topology: str, programs=PROGRAMS) -> dict[str, Any]:
     try:
       compiled = traced[name].lower().compile()
     except Exception as error:  # the compiler's own error, reported, not raised
-      report["programs"][name] = {"compiled": False, "error": _one_line(error)}
+      report["programs"][name] = {"compiled": False,
+                                  "error": f"{type(error).__name__}: {one_line(error, 500)}"}
       continue
     report["programs"][name] = {"compiled": True, "memory_per_chip_bytes": _memory(compiled),
                                 "all_reduce": "all-reduce" in compiled.as_text()}
@@ -214,7 +212,8 @@ def lower_for_gpu(config, platform: str = "cuda") -> dict[str, Any]:
     try:
       text = traced[name].lower(lowering_platforms=(platform,)).as_text()
     except Exception as error:
-      report["programs"][name] = {"lowered": False, "error": _one_line(error)}
+      report["programs"][name] = {"lowered": False,
+                                  "error": f"{type(error).__name__}: {one_line(error, 500)}"}
       continue
     targets = sorted(custom_call_targets(text))
     report["programs"][name] = {

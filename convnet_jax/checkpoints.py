@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from convnet_jax import logs
+from convnet_jax.errors import WriteFailed
 
 
 def state_checksum(state) -> str:
@@ -38,6 +42,19 @@ def config_fingerprint(identity: dict[str, Any]) -> str:
   return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Orbax writes a checkpoint into FOLDER + this suffix and renames it when complete.
+UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def remove_unfinished(directory: Path) -> None:
+  """Removes the temporary folders of checkpoints whose writing never finished (a full disk, a
+  kill while saving): expected leftovers, which orbax would warn about and never use."""
+  if directory.is_dir():
+    for unfinished in directory.glob(f"*{UNFINISHED_SUFFIX}*"):
+      logging.info("removing the unfinished checkpoint %s", unfinished)
+      shutil.rmtree(unfinished, ignore_errors=True)
+
+
 class ForeignCheckpointError(ValueError):
   """The checkpoint was written by a run of another config."""
 
@@ -52,6 +69,8 @@ class CheckpointStore:
     self.newest_intact: int | None = None
     # Where the run stood at that checkpoint, in words (its record's "position").
     self.newest_intact_position: str | None = None
+    if jax.process_index() == 0:
+      remove_unfinished(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -59,11 +78,18 @@ class CheckpointStore:
 
   def save(self, step: int, state, record: dict[str, Any]) -> None:
     """Saves `state` and the JSON `record` (a checksum of `state` is added) synchronously as
-    checkpoint `step`."""
+    checkpoint `step`. Raises `WriteFailed` when it cannot be written; the checkpoints before
+    it are untouched, and orbax's temporary folder of this one is removed on the next start."""
     record = dict(record, checksum=state_checksum(state))
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
-    self._manager.wait_until_finished()
+    try:
+      # A failed write's threads wind down with errors of their own, printed as they come.
+      with logs.background_errors_quiet_on_failure():
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
+        self._manager.wait_until_finished()
+    except Exception as error:  # tensorstore's ValueError, an OSError: any write that failed
+      logging.info("checkpoint %d could not be written in %s: %s", step, self.directory, error)
+      raise WriteFailed(f"checkpoint {step} in {self.directory}", error) from None
     self.newest_intact, self.newest_intact_position = step, record.get("position")
 
   def restore_latest(self, target_state, fingerprint: str):

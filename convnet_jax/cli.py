@@ -5,6 +5,7 @@ line and an exit status, not a traceback."""
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.metadata
 import importlib.util
 import os
@@ -18,8 +19,11 @@ from absl import flags
 
 from convnet_jax import logs
 from convnet_jax.errors import RunStopped
+from convnet_jax.errors import StorageUnavailable
 from convnet_jax.errors import TrainingDiverged
 from convnet_jax.errors import UserError
+from convnet_jax.errors import WriteFailed
+from convnet_jax.errors import one_line
 
 CONFIG_PREFIX = "--config."
 
@@ -57,7 +61,7 @@ def load_config_file(path_and_arg: str):
     exec(code, module.__dict__)  # what ml_collections does with a config file, checked first
   except Exception as error:
     raise UserError(f"{flag}: fails when loaded: {type(error).__name__}: "
-                    f"{_one_line(error)}") from None
+                    f"{one_line(error)}") from None
   if not callable(getattr(module, "get_config", None)):
     raise UserError(f"{flag}: has no get_config() function, which a config file must define")
   try:
@@ -65,11 +69,7 @@ def load_config_file(path_and_arg: str):
   except Exception as error:
     call = f"get_config({config_arg!r})" if config_arg else "get_config()"
     raise UserError(f"{flag}: {call} failed: {type(error).__name__}: "
-                    f"{_one_line(error)}") from None
-
-
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split())[:300]
+                    f"{one_line(error)}") from None
 
 
 def unknown_config_key(config, argv: Sequence[str]) -> str | None:
@@ -108,7 +108,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   except Exception as error:  # absl and ml_collections raise several types for a bad flag
     message = unknown_config_key(config, argv) if config is not None else None
     if message is None:
-      message = _one_line(error)  # the parser's own words, on one line
+      message = one_line(error)  # the parser's own words, on one line
     fail(message)
 
 
@@ -136,10 +136,23 @@ def skip_absent_tpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def native_output_to_stderr() -> None:
+  """Keeps stdout for what Python prints (the epoch lines) by pointing the process's file
+  descriptor 1 at stderr, with `sys.stdout` on a copy of the original: native libraries print
+  there directly (gloo's "[Gloo] Rank 0 is connected to 1 peer ranks" in a multi-process run,
+  oneDNN's verbose mode), which would put other text between the JSON lines."""
+  sys.stdout.flush()
+  original = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(original, "w", buffering=1 if sys.stdout.line_buffering else -1,
+                         encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+
+
 def run(main) -> None:
   """`app.run(main)` with `parse_flags` and a quiet stderr (`logs.quiet_stderr`); a `UserError`
   from `main` is one line and exit status 2, a `TrainingDiverged` one line and status 1, a
-  `RunStopped` its line and the signal's status (143, 130), all without a traceback."""
+  `RunStopped` its line and the signal's status (143, 130), a `WriteFailed` (or a full disk met
+  anywhere) one line and status 74, all without a traceback."""
 
   def main_reporting_errors(argv):
     logs.quiet_stderr()
@@ -153,5 +166,16 @@ def run(main) -> None:
     except RunStopped as error:
       print(error, file=sys.stderr, flush=True)
       sys.exit(error.exit_status)
+    except StorageUnavailable as error:
+      fail(str(error), StorageUnavailable.EXIT_STATUS)
+    except WriteFailed as error:
+      logs.quiet_background_errors()
+      fail(str(error), WriteFailed.EXIT_STATUS)
+    except OSError as error:
+      if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      # A full disk met outside the writes the run names itself (a library's own file, say).
+      logs.quiet_background_errors()
+      fail(str(WriteFailed(error.filename or "a file", error)), WriteFailed.EXIT_STATUS)
 
   app.run(main_reporting_errors, flags_parser=parse_flags)

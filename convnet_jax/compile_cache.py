@@ -35,6 +35,7 @@ from absl import logging
 
 from convnet_jax import download
 from convnet_jax import onednn
+from convnet_jax.errors import write_failure_reason
 
 CACHE_VARIABLE = "CONVNET_JAX_COMPILATION_CACHE"
 OFF_WORDS = ("off", "0", "none", "false")
@@ -153,6 +154,19 @@ def _count_cache_events() -> None:
 _UNREADABLE = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
 
 
+# How JAX words an entry it could not write (it goes on with the program compiled).
+_UNWRITABLE = re.compile(r"Error writing persistent compilation cache entry for '([^']+)'")
+_unwritable_folders = set()  # warned about in this process
+
+
+def _warn_once_unwritable(folder: Path, error: BaseException) -> None:
+  """One warning per process and folder that the cache cannot be written: the run goes on."""
+  if folder not in _unwritable_folders:
+    _unwritable_folders.add(folder)
+    logging.warning("compilation cache %s could not be written (%s); the run goes on without "
+                    "storing its programs", folder, write_failure_reason(error))
+
+
 class Watch:
   """Watches a run's compiles (a context). `finish()` says how many of the programs compiled
   since the start came from the cache. An entry JAX cannot read (one cut short by a process
@@ -176,6 +190,9 @@ class Watch:
     return self
 
   def _show_warning(self, message, category, filename, lineno, file=None, line=None):
+    if self._choice.folder is not None and _UNWRITABLE.search(str(message)):
+      _warn_once_unwritable(self._choice.folder, Exception(str(message)))
+      return
     match = _UNREADABLE.search(str(message))
     if match is None or self._choice.folder is None:
       return self._show(message, category, filename, lineno, file, line)
@@ -309,8 +326,9 @@ class ProgramStore:
       temporary.replace(path)  # a kill never leaves half an entry under the real name
       self._prune()
     except OSError as error:  # a full disk, say: the run goes on with the program in memory
-      logging.warning("program %s is not stored: %s", path, error)
       temporary.unlink(missing_ok=True)
+      _warn_once_unwritable(self._folder.parent, error)
+      self._folder = None  # stores no more in this run
       return False
     return True
 

@@ -1,5 +1,12 @@
 """The exceptions a run ends with that are not bugs: mistakes in user input (config values,
-files, workdirs), a diverged loss, a stop asked for by a signal."""
+files, workdirs), a diverged loss, a stop asked for by a signal, a file that could not be
+written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
 
 
 class UserError(ValueError):
@@ -27,3 +34,75 @@ class RunStopped(Exception):
   def __init__(self, message: str, exit_status: int):
     super().__init__(message)
     self.exit_status = exit_status
+
+
+class StorageUnavailable(Exception):
+  """A sweep's database stayed out of reach for `sweep.storage_retry_seconds`; the message
+  says so and how the sweep goes on. The sweep command exits with `EXIT_STATUS` (75, sysexits'
+  EX_TEMPFAIL: start it again once the database is back)."""
+
+  EXIT_STATUS = 75
+
+
+class OutOfMemory(UserError):
+  """A batch (or the model) does not fit in the device's memory; the message names the batch
+  size, the model and the dtype. `main` exits with status 2, like any other input to change."""
+
+
+# How XLA words an allocation that failed, with its size.
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: Out of memory (?:while trying to allocate|"
+                            r"allocating) (\d+) bytes")
+
+
+def out_of_memory_bytes(error: BaseException) -> int | None:
+  """The size XLA could not allocate, when `error` is its out-of-memory error; else None."""
+  match = _OUT_OF_MEMORY.search(str(error))
+  return int(match.group(1)) if match else None
+
+
+class WriteFailed(Exception):
+  """A file of the run could not be written (a full disk, a quota, a read-only folder); the
+  message names the file, the reason and, once the run adds it (`naming_the_checkpoint`), the
+  checkpoint it can resume from.
+
+  `main` prints the message as one line and exits with `EXIT_STATUS` (74, sysexits' EX_IOERR).
+  """
+
+  EXIT_STATUS = 74
+
+  def __init__(self, what: str, cause: BaseException, resume_note: str = ""):
+    self.what, self.cause, self.reason = what, cause, write_failure_reason(cause)
+    self.resume_note = resume_note
+    super().__init__(f"{self.reason} writing {what}{resume_note}")
+
+  @property
+  def out_of_space(self) -> bool:
+    return self.reason in (os.strerror(errno.ENOSPC).lower(), os.strerror(errno.EDQUOT).lower())
+
+  def naming_the_checkpoint(self, step: int | None, directory) -> WriteFailed:
+    """The same failure, its message saying which checkpoint is intact and what to do."""
+    fix = "free space" if self.out_of_space else "fix that"
+    note = (f"; the checkpoint of step {step} is intact; {fix} and run the same command to "
+            f"resume" if step is not None else
+            f"; no checkpoint was written yet in {directory}; {fix} and run the same command to "
+            f"start again")
+    return WriteFailed(self.what, self.cause, note)
+
+
+# The OS error code in the words of tensorstore (orbax's writer) and of Python's OSError.
+_ERROR_CODE = re.compile(r"os_error_code='(\d+)'|\[Errno (\d+)\]")
+
+
+def write_failure_reason(error: BaseException) -> str:
+  """Why a write failed, in the OS's words ("no space left on device"), or the error's own on
+  one line where it names no OS error code."""
+  code = getattr(error, "errno", None)
+  if not code:
+    match = _ERROR_CODE.search(str(error))
+    code = match and int(match.group(1) or match.group(2))
+  return os.strerror(code).lower() if code else one_line(error)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """An error's message on one line, at most `limit` characters."""
+  return " ".join(str(error).split())[:limit]

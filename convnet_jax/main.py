@@ -7,13 +7,14 @@ Only parses flags (starting JAX's multi-process runtime when asked) and hands ov
 import sys
 import time
 
-import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from convnet_jax import cli
+from convnet_jax import parallel
 from convnet_jax import train
+from convnet_jax import validation
 from convnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -40,15 +41,18 @@ def main(argv):
     if not workdir:  # processes started seconds apart would each name their own
       raise UserError("--workdir: expected the same folder for every process of a "
                       "multi-process run")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    validation.validate_config(FLAGS.config)  # its timeout, before joining the others
+    parallel.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, FLAGS.config.operations.peer_timeout_seconds)
   if not workdir:
     config_name = FLAGS["config"].value and FLAGS["config"].config_filename
     stem = config_name.rsplit("/", 1)[-1].removesuffix(".py") if config_name else "run"
     workdir = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"workdir: {workdir}", file=sys.stderr)
-  train.train_and_evaluate(FLAGS.config, workdir)
+  with parallel.PeerWatch(FLAGS.config.operations.peer_timeout_seconds, workdir):
+    train.train_and_evaluate(FLAGS.config, workdir)
 
 
 if __name__ == "__main__":
+  cli.native_output_to_stderr()
   cli.run(main)

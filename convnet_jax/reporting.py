@@ -8,8 +8,11 @@ writes: the others get a reporter that does nothing, so the training loop never 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -19,6 +22,7 @@ from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import replicas
 from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import WriteFailed
 
 # The scalars of each epoch's TensorBoard page.
 TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate",
@@ -50,15 +54,19 @@ class Reporter:
     TensorBoard and the progress bar over the run's `total_steps`, `steps_done` of them done."""
     if not self.is_writer:
       return
-    workdir_lib.write_atomically(self.files.metrics,
-                                 "".join(json.dumps(r) + "\n" for r in history))
+    with writing(self.files.metrics):
+      workdir_lib.write_atomically(self.files.metrics,
+                                   "".join(json.dumps(r) + "\n" for r in history))
     config_values = dict(json.loads(self.config.to_json_best_effort()), **recorded)
-    workdir_lib.write_atomically(self.files.config, json.dumps(config_values, indent=2) + "\n")
+    with writing(self.files.config):
+      workdir_lib.write_atomically(self.files.config,
+                                   json.dumps(config_values, indent=2) + "\n")
     operations = self.config.operations
     if operations.tensorboard:
       import tensorboardX  # imported here: writes event files without TensorFlow
 
-      self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard))
+      with writing(self.files.tensorboard):
+        self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard))
     self._progress_range = (total_steps, steps_done)
 
   def steps(self, num_steps: int, epoch: int, images_per_second: float) -> None:
@@ -87,12 +95,13 @@ class Reporter:
     if self._progress is not None and not self._progress.disable:
       self._progress.clear()  # the JSON line goes above the bar, not through it
     print(line, flush=True)
-    with self.files.metrics.open("a") as metrics_file:
+    with writing(self.files.metrics), self.files.metrics.open("a") as metrics_file:
       metrics_file.write(line + "\n")
     if self._tensorboard is not None:
-      write_tensorboard(self._tensorboard, dict(record, step_time_ms=step_time_ms,
-                                                images_per_second=images_per_second),
-                        record["epoch"] + 1)
+      with writing(self.files.tensorboard):
+        write_tensorboard(self._tensorboard, dict(record, step_time_ms=step_time_ms,
+                                                  images_per_second=images_per_second),
+                          record["epoch"] + 1)
 
   def finish(self, predictions: np.ndarray, last_record: dict) -> None:
     """Writes preds (one line per test example, a column per replica) and, for replicas, the
@@ -101,8 +110,9 @@ class Reporter:
       return
     num_test = predictions.shape[-1]
     rows = np.asarray(predictions).reshape(-1, num_test).T
-    workdir_lib.write_atomically(self.files.predictions,
-                                 "".join(" ".join(map(str, row)) + "\n" for row in rows))
+    with writing(self.files.predictions):
+      workdir_lib.write_atomically(self.files.predictions,
+                                   "".join(" ".join(map(str, row)) + "\n" for row in rows))
     if "seeds" in last_record:
       self.note(replicas.summary_line(last_record))
 
@@ -110,13 +120,46 @@ class Reporter:
     if self._progress is not None:
       self._progress.close()
     if self._tensorboard is not None:
-      self._tensorboard.close()
+      try:
+        self._tensorboard.close()
+      except OSError:  # its last events could not be flushed: the run's own line says why
+        pass
+      self._tensorboard = None
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc_info):
     self.close()
+
+
+@contextlib.contextmanager
+def writing(path):
+  """Turns an OSError from writing `path` (a full disk, say) into `WriteFailed` naming it,
+  leaving behind no temporary file of `workdir.write_atomically`."""
+  try:
+    yield
+  except OSError as error:
+    for temporary in Path(path).parent.glob(f"{Path(path).name}.{os.getpid()}.tmp"):
+      temporary.unlink(missing_ok=True)
+    raise WriteFailed(str(path), error) from None
+
+
+def finished_run_line(record: dict, workdir) -> str:
+  """The stderr line of a run started again after it finished: its epochs, final test accuracy
+  (with test-time augmentation where it had it) and where its files are."""
+  def accuracy(value):
+    if isinstance(value, list):  # replicas: the mean over those that did not diverge
+      values = [v for v in value if v is not None]
+      return (f"mean {np.mean(values):.4f} over {len(values)} replicas" if values
+              else "none (every replica diverged)")
+    return f"{value:.4f}"
+
+  text = accuracy(record["test_acc"])
+  if "tta_test_acc" in record:
+    text += f" ({accuracy(record['tta_test_acc'])} with test-time augmentation)"
+  return (f"run complete: {record['epoch'] + 1} epochs, final test accuracy {text}; its files "
+          f"are in {workdir} (metrics.jsonl, preds, checkpoints/); nothing was run again")
 
 
 def write_tensorboard(writer, record: dict, step: int) -> None:

@@ -69,15 +69,12 @@ def describe_run(config, state, steps: int, mesh) -> str:
           f"{parallel.mesh_size(mesh)} devices")
 
 
-def check_inputs(config, files: workdir_lib.RunFiles):
-  """Every check of the workdir and the data, before any compilation: the workdir (returns
-  whether it holds this run to resume) and the data, which it loads. Returns (run identity,
-  resuming, data set). The config is checked before (`validation.validate_config`)."""
-  identity = workdir_lib.run_identity(config)
-  resuming = workdir_lib.check_workdir(files, identity)
+def load_data(config) -> input_pipeline.Dataset:
+  """The run's data set, loaded, and the batch sizes checked against it. The config is checked
+  before (`validation.validate_config`), the workdir too (`workdir.check_workdir`)."""
   data = input_pipeline.load_dataset(config)
   validation.check_batch_sizes(config, len(data.train_labels))
-  return identity, resuming, data
+  return data
 
 
 def check_model(config, model) -> None:

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from convnet_jax.errors import RunStopped
 
-__all__ = ["RunStopped", "StopSignals", "exit_status"]
+__all__ = ["RunStopped", "StopSignals", "exit_status", "request_stop"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -75,3 +75,14 @@ class StopSignals:
   def name(signum: int) -> str:
     """"SIGTERM", "SIGINT"."""
     return signal.Signals(signum).name
+
+
+def request_stop(signum: int = signal.SIGTERM) -> bool:
+  """Asks the run in progress to stop as a first `signum` would (a checkpoint at the next
+  call, then `RunStopped`), from any thread; False when no run is in progress, that is, when no
+  `StopSignals` is the process's handler."""
+  signals = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+  if not isinstance(signals, StopSignals):
+    return False
+  signals.received = signals.received or signum
+  return True

@@ -38,7 +38,10 @@ REQUIRED_KEYS = ("base", "sampler", "num_trials", "seed", "objective", "directio
                  "study_name", "heartbeat_interval", "grace_period")
 # Sweep keys that may change between runs of one sweep: how many trials to run and how workers
 # watch each other, not what any trial computes (so a finished sweep can be extended).
-OPERATIONAL_KEYS = ("num_trials", "heartbeat_interval", "grace_period")
+OPERATIONAL_KEYS = ("num_trials", "heartbeat_interval", "grace_period", "storage_retry_seconds")
+# Shared storage: how long workers retry a database that cannot be reached, where a sweep
+# config does not say (`storage_retry_seconds`, see configs/sweep_lr.py).
+DEFAULT_STORAGE_RETRY_SECONDS = 300
 # Keys naming things on one machine: the workers of a shared study may differ in them.
 MACHINE_KEYS = ("storage", "base.data_dir", "base.data_url", "base.tfds_data_dir",
                 "base.tfds_manual_dir")
@@ -156,6 +159,9 @@ def validate_sweep_config(config, sweep_fn: SweepFunction) -> dict[str, BaseDist
   for key in ("heartbeat_interval", "grace_period"):
     _require(_is_int(config[key]) and config[key] > 0, key, "a positive number of seconds",
              config[key])
+  retry = storage_retry_seconds(config)
+  _require(validation.is_number(retry) and retry >= 0, "storage_retry_seconds",
+           "a number of seconds, 0 or more", retry)
   if config.storage:
     try:
       url = sqlalchemy.engine.make_url(database_url(config.storage))
@@ -202,6 +208,11 @@ def validate_sweep_config(config, sweep_fn: SweepFunction) -> dict[str, BaseDist
     _require(config.num_trials <= num_points, "num_trials",
              f"at most the number of points of sweep.grid, {num_points}", config.num_trials)
   return space
+
+
+def storage_retry_seconds(config) -> float:
+  """How long a worker retries a shared database that cannot be reached."""
+  return config.get("storage_retry_seconds", DEFAULT_STORAGE_RETRY_SECONDS)
 
 
 def database_url(url: str) -> str:

@@ -4,8 +4,10 @@ server for several workers), the re-running of trials whose worker died, and wha
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -16,9 +18,12 @@ import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from convnet_jax import stopping
 from convnet_jax import sweep_config
 from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import StorageUnavailable
 from convnet_jax.errors import UserError
+from convnet_jax.errors import one_line
 
 # A trial whose worker stops sending heartbeats (shared storage) is re-run at most this often.
 MAX_RETRIES = 3
@@ -27,6 +32,8 @@ STARTUP_ATTEMPTS = 5
 # The user attr that marks a trial started beyond `num_trials` (two workers started the last
 # place at the same moment); it ends PRUNED without training and takes no place.
 SURPLUS_ATTR = "surplus"
+# The longest wait between two tries at a database that cannot be reached.
+MAX_RETRY_DELAY = 15
 
 class _SeedPerTrial(optuna.samplers.BaseSampler):
   """Samples each trial with a fresh `make_sampler(seed + trial number)`.
@@ -146,13 +153,139 @@ def requeue_stale_trials(study: optuna.Study) -> None:
     optuna.storages.fail_stale_trials(study)
 
 
+def _unreachable(error: BaseException) -> BaseException | None:
+  """The database driver's error in `error`'s chain when it says the database could not be
+  reached (refused, closed, reset: SQLAlchemy's OperationalError and InterfaceError, or a
+  connection it invalidated); None for any other error, which no retry would mend."""
+  while error is not None:
+    if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or (
+        isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _Outage:
+  """One database outage, shared by the threads that meet it (the trial loop, optuna's
+  heartbeat thread): when it began, whether it was announced, whether the worker gave up."""
+
+  def __init__(self, where: str, retry_seconds: float):
+    self.where, self.retry_seconds = where, retry_seconds
+    self.lock = threading.Lock()
+    self.since: float | None = None
+    self.gave_up = False
+    self.local = threading.local()  # set while a call retries: calls inside it do not
+
+  def failed(self, error: BaseException) -> float:
+    """Records a failed call; returns the seconds left to retry (<= 0: give up)."""
+    with self.lock:
+      now = time.monotonic()
+      if self.since is None:
+        self.since = now
+        reason = _unreachable(error)
+        driver_error = getattr(reason, "orig", None) or reason  # the driver's own words
+        print(f"sweep.storage={self.where}: the database cannot be reached "
+              f"({type(driver_error).__name__}: {one_line(driver_error, 160)}); retrying for "
+              f"up to {self.retry_seconds:g} s", file=sys.stderr, flush=True)
+      left = self.since + self.retry_seconds - now
+      if left <= 0:
+        self.gave_up = True
+      return left
+
+  def recovered(self) -> None:
+    with self.lock:
+      if self.since is not None:
+        print(f"sweep.storage={self.where}: reachable again after "
+              f"{time.monotonic() - self.since:.0f} s; the sweep goes on", file=sys.stderr,
+              flush=True)
+        self.since = None
+
+  def give_up_error(self) -> StorageUnavailable:
+    return StorageUnavailable(
+        f"sweep.storage={self.where}: the database could not be reached for "
+        f"{self.retry_seconds:g} s (sweep.storage_retry_seconds); this worker stops. Its trial "
+        f"in flight stays RUNNING in the study and is resumed from its checkpoint when the "
+        f"sweep is started again once the database is back")
+
+
+def _retrying(method, name: str):
+  """`method` of `RetryingRDBStorage`, retried with backoff through an outage."""
+  @functools.wraps(method)
+  def call(self, *args, **kwargs):
+    outage = self._outage
+    if outage is None or getattr(outage.local, "retrying", False):
+      return method(self, *args, **kwargs)
+    if outage.gave_up:
+      raise outage.give_up_error()
+    outage.local.retrying = True
+    try:
+      delay = 0.5
+      while True:
+        try:
+          result = method(self, *args, **kwargs)
+          break
+        except Exception as error:
+          if _unreachable(error) is None:
+            raise
+          left = outage.failed(error)
+          if left <= 0:
+            if name == "record_heartbeat":
+              # optuna's heartbeat thread would die with a traceback, and the trial train on:
+              # stop the trial as SIGTERM does, with a checkpoint; the main thread's next call
+              # of the storage reports the outage.
+              stopping.request_stop()
+              return None
+            raise outage.give_up_error() from None
+          time.sleep(min(delay, left))
+          delay = min(2 * delay, MAX_RETRY_DELAY)
+    finally:
+      outage.local.retrying = False
+    outage.recovered()
+    return result
+
+  return call
+
+
+class RetryingRDBStorage(optuna.storages.RDBStorage):
+  """optuna's RDBStorage whose calls, when the database cannot be reached (a server restarted,
+  a network gone for a minute), are retried with backoff for `retry_seconds`, with one line
+  when the outage starts and one when it ends; past that a `StorageUnavailable`. Pooled
+  connections are checked before use, so the first call after a restart does not fail on a
+  connection the server closed."""
+
+  def __init__(self, url: str, *, retry_seconds: float, where: str, **kwargs):
+    self._outage = None  # none while optuna creates its tables (open_study retries that)
+    super().__init__(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+    self._outage = _Outage(where, retry_seconds)
+
+  def __getstate__(self):
+    state = super().__getstate__()
+    state.pop("_outage", None)
+    return state
+
+  def __setstate__(self, state):
+    super().__setstate__(state)
+    self._outage = None
+
+
+for _name, _method in list(vars(optuna.storages.RDBStorage).items()):
+  if callable(_method) and not isinstance(_method, (staticmethod, classmethod)) and (
+      not _name.startswith("_") or _name in ("_get_trials", "_get_stale_trial_ids")) and (
+      _name not in ("remove_session", "get_heartbeat_interval",
+                    "get_heartbeat_stale_trial_callback")):
+    setattr(RetryingRDBStorage, _name, _retrying(_method, _name))
+
+
 def _load_study(config, workdir: Path, shared: dict):
   """(storage, study, the study's sweep record), creating each where it does not exist yet."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     if config.storage:
-      storage = optuna.storages.RDBStorage(
+      storage = RetryingRDBStorage(
           sweep_config.database_url(config.storage),
+          retry_seconds=sweep_config.storage_retry_seconds(config),
+          where=repr(sqlalchemy.engine.make_url(config.storage).render_as_string(
+              hide_password=True)),
           heartbeat_interval=config.heartbeat_interval,
           grace_period=config.grace_period,
           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))

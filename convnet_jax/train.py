@@ -12,6 +12,8 @@ and the programs), `epoch_calls` (how an epoch is cut into calls, an epoch in pr
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,11 @@ from convnet_jax import steps as steps_lib
 from convnet_jax import stopping
 from convnet_jax import validation
 from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import OutOfMemory
 from convnet_jax.errors import RunStopped
 from convnet_jax.errors import TrainingDiverged
+from convnet_jax.errors import WriteFailed
+from convnet_jax.errors import out_of_memory_bytes
 
 __all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 
@@ -183,8 +188,9 @@ class TrainingLoop:
           config.num_replicas)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
-      predictions, test_totals = run_evaluation(self.programs, state, self.data)
-      test_totals = _host_totals(test_totals)
+      with naming_the_batch_size(config, "the evaluation"):
+        predictions, test_totals = run_evaluation(self.programs, state, self.data)
+        test_totals = _host_totals(test_totals)
       epoch_steps = progress.steps_done
       num_trained = examples_trained(config, self.num_train, self.steps_per_epoch, epoch_steps)
       history.append(epoch_record(
@@ -214,10 +220,11 @@ class TrainingLoop:
       if stop:
         self.stop(stop, state, history, progress)
       call_start = time.perf_counter()
-      state, per_step = self.programs.train_steps(
-          state, self.data.train_images, self.data.train_labels, self.data_key,
-          np.int32(epoch), np.int32(first), np.int32(end), self.data.mean, self.data.std)
-      per_step = jax.device_get(per_step)
+      with naming_the_batch_size(config, "a training step"):
+        state, per_step = self.programs.train_steps(
+            state, self.data.train_images, self.data.train_labels, self.data_key,
+            np.int32(epoch), np.int32(first), np.int32(end), self.data.mean, self.data.std)
+        per_step = jax.device_get(per_step)
       seconds = time.perf_counter() - call_start
       progress.add(per_step, first, end, seconds)
       self.planner.measured(end - first, seconds)
@@ -261,6 +268,48 @@ class TrainingLoop:
     raise stopping.RunStopped(message, stopping.exit_status(signum))
 
 
+def report_finished_run(config, files: workdir_lib.RunFiles, is_writer: bool) -> dict | None:
+  """When the workdir holds this run finished (the same command run again), says so in one
+  line on stderr, prints its last epoch line again on stdout and returns that record, touching
+  no file; None when there is training left to do."""
+  lines = workdir_lib.finished_run(files, optim.num_epochs_run(config))
+  if not lines:
+    return None
+  if is_writer:
+    print(reporting.finished_run_line(json.loads(lines[-1]), files.workdir), file=sys.stderr)
+    print(lines[-1], flush=True)
+  return json.loads(lines[-1])
+
+
+@contextlib.contextmanager
+def naming_the_batch_size(config, phase: str):
+  """XLA's out-of-memory error in `phase` ("a training step", "the evaluation") becomes one
+  `OutOfMemory` line naming the batch-size key to lower, the model and the dtype."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as error:
+    size = out_of_memory_bytes(error)
+    if size is None:
+      raise
+    key = "batch_size" if phase == "a training step" else "eval_batch_size"
+    replicated = f" ({config.num_replicas} replicas)" if config.num_replicas > 1 else ""
+    raise OutOfMemory(
+        f"config.{key}={config[key]}: out of memory in {phase} of model {config.model} in "
+        f"{config.dtype}{replicated}: XLA could not allocate {size / 2**30:.1f} GiB on "
+        f"{jax.devices()[0].platform}; lower {key}") from None
+
+
+@contextlib.contextmanager
+def naming_the_intact_checkpoint(store: checkpoints.CheckpointStore):
+  """A `WriteFailed` leaving the run says which checkpoint it can resume from."""
+  try:
+    yield
+  except WriteFailed as error:
+    if error.resume_note:
+      raise
+    raise error.naming_the_checkpoint(store.newest_intact, store.directory) from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains the configured model, evaluating after every epoch; resumes from the workdir's
   newest intact checkpoint if it holds one of the same config, mid-epoch if it was taken there.
@@ -285,7 +334,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         logging.warning("took over the lock of %s in %s, which ended without releasing it",
                         lock.taken_over, files.workdir)
     signals = stack.enter_context(stopping.StopSignals())
-    identity, resuming, data = run_setup.check_inputs(config, files)
+    identity = workdir_lib.run_identity(config)
+    resuming = workdir_lib.check_workdir(files, identity)
+    if resuming and (finished := report_finished_run(config, files, is_writer)):
+      return finished
+    data = run_setup.load_data(config)
     cache_choice = compile_cache.enable(config.operations.compilation_cache)
     cache_watch = stack.enter_context(compile_cache.Watch(cache_choice))
     stack.enter_context(logs.log_file(files.log if is_writer else None))
@@ -303,6 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     reporter.note(run_setup.describe_run(config, state, steps_per_epoch, mesh))
     store = stack.enter_context(contextlib.closing(checkpoints.CheckpointStore(
         files.checkpoints, config.operations.max_checkpoints_to_keep)))
+    stack.enter_context(naming_the_intact_checkpoint(store))
     fingerprint = checkpoints.config_fingerprint(identity)
     state, history, in_progress = run_setup.restore_history(store, state, fingerprint, resuming,
                                                             reporter)

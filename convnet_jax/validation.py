@@ -42,7 +42,7 @@ def is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -67,18 +67,18 @@ def validate_config(config) -> None:
   require(len(set(classes)) == len(classes), "classes", "no repeated class id", classes)
   for key in ("batch_size", "eval_batch_size"):
     require(is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
-  require(_is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+  require(is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
           "a positive number (a fraction trains part of one more epoch)", config.num_epochs)
-  require(_is_number(config.learning_rate) and config.learning_rate >= 0, "learning_rate",
+  require(is_number(config.learning_rate) and config.learning_rate >= 0, "learning_rate",
           "a non-negative number", config.learning_rate)
-  require(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
+  require(is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
           "a number in [0, 1)", config.momentum)
   for key in ("nesterov", "augment", "drop_last_batch"):
     require(isinstance(config[key], bool), key, "True or False", config[key])
   # PyTorch refuses Nesterov without momentum too: it would silently be plain SGD.
   require(not config.nesterov or config.momentum > 0, "nesterov",
           "False when config.momentum is 0 (Nesterov needs momentum)", config.nesterov)
-  require(_is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
+  require(is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
           "a non-negative number", config.weight_decay)
   _validate_schedule(config)
   _validate_recipe(config)
@@ -103,8 +103,8 @@ def _validate_replicas(config) -> None:
   require(is_int(count) and count > 0, "num_replicas", "a positive integer", count)
   for key, check, expected in (
       ("replica_seeds", is_int, "integer seeds"),
-      ("replica_learning_rates", lambda v: _is_number(v) and v >= 0, "non-negative numbers"),
-      ("replica_momenta", lambda v: _is_number(v) and 0 <= v < 1, "numbers in [0, 1)")):
+      ("replica_learning_rates", lambda v: is_number(v) and v >= 0, "non-negative numbers"),
+      ("replica_momenta", lambda v: is_number(v) and 0 <= v < 1, "numbers in [0, 1)")):
     values = config[key]
     require(isinstance(values, (tuple, list)) and (not values or len(values) == count), key,
             f"() or a tuple of num_replicas={count} values", values)
@@ -117,7 +117,7 @@ def _validate_operations(operations) -> None:
   for key in ("tensorboard", "progress_bar", "trace_shapes"):
     require(isinstance(operations[key], bool), f"operations.{key}", "True or False",
             operations[key])
-  for key in ("checkpoint_every_epochs", "max_checkpoints_to_keep"):
+  for key in ("checkpoint_every_epochs", "max_checkpoints_to_keep", "peer_timeout_seconds"):
     require(is_int(operations[key]) and operations[key] > 0, f"operations.{key}",
             "a positive integer", operations[key])
   require(is_int(operations.num_devices) and operations.num_devices >= 0,
@@ -129,7 +129,7 @@ def _validate_operations(operations) -> None:
   require(is_int(operations.steps_per_call) and operations.steps_per_call >= 0,
           "operations.steps_per_call", "0 (sized by operations.seconds_per_call) or a positive "
           "integer", operations.steps_per_call)
-  require(_is_number(operations.seconds_per_call) and operations.seconds_per_call > 0,
+  require(is_number(operations.seconds_per_call) and operations.seconds_per_call > 0,
           "operations.seconds_per_call", "a positive number of seconds",
           operations.seconds_per_call)
   require(isinstance(operations.compilation_cache, str), "operations.compilation_cache",
@@ -176,10 +176,10 @@ def _validate_benchmark(bench) -> None:
 def _validate_schedule(config) -> None:
   require(config.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", config.schedule)
   if config.schedule == "warmup_linear":
-    require(_is_number(config.warmup_fraction) and 0 <= config.warmup_fraction < 1,
+    require(is_number(config.warmup_fraction) and 0 <= config.warmup_fraction < 1,
             "warmup_fraction", "a number in [0, 1)", config.warmup_fraction)
     for key in ("warmup_start_factor", "final_lr_factor"):
-      require(_is_number(config[key]) and config[key] >= 0, key, "a non-negative number",
+      require(is_number(config[key]) and config[key] >= 0, key, "a non-negative number",
               config[key])
   if config.schedule != "step":
     return  # the boundaries and factor are not used
@@ -190,13 +190,13 @@ def _validate_schedule(config) -> None:
           f"epochs between 1 and num_epochs - 1 = {math.ceil(config.num_epochs) - 1}", boundaries)
   require(all(a < b for a, b in zip(boundaries, boundaries[1:])), "lr_boundaries_epochs",
           "strictly increasing epochs", boundaries)
-  require(_is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
+  require(is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
           "lr_decay_factor", "a number in (0, 1]", config.lr_decay_factor)
 
 
 def _validate_recipe(config) -> None:
   """The loss, augmentation, parameter groups, lookahead and test-time augmentation keys."""
-  require(_is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
+  require(is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
           "label_smoothing", "a number in [0, 1)", config.label_smoothing)
   require(config.loss_reduction in LOSS_REDUCTIONS, "loss_reduction",
           f"one of {LOSS_REDUCTIONS}", config.loss_reduction)
@@ -214,7 +214,7 @@ def _validate_recipe(config) -> None:
   # The decoupled weight decay is weight_decay * batch_size / learning_rate.
   require(not config.decoupled_hyperparameters or config.learning_rate > 0, "learning_rate",
           "a positive number with config.decoupled_hyperparameters", config.learning_rate)
-  require(_is_number(config.offset_lr_multiplier) and config.offset_lr_multiplier > 0,
+  require(is_number(config.offset_lr_multiplier) and config.offset_lr_multiplier > 0,
           "offset_lr_multiplier", "a positive number", config.offset_lr_multiplier)
   for key in ("frozen_parameters", "late_frozen_parameters"):
     require(isinstance(config[key], (tuple, list)) and all(
@@ -225,9 +225,9 @@ def _validate_recipe(config) -> None:
   require(is_int(config.lookahead_every_steps) and config.lookahead_every_steps >= 0,
           "lookahead_every_steps", "0 (no lookahead) or a positive integer",
           config.lookahead_every_steps)
-  require(_is_number(config.lookahead_decay) and 0 <= config.lookahead_decay <= 1,
+  require(is_number(config.lookahead_decay) and 0 <= config.lookahead_decay <= 1,
           "lookahead_decay", "a number in [0, 1]", config.lookahead_decay)
-  require(_is_number(config.lookahead_power) and config.lookahead_power >= 0,
+  require(is_number(config.lookahead_power) and config.lookahead_power >= 0,
           "lookahead_power", "a non-negative number", config.lookahead_power)
 
 

@@ -115,6 +115,19 @@ def check_workdir(files: RunFiles, identity: dict) -> bool:
   return True
 
 
+def finished_run(files: RunFiles, num_epochs: int) -> list[str] | None:
+  """The JSON lines of metrics.jsonl when the workdir holds a finished run of `num_epochs`
+  epochs (every epoch's line and the final `preds`, which a run writes last), else None."""
+  if not files.predictions.is_file() or not files.metrics.is_file():
+    return None
+  lines = files.metrics.read_text().splitlines()
+  try:
+    epochs = [json.loads(line)["epoch"] for line in lines]
+  except (ValueError, KeyError, TypeError):
+    return None  # not this package's lines: the run's own checks report the workdir
+  return lines if epochs == list(range(num_epochs)) else None
+
+
 class FolderLock:
   """An exclusive lock on one folder for one process, as a context manager: a run's workdir,
   or a sweep's folder.

@@ -4,9 +4,11 @@ match one device. Each case runs in a subprocess, as JAX fixes its devices when 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -88,14 +90,75 @@ def test_two_processes_on_localhost_match_one_device(one_device, cifar10_dir, tm
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
   assert "on 4 devices" in outputs[0][1]  # 2 processes x 2 devices
-  # Only process 0 prints the epoch lines (gloo's own connection lines aside).
-  printed = [[line for line in stdout.splitlines() if line.startswith("{")]
-             for stdout, _ in outputs]
+  # Only process 0 prints the epoch lines, and stdout holds nothing else: gloo's own
+  # "[Gloo] Rank 0 is connected ..." lines go to stderr.
+  printed = [stdout.splitlines() for stdout, _ in outputs]
   assert len(printed[0]) == 1 and printed[1] == []
+  assert "[Gloo] Rank" in outputs[0][1]
   records, predictions = _read(workdir)
   assert json.loads(printed[0][0]) == records[0]
   _assert_matches(records, predictions, one_device)
   assert (workdir / "checkpoints" / "4").is_dir()  # after epoch 0's 4 steps
+
+
+def _two_processes(workdir, *extra):
+  with socket.socket() as probe:  # a free port for the coordinator
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  return [subprocess.Popen(
+      [sys.executable, "-m", "convnet_jax.main", *extra, f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={index}"],
+      cwd=REPO_ROOT, env=_environment(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for index in range(2)]
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_in_one_line_and_both_resume_identically(
+    cifar10_dir, tmp_path):
+  # 2,000 images in batches of 64: 32 steps an epoch, two epochs, two steps a call and a
+  # checkpoint every 10 steps; a process taken as lost after 10 s without a sign of life.
+  args = ("--config", "configs/smoke.py", "--config.operations.tensorboard=False",
+          f"--config.data_dir={cifar10_dir}", "--config.max_train_examples=2000",
+          "--config.num_epochs=2", "--config.operations.steps_per_call=2",
+          "--config.operations.checkpoint_every_steps=10",
+          "--config.operations.peer_timeout_seconds=10")
+  workdir = tmp_path / "killed"
+  survivor, victim = _two_processes(workdir, *args)
+  deadline = time.monotonic() + 300
+  while not (workdir / "checkpoints" / "10").is_dir():
+    assert survivor.poll() is None and victim.poll() is None, survivor.stderr.read()[-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  victim.send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  victim.wait()
+  stdout, stderr = survivor.communicate(timeout=300)
+  assert survivor.returncode == 75, stderr[-3000:]
+  assert time.monotonic() - killed_at < 90
+  assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+  lines = [line for line in stderr.splitlines() if not line.startswith("[Gloo] ")]
+  assert lines[-1] == (
+      f"error: process 1 of this 2-process run was lost (no sign of life for 10 s); process 0 "
+      f"stops too. The checkpoints in {workdir} are intact: start every process again with the "
+      f"same command to resume")
+  assert len(lines) == 4, lines  # the three start-up lines, then that one
+  assert all(line.startswith("{") for line in stdout.splitlines())
+
+  again = _two_processes(workdir, *args)
+  outputs = [process.communicate(timeout=600) for process in again]
+  for process, (_, stderr) in zip(again, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  assert "resuming at step " in outputs[0][1]
+  uninterrupted = _two_processes(tmp_path / "uninterrupted", *args)
+  for process in uninterrupted:
+    process.communicate(timeout=600)
+    assert process.returncode == 0
+  records, predictions = _read(workdir)
+  expected_records, expected_predictions = _read(tmp_path / "uninterrupted")
+  assert [r["epoch"] for r in records] == [0, 1]
+  for record, expected in zip(records, expected_records):
+    assert {k: record[k] for k in METRICS} == {k: expected[k] for k in METRICS}
+  np.testing.assert_array_equal(predictions, expected_predictions)
 
 
 SHARDED_BATCH_NORM = """

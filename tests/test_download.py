@@ -191,7 +191,10 @@ def test_no_network_gives_the_clear_error_within_seconds(tmp_path):
        f"--config.data_url={url}", f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT,
       env=_environment(tmp_path), capture_output=True, text=True, timeout=120)
   seconds = time.monotonic() - start
-  assert result.returncode == 2 and seconds < 10, (seconds, result.stderr[-2000:])
+  # Not a speed figure: a refused connection must end the run at once, not after a network
+  # time-out of minutes; the bound is loose, so that a machine busy with other tests passes
+  # (the start-up alone took 10.2 s once beside three other runs).
+  assert result.returncode == 2 and seconds < 60, (seconds, result.stderr[-2000:])
   cache = tmp_path / "xdg" / "convnet_jax" / "cifar10"
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert errors == [f"error: could not download {url} ([Errno 111] Connection refused). Offline, "

@@ -53,38 +53,63 @@ def free_port() -> int:
     return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def postgres_server():
+class Cluster:
   """A PostgreSQL cluster in a temporary folder on a free local port, trust authentication for
-  the user "sweeper"; stopped and removed at the end. Yields its base URL."""
+  the user "sweeper"; `stop()` and `start()` take it down and bring it back on the same port."""
+
+  def __init__(self, bindir: Path):
+    self.bindir = bindir
+    self.folder = Path(tempfile.mkdtemp(prefix="convnet_jax_postgres_"))
+    self.run_as = {}
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as an unprivileged user
+      try:
+        account = pwd.getpwnam("postgres")  # made by Debian's postgresql package
+      except KeyError:
+        account = pwd.getpwnam("nobody")
+      os.chown(self.folder, account.pw_uid, account.pw_gid)
+      self.run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    self.data, self.log, self.port = self.folder / "data", self.folder / "server.log", free_port()
+    subprocess.run([bindir / "initdb", "-D", self.data, "-U", "sweeper", "--auth=trust", "-E",
+                    "UTF8", "--no-sync"], check=True, capture_output=True, **self.run_as)
+    self.url = f"postgresql://sweeper@127.0.0.1:{self.port}"
+
+  def start(self) -> None:
+    # The server's output goes to its log, not to pipes this process would wait on.
+    started = subprocess.run(
+        [self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o",
+         f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off",
+         "start"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **self.run_as)
+    assert started.returncode == 0, (self.log.read_text() if self.log.exists()
+                                     else "no server log")
+
+  def stop(self, mode: str = "immediate") -> None:
+    subprocess.run([self.bindir / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **self.run_as)
+
+
+@pytest.fixture(scope="module")
+def postgres_cluster():
+  """The module's throwaway `Cluster`, started; stopped and removed at the end."""
   bindir = postgres_bindir()
   if bindir is None:
     pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in "
                 "/usr/lib/postgresql/*/bin: apt-get install postgresql")
-  folder = Path(tempfile.mkdtemp(prefix="convnet_jax_postgres_"))
-  run_as = {}
-  if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as an unprivileged user
-    try:
-      account = pwd.getpwnam("postgres")  # made by Debian's postgresql package
-    except KeyError:
-      account = pwd.getpwnam("nobody")
-    os.chown(folder, account.pw_uid, account.pw_gid)
-    run_as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-  data, log, port = folder / "data", folder / "server.log", free_port()
-  subprocess.run([bindir / "initdb", "-D", data, "-U", "sweeper", "--auth=trust", "-E", "UTF8",
-                  "--no-sync"], check=True, capture_output=True, **run_as)
-  # The server's output goes to its log, not to pipes this process would wait on.
-  started = subprocess.run(
-      [bindir / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o",
-       f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off", "start"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as)
+  cluster = Cluster(bindir)
   try:
-    assert started.returncode == 0, log.read_text() if log.exists() else "no server log"
-    yield f"postgresql://sweeper@127.0.0.1:{port}"
+    cluster.start()
+    yield cluster
   finally:
-    subprocess.run([bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as)
-    shutil.rmtree(folder, ignore_errors=True)
+    cluster.stop()
+    shutil.rmtree(cluster.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_server(postgres_cluster):
+  """The cluster's base URL, with the server running (a test may have stopped it)."""
+  if subprocess.run([postgres_cluster.bindir / "pg_ctl", "-D", postgres_cluster.data, "status"],
+                    capture_output=True, **postgres_cluster.run_as).returncode != 0:
+    postgres_cluster.start()
+  return postgres_cluster.url
 
 
 @pytest.fixture
@@ -271,3 +296,93 @@ def test_two_workers_started_at_the_same_instant_run_each_trial_once(
   # Each worker trained some of them: the study was shared, not run twice.
   workers_seen = {trial["attrs"]["worker"] for trial in trained}
   assert len(workers_seen) == 2, workers_seen
+
+
+# ---------------------------------------------------------------------------------------------
+# The database going away while a worker runs a trial.
+
+def _wait_for_a_trial_past_its_first_checkpoint(database, workdir, worker, log):
+  def trial():
+    assert worker.poll() is None, log.read_text()[-3000:]
+    try:
+      trials = trials_in_database(database)
+    except (psycopg.errors.UndefinedTable, psycopg.OperationalError):
+      return None
+    for trial in trials:
+      if trial["state"] == "RUNNING" and "workdir" in trial["attrs"]:
+        metrics = workdir / trial["attrs"]["workdir"] / "metrics.jsonl"
+        if metrics.exists() and 1 <= len(metrics.read_text().splitlines()) < EPOCHS - 1:
+          return trial
+    return None
+
+  return wait_for(trial, 300, "a running trial with a checkpoint, not yet done")
+
+
+def test_a_database_restarted_mid_trial_is_waited_for_and_every_trial_ends_once(
+    postgres_cluster, database, env, cifar10_dir, tmp_path):
+  workdir, log = tmp_path / "sweep", tmp_path / "worker.log"
+  worker = start_worker(worker_command(workdir, database, cifar10_dir,
+                                       {"storage_retry_seconds": 120}), env, log)
+  _wait_for_a_trial_past_its_first_checkpoint(database, workdir, worker, log)
+  postgres_cluster.stop()
+  # The trial's heartbeat (every second) meets the outage first: one line says so.
+  wait_for(lambda: "the database cannot be reached" in log.read_text(), 60,
+           "the worker's line about the outage")
+  time.sleep(3)
+  postgres_cluster.start()
+  table, _ = worker.communicate(timeout=600)
+  stderr = log.read_text()
+  assert worker.returncode == 0, stderr[-3000:]
+  outage_lines = [line for line in stderr.splitlines() if "sweep.storage=" in line]
+  assert len(outage_lines) == 2, outage_lines  # one when it went, one when it was back
+  assert outage_lines[0].startswith(f"sweep.storage='{database}': the database cannot be "
+                                    f"reached (") and outage_lines[0].endswith(
+                                        "; retrying for up to 120 s")
+  assert re.fullmatch(rf"sweep\.storage='{re.escape(database)}': reachable again after \d+ s; "
+                      rf"the sweep goes on", outage_lines[1]), outage_lines[1]
+  assert "Traceback" not in stderr
+  trials = trials_in_database(database)
+  assert_each_point_complete_once(trials)
+  assert len(trials) == len(POINTS)  # none failed, none re-run: each trial ran once
+  assert table.count("| COMPLETE |") == 4
+
+
+def test_a_database_gone_past_the_retry_limit_stops_the_worker_and_a_restart_finishes(
+    postgres_cluster, database, env, cifar10_dir, tmp_path):
+  workdir, log = tmp_path / "sweep", tmp_path / "worker.log"
+  # Two trials of 40 epochs (~20 s here), so the worker gives up well inside the trial in
+  # flight.
+  command = worker_command(workdir, database, cifar10_dir, {
+      "storage_retry_seconds": 3, "base.num_epochs": 40, "num_trials": 2})
+  worker = start_worker(command, env, log)
+  in_flight = _wait_for_a_trial_past_its_first_checkpoint(database, workdir, worker, log)
+  postgres_cluster.stop()
+  stopped_at = time.monotonic()
+  stdout, _ = worker.communicate(timeout=120)
+  stderr = log.read_text()
+  assert worker.returncode == 75, stderr[-3000:]
+  assert time.monotonic() - stopped_at < 60
+  assert "Traceback" not in stderr, stderr[-3000:]
+  assert stderr.splitlines()[-1] == (
+      f"error: sweep.storage='{database}': the database could not be reached for 3 s "
+      f"(sweep.storage_retry_seconds); this worker stops. Its trial in flight stays RUNNING in "
+      f"the study and is resumed from its checkpoint when the sweep is started again once the "
+      f"database is back")
+  trial_dir = workdir / in_flight["attrs"]["workdir"]
+  assert (trial_dir / "checkpoints").is_dir() and not (trial_dir / "preds").exists()
+
+  postgres_cluster.start()
+  time.sleep(BASE["grace_period"] + 1)  # the worker's heartbeat is stale by now
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"from {trial_dir}/checkpoints" in result.stderr  # "resuming after epoch E from"
+  trials = trials_in_database(database)
+  complete = [trial for trial in trials if trial["state"] == "COMPLETE"]
+  assert len(complete) == 2 and len(set(map(point, complete))) == 2  # two points, each once
+  assert not [trial for trial in trials if trial["state"] in ("RUNNING", "WAITING")]
+  # The trial in flight failed once (taken as dead) and its copy completed in its workdir.
+  assert next(t for t in trials if t["number"] == in_flight["number"])["state"] == "FAIL"
+  [rerun] = [t for t in trials if in_flight["number"] in t["retry_history"]]
+  assert rerun["state"] == "COMPLETE" and rerun["attrs"]["workdir"] == in_flight["attrs"][
+      "workdir"]
