@@ -1,10 +1,13 @@
 """Accelerator benchmark: `python -m convnet_jax.benchmark --config configs/default.py [--workdir DIR]`.
 
-Times the configured model's compiled train step and epoch on synthetic data of the configured
-shape (the same programs `train` runs), on whatever backend JAX finds, and prints and saves a JSON
-report: backend, devices, versions, compile seconds, step time (median, min, max over
-`benchmark.num_steps` steps after warm-up, each ended with `block_until_ready`), images per second,
-achieved GFLOP/s from XLA's cost analysis, and the time of one whole epoch. Optionally over lists of
+Times the training program the trainer runs (`run_setup.Programs.train_steps`, built by the
+same function) on synthetic data of the configured shape, on whatever backend JAX finds, and
+prints and saves a JSON report: backend, devices, versions, compile seconds, step time (median,
+min, max over `benchmark.num_steps` calls of one step each after warm-up, each ended with
+`block_until_ready`), images per second, achieved GFLOP/s from XLA's cost analysis, the
+utilisation (that as a fraction of the device's `ceiling`: published for known GPUs and TPUs,
+measured with a large matmul on a CPU, its source named), and the time of a call of one whole
+epoch. Optionally over lists of
 batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`), and the epoch
 time and throughput of N models trained together (`config.benchmark.num_replicas`, e.g.
 "(1, 2, 4, 8, 16)").
@@ -72,85 +75,120 @@ def _time_calls(fn, num_calls: int) -> list[float]:
   return times
 
 
-def _synthetic_run(config, num_examples: int, num_classes: int):
-  """The configured train state (one model or replicas, on one device) and its data key, random
-  uint8 images and labels of CIFAR shape on the device, a fixed mean and std, and the steps per
-  epoch."""
-  model = models.create_model(config, num_classes)
+def _synthetic_data(config, num_examples: int, num_classes: int) -> input_pipeline.Dataset:
+  """Random uint8 images and labels of CIFAR shape: `num_examples` to train on and one
+  evaluation batch to test on, with a fixed mean and std."""
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (num_examples,) + input_pipeline.IMAGE_SHAPE, dtype=np.uint8)
-  labels = rng.integers(0, num_classes, num_examples, dtype=np.int32)
+  num_test = config.eval_batch_size
+  images = rng.integers(0, 256, (num_examples + num_test,) + input_pipeline.IMAGE_SHAPE,
+                        dtype=np.uint8)
+  labels = rng.integers(0, num_classes, num_examples + num_test, dtype=np.int32)
   mean, std = np.full((3,), 0.5, np.float32), np.full((3,), 0.25, np.float32)
-  data = input_pipeline.Dataset(images, labels, images[:0], labels[:0], mean, std,
+  return input_pipeline.Dataset(images[:num_examples], labels[:num_examples],
+                                images[num_examples:], labels[num_examples:], mean, std,
                                 tuple(map(str, range(num_classes))))
+
+
+def synthetic_run(config, num_examples: int, num_classes: int, conv_implementation: str):
+  """The programs a run of `config` executes (`run_setup.Programs`, built as
+  `train.train_and_evaluate` builds them, on one device and without the program store) on
+  synthetic data of `num_examples` training images: (programs, state, data on the device, data
+  key, steps per epoch)."""
+  model = models.create_model(config, num_classes, conv_implementation)
+  data = _synthetic_data(config, num_examples, num_classes)
   num_steps = steps.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
   state, data_key = run_setup.create_run_state(config, model, num_steps, None, data)
-  return (state, data_key, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mean),
-          jnp.asarray(std), num_steps)
+  device_data = run_setup.put_data(data, None)
+  programs = run_setup.Programs(config, model, state, device_data, data_key, None, num_steps)
+  return programs, state, device_data, data_key, num_steps
+
+
+# Published dense peaks per chip, in TFLOP/s, by a piece of JAX's device_kind and dtype: for
+# accelerators the ceiling is the vendor's figure (labelled so); a CPU's is measured.
+PUBLISHED_PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v5 lite", "bfloat16"): 197.0,
+    ("TPU v5e", "bfloat16"): 197.0, ("TPU v5p", "bfloat16"): 459.0,
+    ("TPU v6", "bfloat16"): 918.0,
+}
+# The matmul that measures a ceiling where none is published: large enough that its time is
+# arithmetic, not dispatch (2 x 2048^3 = 17.2 GFLOP a call).
+CEILING_MATMUL_SIZE = 2048
+
+
+def device_ceiling(dtype: str, num_calls: int = 5) -> dict:
+  """The device's FLOP/s ceiling for `dtype`: {"gflop_per_second", "source"}. Published for
+  known GPU and TPU kinds; elsewhere (every CPU) measured as a large matmul in that dtype
+  through the same compiler, timed as the steps are (median of `num_calls` after a warm-up)."""
+  kind = jax.devices()[0].device_kind
+  for (name, peak_dtype), tflops in PUBLISHED_PEAK_TFLOPS.items():
+    if name in kind and peak_dtype == dtype:
+      return {"gflop_per_second": tflops * 1e3,
+              "source": f"published dense {dtype} peak of {kind} ({tflops:g} TFLOP/s)"}
+  n = CEILING_MATMUL_SIZE
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(jnp.dot).lower(a, a).compile()
+  times = _time_calls(lambda: matmul(a, a), num_calls + 1)[1:]
+  median = statistics.median(times)
+  return {"gflop_per_second": round(2 * n**3 / median / 1e9, 1),
+          "source": f"measured: a {n}x{n} {dtype} matmul (jnp.dot through XLA on "
+                    f"{jax.default_backend()}), median of {num_calls}"}
 
 
 def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
                   num_classes: int) -> dict:
-  """Compiles and times the train step and one epoch for one batch size and dtype."""
+  """Times the training program the trainer runs (`run_setup.Programs.train_steps`) for one
+  batch size and dtype: calls of one step each (the step time) and calls of a whole epoch."""
   config = config.copy_and_resolve_references()
   config.batch_size, config.dtype, config.num_replicas = batch_size, dtype, 1
   choice = conv.choose_conv_implementation(config.conv_implementation, dtype)
   print(choice.describe(), file=sys.stderr)
-  state, _, images, labels, mean, std, num_steps = _synthetic_run(config, num_examples,
-                                                                  num_classes)
+  programs, state, data, data_key, num_steps = synthetic_run(config, num_examples, num_classes,
+                                                             choice.implementation)
+  train_steps = programs.train_steps
+  full_batches = num_examples // batch_size  # one-step calls run full batches only
+  holder = {"state": state, "calls": 0}
 
-  batch = input_pipeline.normalize(images[:batch_size], mean, std)
-  options = steps.step_options(config, num_steps)
-  train_step = functools.partial(steps.train_step, options=options)
-  start = time.perf_counter()
-  step = jax.jit(train_step, donate_argnums=0).lower(
-      state, batch, labels[:batch_size]).compile(compiler_options=steps.compiler_options())
-  step_compile = time.perf_counter() - start
-  start = time.perf_counter()
-  epoch = steps.compile_train_epoch(state, images, labels, jax.random.key(1), mean, std,
-                                    batch_size=batch_size,
-                                    drop_last_batch=config.drop_last_batch,
-                                    augment=steps.augment_options(config), options=options)
-  epoch_compile = time.perf_counter() - start
-
-  holder = {"state": state}
+  def run(first: int, end: int):
+    holder["state"], metrics = train_steps(
+        holder["state"], data.train_images, data.train_labels, data_key, np.int32(0),
+        np.int32(first), np.int32(end), data.mean, data.std)
+    return metrics
 
   def run_step():
-    holder["state"], metrics = step(holder["state"], batch, labels[:batch_size])
-    return metrics
-
-  def run_epoch():
-    holder["state"], metrics = epoch(holder["state"], images, labels, jax.random.key(1),
-                                     np.int32(0), mean, std)
-    return metrics
+    step = holder["calls"] % full_batches
+    holder["calls"] += 1
+    return run(step, step + 1)
 
   bench = config.benchmark
   _time_calls(run_step, bench.warmup_steps)
   step_times = _time_calls(run_step, bench.num_steps)
-  _time_calls(run_epoch, 1)  # warm-up
-  epoch_times = _time_calls(run_epoch, bench.num_epochs)
+  _time_calls(lambda: run(0, num_steps), 1)  # warm-up
+  epoch_times = _time_calls(lambda: run(0, num_steps), bench.num_epochs)
   median = statistics.median(step_times)
-  flops = _flops(step)
-  if choice.implementation == "onednn":
-    # XLA's cost analysis counts no FLOPs inside custom calls: count the same step's math on
-    # the im2col program instead (same convolutions as matrix products).
-    im2col_model = models.create_model(config, num_classes, "im2col")
-    flops = _flops(jax.jit(train_step).lower(
-        holder["state"].replace(apply_fn=im2col_model.apply), batch, labels[:batch_size]).compile(
-            compiler_options=steps.compiler_options()))
+  flops = _step_flops(config, holder["state"], data, batch_size, num_steps, num_classes,
+                      choice.implementation)
+  achieved = None if flops is None else flops / median / 1e9
+  ceiling = device_ceiling(dtype)
   return {
       "batch_size": batch_size,
       "dtype": dtype,
       "conv_implementation": choice.implementation,
       "conv_reason": choice.reason,
-      "step_compile_seconds": round(step_compile, 3),
-      "epoch_compile_seconds": round(epoch_compile, 3),
+      "program": "run_setup.Programs.train_steps (the trainer's)",
+      # The run's training and evaluation programs, as its "compile time" line counts them.
+      "compile_seconds": round(programs.compile_seconds, 3),
       "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_times), 2),
                   "max": round(1e3 * max(step_times), 2), "count": len(step_times)},
       "images_per_second": round(batch_size / median, 1),
-      # With onednn, counted on the im2col program of the same step (see above).
+      # XLA's count of one step's math (on the im2col program when convolutions run in oneDNN).
       "step_gflop": None if flops is None else round(flops / 1e9, 3),
-      "achieved_gflop_per_second": None if flops is None else round(flops / median / 1e9, 1),
+      "achieved_gflop_per_second": None if achieved is None else round(achieved, 1),
+      "ceiling": ceiling,
+      "utilisation": None if achieved is None else round(
+          achieved / ceiling["gflop_per_second"], 3),
       "epoch_examples": num_examples,
       "epoch_steps": num_steps,
       "epoch_seconds": {"median": round(statistics.median(epoch_times), 3),
@@ -158,28 +196,37 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   }
 
 
+def _step_flops(config, state, data, batch_size: int, num_steps: int, num_classes: int,
+                conv_implementation: str) -> float | None:
+  """FLOPs of one training step, from XLA's cost analysis of the pure step. The training
+  program's own count is of no use: XLA counts its loop's body once whatever the trip count,
+  and nothing inside custom calls, so with oneDNN convolutions the step is counted on the
+  im2col path (the same convolutions as matrix products)."""
+  if conv_implementation == "onednn":
+    state = state.replace(
+        apply_fn=models.create_model(config, num_classes, "im2col").apply)
+  batch = input_pipeline.normalize(data.train_images[:batch_size], data.mean, data.std)
+  step = functools.partial(steps.train_step, options=steps.step_options(config, num_steps))
+  return _flops(jax.jit(step).lower(state, batch, data.train_labels[:batch_size]).compile(
+      compiler_options=steps.compiler_options()))
+
+
 def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes: int) -> dict:
-  """Times one epoch of `num_replicas` models trained together (the vmapped epoch program of
-  `train`; one model: the plain program) on synthetic data. Throughput counts every replica's
-  images."""
+  """Times one epoch of `num_replicas` models trained together (the trainer's vmapped
+  training program; one model: the plain program) on synthetic data. Throughput counts every
+  replica's images."""
   config = config.copy_and_resolve_references()
   config.num_replicas = num_replicas
   config.replica_seeds = config.replica_learning_rates = config.replica_momenta = ()
-  state, data_key, images, labels, mean, std, num_steps = _synthetic_run(config, num_examples,
-                                                                         num_classes)
-  start = time.perf_counter()
-  epoch = steps.compile_train_epoch(state, images, labels, data_key, mean, std,
-                                    batch_size=config.batch_size,
-                                    drop_last_batch=config.drop_last_batch,
-                                    augment=steps.augment_options(config),
-                                    vmap_replicas=num_replicas > 1,
-                                    options=steps.step_options(config, num_steps))
-  compile_seconds = time.perf_counter() - start
+  choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype)
+  programs, state, data, data_key, num_steps = synthetic_run(config, num_examples, num_classes,
+                                                             choice.implementation)
   holder = {"state": state}
 
   def run_epoch():
-    holder["state"], metrics = epoch(holder["state"], images, labels, data_key, np.int32(0),
-                                     mean, std)
+    holder["state"], metrics = programs.train_steps(
+        holder["state"], data.train_images, data.train_labels, data_key, np.int32(0),
+        np.int32(0), np.int32(num_steps), data.mean, data.std)
     return metrics
 
   _time_calls(run_epoch, 1)  # warm-up
@@ -188,7 +235,7 @@ def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes
   return {
       "num_replicas": num_replicas,
       "batch_size": config.batch_size,
-      "epoch_compile_seconds": round(compile_seconds, 3),
+      "compile_seconds": round(programs.compile_seconds, 3),
       "epoch_examples": num_examples,
       "epoch_seconds": {"median": round(median, 3), "min": round(min(epoch_times), 3),
                         "max": round(max(epoch_times), 3), "count": len(epoch_times)},

@@ -1,5 +1,5 @@
 """The optimiser: SGD with PyTorch's momentum and weight decay, under a learning-rate schedule,
-with per-group learning rates and frozen parameters."""
+with per-group learning rates and frozen parameters; and Muon in airbench94_muon's form."""
 
 from __future__ import annotations
 
@@ -213,3 +213,84 @@ def current_learning_rate(config, steps_per_epoch: int, state) -> np.ndarray:
   hyperparams = jax.device_get(state.opt_state.hyperparams)
   return np.asarray(hyperparams["learning_rate"]) * np.asarray(
       shape(jax.device_get(state.step)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon, in airbench94_muon's form (KellerJordan/cifar10-airbench, `Muon.step`): the building
+# block of that recipe's convolution filters. optax.contrib.muon cannot express it exactly: its
+# momentum is a bias-corrected moving average (and its Nesterov term mixes two corrections),
+# and it has no per-step re-normalisation of each filter.
+
+# The quintic Newton-Schulz iteration's coefficients, chosen for the largest slope at zero.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(matrix: jax.Array, steps: int = 3,
+                  coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
+                  dtype=jnp.bfloat16, eps: float = 1e-7) -> jax.Array:
+  """airbench's `zeropower_via_newtonschulz5`: an approximate orthogonalisation U S' V^T of
+  `matrix` = U S V^T, each singular value s going through x -> a x + b x^3 + c x^5 `steps`
+  times after the matrix is divided by its Frobenius norm (so S' lies near 0.5-1.5, not 1).
+  Computed in `dtype` (bfloat16 as airbench: each product summed in float32, then rounded),
+  returned in `dtype`."""
+  a, b, c = coefficients
+
+  def matmul(x, y):
+    return jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(dtype)
+
+  x = matrix.astype(dtype)
+  x = x / (jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))) + eps).astype(dtype)
+  tall = x.shape[0] > x.shape[1]
+  if tall:  # the iteration's products are the smaller Gram matrix
+    x = x.T
+  for _ in range(steps):
+    gram = matmul(x, x.T)
+    x = a * x + matmul(b * gram + c * matmul(gram, gram), x)
+  return x.T if tall else x
+
+
+class MuonState(NamedTuple):
+  count: jax.Array
+  momentum: Any  # one buffer per parameter
+
+
+def airbench_muon(learning_rate: optax.ScalarOrSchedule, momentum: float, *,
+                  nesterov: bool = True, normalize_filters: bool = True,
+                  newton_schulz_steps: int = 3, dtype=jnp.bfloat16
+                  ) -> optax.GradientTransformation:
+  """Muon on convolution kernels (HWIO, 4-D), as airbench94_muon's `Muon.step`: the momentum
+  buffer v = m v + g; the direction g + m v (Nesterov) or v; each kernel first re-normalised
+  to Frobenius norm sqrt(output channels) (`normalize_filters`), then moved by -lr(t) times the
+  Newton-Schulz orthogonalisation of the direction as an (output channels) x (the rest)
+  matrix. The updates it returns are the whole change of each parameter, normalisation
+  included."""
+  schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+
+  def init(params):
+    return MuonState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.zeros_like, params))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("airbench_muon needs the parameters (it re-normalises them)")
+    buffers = jax.tree_util.tree_map(lambda v, g: momentum * v + g, state.momentum, grads)
+    directions = (jax.tree_util.tree_map(lambda g, v: g + momentum * v, grads, buffers)
+                  if nesterov else buffers)
+    step_size = schedule(state.count)
+
+    def change(kernel, direction):
+      if kernel.ndim != 4:
+        raise ValueError(f"airbench_muon takes 4-D convolution kernels, not shape "
+                         f"{kernel.shape}")
+      outputs = kernel.shape[-1]
+      matrix = direction.reshape(-1, outputs).T  # (out, kh kw in): a column order of PyTorch's
+      orthogonal = newton_schulz(matrix, newton_schulz_steps, dtype=dtype)
+      orthogonal = orthogonal.T.reshape(kernel.shape).astype(kernel.dtype)
+      start = kernel
+      if normalize_filters:
+        start = kernel * (math.sqrt(outputs) / jnp.linalg.norm(kernel))
+      return start - step_size * orthogonal - kernel
+
+    updates = jax.tree_util.tree_map(change, params, directions)
+    return updates, MuonState(optax.safe_increment(state.count), buffers)
+
+  return optax.GradientTransformation(init, update)

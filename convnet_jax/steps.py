@@ -356,38 +356,18 @@ def compiler_options(run_once: bool = False) -> dict[str, Any]:
   return {}
 
 
-def compile_train_epoch(state, images, labels, data_key, mean, std, *, batch_size: int,
-                        drop_last_batch: bool, augment: AugmentOptions | None = None,
-                        vmap_replicas: bool = False, mesh=None, num_steps: int | None = None,
-                        options: StepOptions = StepOptions()):
-  """Compiles `train_epoch` ahead of time for these shapes; the state argument is donated. The
-  compiled program takes (state, images, labels, data_key, epoch, mean, std).
-
-  `vmap_replicas`: the state and data key have a leading replica axis and one program trains all
-  replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are split over the
-  mesh's devices and the outputs (state, metrics) are mirrored on all of them.
-  """
-  batch_sharding = parallel.split_sharding(mesh)
-  epoch = functools.partial(train_epoch, batch_size=batch_size,
-                            drop_last_batch=drop_last_batch, augment=augment,
-                            batch_sharding=batch_sharding, num_steps=num_steps, options=options)
-  if vmap_replicas:
-    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, None, None, None))
-  # Donating the state lets XLA update parameters and momenta in place.
-  with parallel.tracing_mesh(mesh):
-    lowered = jax.jit(epoch, donate_argnums=0, out_shardings=parallel.mirrored_sharding(
-        mesh)).lower(state, images, labels, data_key, jnp.int32(0), mean, std)
-  return lowered.compile(compiler_options=compiler_options())
-
-
 def compile_train_steps(state, images, labels, data_key, mean, std, *, batch_size: int,
                         drop_last_batch: bool, augment: AugmentOptions | None = None,
                         vmap_replicas: bool = False, mesh=None,
                         options: StepOptions = StepOptions()):
   """Compiles `train_steps` ahead of time for these shapes; the state argument is donated. The
   compiled program takes (state, images, labels, data_key, epoch, first_step, end_step, mean,
-  std) and returns (state, per-step metrics). `vmap_replicas`, `mesh`: as
-  `compile_train_epoch`."""
+  std) and returns (state, per-step metrics).
+
+  `vmap_replicas`: the state and data key have a leading replica axis and one program trains all
+  replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are split over the
+  mesh's devices and the outputs (state, metrics) are mirrored on all of them.
+  """
   batch_sharding = parallel.split_sharding(mesh)
   run = functools.partial(train_steps, batch_size=batch_size, drop_last_batch=drop_last_batch,
                           augment=augment, batch_sharding=batch_sharding, options=options)
@@ -406,7 +386,7 @@ def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, b
                      vmap_replicas: bool = False, mesh=None,
                      test_time_augmentation: str = "none"):
   """Compiles `evaluate` ahead of time for these shapes (`vmap_replicas`, `mesh`: as
-  `compile_train_epoch`)."""
+  `compile_train_steps`)."""
   batch_sharding = parallel.split_sharding(mesh)
   run = functools.partial(evaluate, apply_fn=apply_fn, batch_size=batch_size,
                           batch_sharding=batch_sharding,

@@ -1,12 +1,19 @@
 """The benchmark command on the smoke config: report fields and FLOPs against a hand count."""
 
 import json
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from configs import smoke as smoke_config
 from conftest import REPO_ROOT
+from convnet_jax import benchmark
+from convnet_jax import conv
+from convnet_jax import models
+from convnet_jax import run_setup
 
 
 def seed_convnet_forward_flops_per_image() -> int:
@@ -21,7 +28,8 @@ def seed_convnet_forward_flops_per_image() -> int:
 def test_benchmark_report_on_smoke_config(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "convnet_jax.benchmark", "--config", "configs/smoke.py",
-       f"--workdir={tmp_path}", "--config.benchmark.num_replicas=(1, 3)"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+       f"--workdir={tmp_path}", "--config.benchmark.num_replicas=(1, 3)"], cwd=REPO_ROOT,
+      capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert report == json.loads((tmp_path / "benchmark.json").read_text())
@@ -39,7 +47,15 @@ def test_benchmark_report_on_smoke_config(tmp_path):
   assert 2.7 * forward < run["step_gflop"] < 3.5 * forward
   assert run["achieved_gflop_per_second"] == pytest.approx(
       run["step_gflop"] / (step["median"] / 1e3), rel=0.02)
-  assert run["step_compile_seconds"] > 0 and run["epoch_seconds"]["median"] > 0
+  assert run["program"] == "run_setup.Programs.train_steps (the trainer's)"
+  # A CPU's ceiling is measured: a 2048^3 matmul is 2 x 2048^3 = 17.2 GFLOP a call.
+  ceiling = run["ceiling"]
+  assert ceiling["source"] == ("measured: a 2048x2048 float32 matmul (jnp.dot through XLA on "
+                               "cpu), median of 5")
+  assert ceiling["gflop_per_second"] > 0
+  assert run["utilisation"] == pytest.approx(
+      run["achieved_gflop_per_second"] / ceiling["gflop_per_second"], rel=0.01, abs=1e-3)
+  assert run["compile_seconds"] > 0 and run["epoch_seconds"]["median"] > 0
   # Replicas: every replica's images count towards the throughput of one epoch.
   assert [r["num_replicas"] for r in report["replica_results"]] == [1, 3]
   for replicas in report["replica_results"]:
@@ -56,3 +72,42 @@ def test_benchmark_rejects_bad_lists():
       text=True, timeout=120)
   assert result.returncode == 2
   assert "config.benchmark.dtypes=('float16',): expected names from" in result.stderr
+
+
+def _without_debug_info(hlo: str) -> str:
+  """A compiled HLO module without its source locations (the tables of file names, functions
+  and stack frames, and each instruction's metadata), which differ with the caller."""
+  lines, in_tables = [], False
+  for line in hlo.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      in_tables = True
+    elif line.startswith(("%", "ENTRY")):
+      in_tables = False
+    if not in_tables:
+      lines.append(re.sub(r", metadata=\{[^}]*\}", "", line))
+  return "\n".join(lines)
+
+
+def test_the_benchmark_times_the_program_a_run_executes(cifar10_dir):
+  # The smoke run trains on 200 images, and so does its benchmark (benchmark.num_examples):
+  # the same shapes, so the same program, whatever the pixels.
+  config = smoke_config.get_config()
+  config.data_dir = str(cifar10_dir)
+  implementation = conv.choose_conv_implementation(config.conv_implementation,
+                                                   config.dtype).implementation
+  # What `train.train_and_evaluate` builds, step by step, on the real data.
+  data = run_setup.load_data(config)
+  steps_per_epoch = len(data.train_labels) // config.batch_size + 1  # 3 full batches and 8
+  model = models.create_model(config, data.num_classes, implementation)
+  state, data_key = run_setup.create_run_state(config, model, steps_per_epoch, None, data)
+  run_programs = run_setup.Programs(config, model, state, run_setup.put_data(data, None),
+                                    data_key, None, steps_per_epoch)
+  bench_programs, *_, bench_steps = benchmark.synthetic_run(
+      config, config.benchmark.num_examples, data.num_classes, implementation)
+  assert bench_steps == steps_per_epoch == 4
+  assert _without_debug_info(bench_programs.train_steps.as_text()) == _without_debug_info(
+      run_programs.train_steps.as_text())
+  def shapes(programs):  # of the train state's leaves, which the program is compiled for
+    return [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(programs._arguments[0])]
+
+  assert shapes(bench_programs) == shapes(run_programs)

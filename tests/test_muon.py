@@ -1,0 +1,124 @@
+"""Muon in airbench94_muon's form (`optim.airbench_muon`, `optim.newton_schulz`): the
+orthogonalisation against the closed form of its iteration on a matrix of known SVD, and the
+optimiser's steps against a numpy transcription of airbench's `Muon.step` in PyTorch's layout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from convnet_jax import optim
+
+A, B, C = 3.4445, -4.7750, 2.0315  # airbench's coefficients, copied from its script
+
+
+def _matrix_of_known_svd(rows, cols, singular_values, seed=0):
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.normal(size=(rows, rows)))
+  v, _ = np.linalg.qr(rng.normal(size=(cols, cols)))
+  k = min(rows, cols)
+  return u[:, :k], np.asarray(singular_values, np.float64), v[:, :k]
+
+
+@pytest.mark.parametrize("rows, cols", [(6, 15), (15, 6)])
+def test_newton_schulz_maps_each_singular_value_through_the_quintic(rows, cols):
+  s = np.linspace(0.1, 3.0, min(rows, cols))
+  u, s, v = _matrix_of_known_svd(rows, cols, s)
+  matrix = (u * s) @ v.T
+  # Divided by the Frobenius norm, then x -> a x + b x^3 + c x^5 three times per value.
+  x = s / np.sqrt(np.sum(s**2))
+  for _ in range(3):
+    x = A * x + B * x**3 + C * x**5
+  expected = (u * x) @ v.T
+  got = optim.newton_schulz(jnp.asarray(matrix, jnp.float32), dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=2e-6)
+  # In bfloat16, as airbench runs it: each product rounded to 8 bits, and the quintic's slope
+  # at zero (a = 3.4445) multiplies what lands on the small singular values by up to
+  # a^3 = 41 over the three steps; 4-5% of the whole measured here.
+  rough = np.asarray(optim.newton_schulz(jnp.asarray(matrix, jnp.float32)), np.float64)
+  assert np.linalg.norm(rough - expected) / np.linalg.norm(expected) < 0.1
+
+
+def _numpy_zeropower(g, steps=3, eps=1e-7):
+  """airbench94_muon.py's zeropower_via_newtonschulz5, transcribed (in float64)."""
+  x = g / (np.linalg.norm(g) + eps)
+  if g.shape[0] > g.shape[1]:
+    x = x.T
+  for _ in range(steps):
+    gram = x @ x.T
+    x = A * x + (B * gram + C * gram @ gram) @ x
+  if g.shape[0] > g.shape[1]:
+    x = x.T
+  return x
+
+
+def _numpy_muon_steps(p, grads, learning_rates, momentum, nesterov):
+  """airbench94_muon.py's Muon.step on one parameter of PyTorch's (out, in, kh, kw) layout,
+  transcribed: the parameter after each step."""
+  buf = np.zeros_like(p)
+  out = []
+  for g, lr in zip(grads, learning_rates):
+    buf = momentum * buf + g
+    g = g + momentum * buf if nesterov else buf
+    p = p * (len(p)**0.5 / np.linalg.norm(p))  # normalize the weight
+    update = _numpy_zeropower(g.reshape(len(g), -1)).reshape(g.shape)
+    p = p - lr * update
+    out.append(p)
+  return out
+
+
+def _to_hwio(kernel):  # PyTorch's (out, in, kh, kw) as flax's (kh, kw, in, out)
+  return np.transpose(kernel, (2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_steps_match_airbenchs_muon_step(nesterov):
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=(8, 4, 3, 3))  # PyTorch layout: 8 filters of 4 x 3 x 3
+  grads = [rng.normal(size=kernel.shape) for _ in range(3)]
+  peak, total = 0.24, 10
+  learning_rates = [peak * (1 - step / total) for step in range(3)]  # airbench's linear decay
+  expected = _numpy_muon_steps(kernel, grads, learning_rates, 0.6, nesterov)
+
+  tx = optim.airbench_muon(lambda count: peak * (1 - count / total), 0.6, nesterov=nesterov,
+                           dtype=jnp.float32)
+  params = {"conv": jnp.asarray(_to_hwio(kernel), jnp.float32)}
+  state = tx.init(params)
+  for grad, want in zip(grads, expected):
+    updates, state = tx.update({"conv": jnp.asarray(_to_hwio(grad), jnp.float32)}, state,
+                               params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params["conv"]), _to_hwio(want), atol=2e-5)
+  # Each filter bank starts every step at norm sqrt(8): the step then moves it by lr x U.
+  assert int(state.count) == 3
+
+
+def test_muon_without_normalisation_is_the_plain_orthogonalised_step():
+  rng = np.random.default_rng(2)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)
+  grad = jnp.asarray(rng.normal(size=kernel.shape), jnp.float32)
+  tx = optim.airbench_muon(0.1, 0.0, nesterov=False, normalize_filters=False, dtype=jnp.float32)
+  updates, _ = tx.update(grad, tx.init(kernel), kernel)
+  expected = -0.1 * _numpy_zeropower(np.asarray(grad, np.float64).reshape(-1, 8).T).T
+  np.testing.assert_allclose(np.asarray(updates), expected.reshape(kernel.shape), atol=2e-6)
+  assert math.isclose(float(jnp.linalg.norm(updates.reshape(-1, 8).T @ updates.reshape(-1, 8))),
+                      float(jnp.linalg.norm(jnp.asarray(expected.T @ expected))), rel_tol=1e-4)
+
+
+def test_muon_refuses_what_is_not_a_convolution_kernel():
+  tx = optim.airbench_muon(0.1, 0.6)
+  bias = jnp.zeros(8)
+  with pytest.raises(ValueError, match=r"4-D convolution kernels, not shape \(8,\)"):
+    tx.update(bias, tx.init(bias), bias)
+  with pytest.raises(ValueError, match="needs the parameters"):
+    tx.update(bias, tx.init(bias))
+
+
+def test_muon_compiles_in_bfloat16_and_keeps_the_parameters_dtype():
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 16, 32))
+  tx = optim.airbench_muon(0.24, 0.6)
+  updates, _ = jax.jit(tx.update)(kernel, tx.init(kernel), kernel)
+  assert updates.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(updates)))
