@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +40,8 @@ class Reporter:
     self._progress = None
     self._progress_range = (0, 0)
     self._tensorboard = None
+    self._tensorboard_failure: OSError | None = None
+    self._thread_hook = threading.excepthook
 
   def note(self, message: str) -> None:
     """One line on stderr."""
@@ -67,6 +70,8 @@ class Reporter:
 
       with writing(self.files.tensorboard):
         self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard))
+      self._thread_hook = threading.excepthook
+      threading.excepthook = self._tensorboard_thread_failed
     self._progress_range = (total_steps, steps_done)
 
   def steps(self, num_steps: int, epoch: int, images_per_second: float) -> None:
@@ -102,6 +107,8 @@ class Reporter:
         write_tensorboard(self._tensorboard, dict(record, step_time_ms=step_time_ms,
                                                   images_per_second=images_per_second),
                           record["epoch"] + 1)
+        if self._tensorboard_failure is not None:
+          raise self._tensorboard_failure
 
   def finish(self, predictions: np.ndarray, last_record: dict) -> None:
     """Writes preds (one line per test example, a column per replica) and, for replicas, the
@@ -125,6 +132,17 @@ class Reporter:
       except OSError:  # its last events could not be flushed: the run's own line says why
         pass
       self._tensorboard = None
+      threading.excepthook = self._thread_hook
+
+  def _tensorboard_thread_failed(self, args) -> None:
+    """tensorboardX writes its events from a thread of its own: a write that fails there (a
+    full disk) is kept for the next epoch to report (`WriteFailed`) instead of the thread's
+    traceback; any other thread's error goes to the hook as before."""
+    if (issubclass(args.exc_type, OSError)
+        and type(args.thread).__module__.startswith("tensorboardX")):
+      self._tensorboard_failure = args.exc_value
+    else:
+      self._thread_hook(args)
 
   def __enter__(self):
     return self

@@ -157,6 +157,29 @@ def test_metrics_preds_and_config_that_cannot_be_written_name_their_file(tmp_pat
     reporter.start([], {})
 
 
+def test_tensorboard_events_that_cannot_be_written_are_one_write_failure(tmp_path, capsys):
+  config = default_config.get_config()
+  reporter = reporting.Reporter(config, workdir_lib.RunFiles(tmp_path))
+  hook = threading.excepthook
+  reporter.start([], {})
+
+  def full_disk(event):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  # tensorboardX writes each event from a thread of its own.
+  reporter._tensorboard._get_file_writer().event_writer._ev_writer.write_event = full_disk
+  record = {"epoch": 0, "train_loss": 0.7, "train_acc": 0.5, "test_loss": 0.7, "test_acc": 0.5,
+            "learning_rate": 0.1}
+  with pytest.raises(WriteFailed) as raised:  # at the epoch that finds the thread's failure
+    for epoch in range(200):
+      reporter.epoch(dict(record, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
+      time.sleep(0.05)
+  assert str(raised.value) == f"no space left on device writing {tmp_path / 'tensorboard'}"
+  reporter.close()
+  assert threading.excepthook is hook
+  assert "Traceback" not in capsys.readouterr().err
+
+
 class _FullDisk(io.StringIO):
   def write(self, text):
     raise OSError(errno.ENOSPC, "No space left on device")
