@@ -4,10 +4,10 @@ Times the training program the trainer runs (`run_setup.Programs.train_steps`, b
 same function) on synthetic data of the configured shape, on whatever backend JAX finds, and
 prints and saves a JSON report: backend, devices, versions, compile seconds, step time (median,
 min, max over `benchmark.num_steps` calls of one step each after warm-up, each ended with
-`block_until_ready`), images per second, achieved GFLOP/s from XLA's cost analysis, the
+`block_until_ready`: the step and a call's fixed cost), the time of a call of one whole epoch
+and of a step within it, images per second, achieved GFLOP/s from XLA's cost analysis, and the
 utilisation (that as a fraction of the device's `ceiling`: published for known GPUs and TPUs,
-measured with a large matmul on a CPU, its source named), and the time of a call of one whole
-epoch. Optionally over lists of
+measured with a large matmul on a CPU, its source named). Optionally over lists of
 batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`), and the epoch
 time and throughput of N models trained together (`config.benchmark.num_replicas`, e.g.
 "(1, 2, 4, 8, 16)").
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import statistics
 import sys
 import time
@@ -113,28 +114,44 @@ PUBLISHED_PEAK_TFLOPS = {
     ("TPU v5e", "bfloat16"): 197.0, ("TPU v5p", "bfloat16"): 459.0,
     ("TPU v6", "bfloat16"): 918.0,
 }
-# The matmul that measures a ceiling where none is published: large enough that its time is
-# arithmetic, not dispatch (2 x 2048^3 = 17.2 GFLOP a call).
-CEILING_MATMUL_SIZE = 2048
+# The matrix products that measure a ceiling where none is published, as 1x1 convolutions
+# (maps of H x W x C to C channels: a (N H W x C) by (C x C) product) through the run's own
+# convolution library, oneDNN's kernels on a CPU: 17.2 GFLOP a call each, large enough that the
+# time is arithmetic, not dispatch. The fastest of the three is the ceiling: which shape a
+# library runs best differs by CPU, and the machines here are noisy. (XLA's own CPU matmul,
+# `jnp.dot`, was slower than oneDNN's convolutions on the Skylake-SP, which put airbench94's
+# step at 124% of it.)
+CEILING_SHAPES = ((16, 32, 32, 256), (1, 64, 64, 1024), (4, 16, 16, 2048))
 
 
-def device_ceiling(dtype: str, num_calls: int = 5) -> dict:
+def device_ceiling(dtype: str, conv_implementation: str, num_calls: int = 5) -> dict:
   """The device's FLOP/s ceiling for `dtype`: {"gflop_per_second", "source"}. Published for
-  known GPU and TPU kinds; elsewhere (every CPU) measured as a large matmul in that dtype
-  through the same compiler, timed as the steps are (median of `num_calls` after a warm-up)."""
+  known GPU and TPU kinds; elsewhere (every CPU) measured: the fastest of `CEILING_SHAPES`'
+  matrix products in that dtype through the run's convolution library (a 1x1 convolution by
+  `conv_implementation`), each the median of `num_calls` after a warm-up, timed as the steps
+  are."""
   kind = jax.devices()[0].device_kind
   for (name, peak_dtype), tflops in PUBLISHED_PEAK_TFLOPS.items():
     if name in kind and peak_dtype == dtype:
       return {"gflop_per_second": tflops * 1e3,
               "source": f"published dense {dtype} peak of {kind} ({tflops:g} TFLOP/s)"}
-  n = CEILING_MATMUL_SIZE
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  matmul = jax.jit(jnp.dot).lower(a, a).compile()
-  times = _time_calls(lambda: matmul(a, a), num_calls + 1)[1:]
-  median = statistics.median(times)
-  return {"gflop_per_second": round(2 * n**3 / median / 1e9, 1),
-          "source": f"measured: a {n}x{n} {dtype} matmul (jnp.dot through XLA on "
-                    f"{jax.default_backend()}), median of {num_calls}"}
+  convolve = conv.CONV_IMPLEMENTATIONS[conv_implementation]
+  best = None
+  for shape in CEILING_SHAPES:
+    channels = shape[-1]
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
+    kernel = jax.random.normal(jax.random.key(1), (1, 1, channels, channels),
+                               jnp.float32).astype(dtype)
+    product = jax.jit(lambda x, k: convolve(x, k, 1, 0)).lower(x, kernel).compile()
+    seconds = statistics.median(_time_calls(lambda: product(x, kernel), num_calls + 1)[1:])
+    rows = math.prod(shape[:-1])
+    rate = 2 * rows * channels**2 / seconds / 1e9
+    if best is None or rate > best[0]:
+      best = (rate, f"({rows} x {channels}) by ({channels} x {channels})")
+  return {"gflop_per_second": round(best[0], 1),
+          "source": f"measured: the fastest of {len(CEILING_SHAPES)} {dtype} matrix products, "
+                    f"{best[1]}, as 1x1 convolutions by {conv_implementation} on "
+                    f"{jax.default_backend()}, median of {num_calls} each"}
 
 
 def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
@@ -168,10 +185,13 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   _time_calls(lambda: run(0, num_steps), 1)  # warm-up
   epoch_times = _time_calls(lambda: run(0, num_steps), bench.num_epochs)
   median = statistics.median(step_times)
+  # A step inside a call of a whole epoch, as a run's calls mostly are: without the fixed cost
+  # of a call, which a one-step call carries whole.
+  epoch_step = statistics.median(epoch_times) / num_steps
   flops = _step_flops(config, holder["state"], data, batch_size, num_steps, num_classes,
                       choice.implementation)
-  achieved = None if flops is None else flops / median / 1e9
-  ceiling = device_ceiling(dtype)
+  achieved = None if flops is None else flops / epoch_step / 1e9
+  ceiling = device_ceiling(dtype, choice.implementation)
   return {
       "batch_size": batch_size,
       "dtype": dtype,
@@ -180,10 +200,14 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
       "program": "run_setup.Programs.train_steps (the trainer's)",
       # The run's training and evaluation programs, as its "compile time" line counts them.
       "compile_seconds": round(programs.compile_seconds, 3),
+      # Calls of one step each: the step and the call's fixed cost.
       "step_ms": {"median": round(1e3 * median, 2), "min": round(1e3 * min(step_times), 2),
                   "max": round(1e3 * max(step_times), 2), "count": len(step_times)},
-      "images_per_second": round(batch_size / median, 1),
-      # XLA's count of one step's math (on the im2col program when convolutions run in oneDNN).
+      # A step within a call of the whole epoch (its median / its steps), and its throughput.
+      "epoch_step_ms": round(1e3 * epoch_step, 2),
+      "images_per_second": round(batch_size / epoch_step, 1),
+      # XLA's count of one step's math (on the im2col program when convolutions run in oneDNN);
+      # achieved and utilisation per step within the epoch's call.
       "step_gflop": None if flops is None else round(flops / 1e9, 3),
       "achieved_gflop_per_second": None if achieved is None else round(achieved, 1),
       "ceiling": ceiling,

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -562,21 +561,23 @@ def test_a_full_disk_is_one_line_and_the_moved_workdir_resumes_identically(cifar
       json.loads(line)["test_loss"] for line in (reference / "metrics.jsonl").open()]
 
 
-def _limit_address_space():
-  # XLA asks for the whole step's buffer at once (168 GiB here), which fails at once; the
-  # limit only makes sure that nothing the test starts can take the 24 GiB machine down.
-  limit = 20 * 2**30
-  resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+# `python -m convnet_jax.main` in a process whose address space is capped first: XLA asks for
+# the whole step's buffer at once (168 GiB here), which fails at once, and the cap only makes
+# sure that nothing the test starts can take the 24 GiB machine down. (Set in the child itself:
+# a preexec_fn would fork this process, which runs JAX's threads.)
+LIMITED_MAIN = ("import resource, runpy, sys; limit = 20 * 2**30; "
+                "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
+                "sys.argv[0] = 'convnet_jax.main'; "
+                "runpy.run_module('convnet_jax.main', run_name='__main__', alter_sys=True)")
 
 
 @pytest.mark.slow
 def test_a_batch_that_does_not_fit_is_one_line_naming_batch_size(cifar10_dir, tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "convnet_jax.main", "--config", "configs/cifar10_resnet18.py",
+      [sys.executable, "-c", LIMITED_MAIN, "--config", "configs/cifar10_resnet18.py",
        f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path / 'run'}",
        "--config.batch_size=25000", "--config.operations.tensorboard=False"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-      preexec_fn=_limit_address_space)
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   last = result.stderr.splitlines()[-1]
