@@ -20,6 +20,7 @@ and the compiler's estimates.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -154,6 +155,20 @@ def device_ceiling(dtype: str, conv_implementation: str, num_calls: int = 5) -> 
                     f"{jax.default_backend()}, median of {num_calls} each"}
 
 
+def _runner(programs, state, data, data_key):
+  """(run, holder): run(first, end) calls the trainer's training program on steps first to
+  end - 1 of epoch 0, carrying the (donated) state from call to call in holder["state"]."""
+  holder = {"state": state}
+
+  def run(first: int, end: int):
+    holder["state"], metrics = programs.train_steps(
+        holder["state"], data.train_images, data.train_labels, data_key, np.int32(0),
+        np.int32(first), np.int32(end), data.mean, data.std)
+    return metrics
+
+  return run, holder
+
+
 def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
                   num_classes: int) -> dict:
   """Times the training program the trainer runs (`run_setup.Programs.train_steps`) for one
@@ -164,19 +179,12 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   print(choice.describe(), file=sys.stderr)
   programs, state, data, data_key, num_steps = synthetic_run(config, num_examples, num_classes,
                                                              choice.implementation)
-  train_steps = programs.train_steps
   full_batches = num_examples // batch_size  # one-step calls run full batches only
-  holder = {"state": state, "calls": 0}
-
-  def run(first: int, end: int):
-    holder["state"], metrics = train_steps(
-        holder["state"], data.train_images, data.train_labels, data_key, np.int32(0),
-        np.int32(first), np.int32(end), data.mean, data.std)
-    return metrics
+  run, holder = _runner(programs, state, data, data_key)
+  calls = itertools.count()
 
   def run_step():
-    step = holder["calls"] % full_batches
-    holder["calls"] += 1
+    step = next(calls) % full_batches
     return run(step, step + 1)
 
   bench = config.benchmark
@@ -245,16 +253,9 @@ def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes
   choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype)
   programs, state, data, data_key, num_steps = synthetic_run(config, num_examples, num_classes,
                                                              choice.implementation)
-  holder = {"state": state}
-
-  def run_epoch():
-    holder["state"], metrics = programs.train_steps(
-        holder["state"], data.train_images, data.train_labels, data_key, np.int32(0),
-        np.int32(0), np.int32(num_steps), data.mean, data.std)
-    return metrics
-
-  _time_calls(run_epoch, 1)  # warm-up
-  epoch_times = _time_calls(run_epoch, config.benchmark.num_epochs)
+  run, _ = _runner(programs, state, data, data_key)
+  _time_calls(lambda: run(0, num_steps), 1)  # warm-up
+  epoch_times = _time_calls(lambda: run(0, num_steps), config.benchmark.num_epochs)
   median = statistics.median(epoch_times)
   return {
       "num_replicas": num_replicas,

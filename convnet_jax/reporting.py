@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -153,13 +151,10 @@ class Reporter:
 
 @contextlib.contextmanager
 def writing(path):
-  """Turns an OSError from writing `path` (a full disk, say) into `WriteFailed` naming it,
-  leaving behind no temporary file of `workdir.write_atomically`."""
+  """Turns an OSError from writing `path` (a full disk, say) into `WriteFailed` naming it."""
   try:
     yield
   except OSError as error:
-    for temporary in Path(path).parent.glob(f"{Path(path).name}.{os.getpid()}.tmp"):
-      temporary.unlink(missing_ok=True)
     raise WriteFailed(str(path), error) from None
 
 

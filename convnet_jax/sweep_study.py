@@ -276,7 +276,7 @@ for _name, _method in list(vars(optuna.storages.RDBStorage).items()):
     setattr(RetryingRDBStorage, _name, _retrying(_method, _name))
 
 
-def _load_study(config, workdir: Path, shared: dict):
+def _load_study(config, workdir: Path, shared: dict, where: str):
   """(storage, study, the study's sweep record), creating each where it does not exist yet."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -284,8 +284,7 @@ def _load_study(config, workdir: Path, shared: dict):
       storage = RetryingRDBStorage(
           sweep_config.database_url(config.storage),
           retry_seconds=sweep_config.storage_retry_seconds(config),
-          where=repr(sqlalchemy.engine.make_url(config.storage).render_as_string(
-              hide_password=True)),
+          where=where,
           heartbeat_interval=config.heartbeat_interval,
           grace_period=config.grace_period,
           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
@@ -310,7 +309,7 @@ def open_study(config, workdir: Path, identity: dict) -> optuna.Study:
   shared = sweep_config.compared(identity, sweep_config.MACHINE_KEYS)
   for attempt in range(STARTUP_ATTEMPTS):
     try:
-      storage, study, saved = _load_study(config, workdir, shared)
+      storage, study, saved = _load_study(config, workdir, shared, repr(identity["storage"]))
       break
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
       # Workers started together on an empty database race to create optuna's tables, the

@@ -188,7 +188,7 @@ class TrainingLoop:
           config.num_replicas)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
-      with naming_the_batch_size(config, "the evaluation"):
+      with naming_the_batch_size(config, "eval_batch_size"):
         predictions, test_totals = run_evaluation(self.programs, state, self.data)
         test_totals = _host_totals(test_totals)
       epoch_steps = progress.steps_done
@@ -220,7 +220,7 @@ class TrainingLoop:
       if stop:
         self.stop(stop, state, history, progress)
       call_start = time.perf_counter()
-      with naming_the_batch_size(config, "a training step"):
+      with naming_the_batch_size(config, "batch_size"):
         state, per_step = self.programs.train_steps(
             state, self.data.train_images, self.data.train_labels, self.data_key,
             np.int32(epoch), np.int32(first), np.int32(end), self.data.mean, self.data.std)
@@ -275,23 +275,29 @@ def report_finished_run(config, files: workdir_lib.RunFiles, is_writer: bool) ->
   lines = workdir_lib.finished_run(files, optim.num_epochs_run(config))
   if not lines:
     return None
+  record = json.loads(lines[-1])
   if is_writer:
-    print(reporting.finished_run_line(json.loads(lines[-1]), files.workdir), file=sys.stderr)
+    print(reporting.finished_run_line(record, files.workdir), file=sys.stderr)
     print(lines[-1], flush=True)
-  return json.loads(lines[-1])
+  return record
+
+
+# What each batch-size key sizes, in the out-of-memory line.
+BATCH_SIZE_PHASES = {"batch_size": "a training step", "eval_batch_size": "the evaluation"}
 
 
 @contextlib.contextmanager
-def naming_the_batch_size(config, phase: str):
-  """XLA's out-of-memory error in `phase` ("a training step", "the evaluation") becomes one
-  `OutOfMemory` line naming the batch-size key to lower, the model and the dtype."""
+def naming_the_batch_size(config, key: str):
+  """XLA's out-of-memory error in what the batch-size `key` sizes ("batch_size",
+  "eval_batch_size") becomes one `OutOfMemory` line naming the key to lower, the model and the
+  dtype."""
   try:
     yield
   except jax.errors.JaxRuntimeError as error:
     size = out_of_memory_bytes(error)
     if size is None:
       raise
-    key = "batch_size" if phase == "a training step" else "eval_batch_size"
+    phase = BATCH_SIZE_PHASES[key]
     replicated = f" ({config.num_replicas} replicas)" if config.num_replicas > 1 else ""
     raise OutOfMemory(
         f"config.{key}={config[key]}: out of memory in {phase} of model {config.model} in "

@@ -43,13 +43,18 @@ class RunFiles:
 def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
   """Writes `content` (text, or a function that writes to the path it is given) via a temporary
   file and a rename, so a kill never leaves a half-written file. The temporary name is the
-  process's own, so processes sharing a folder (sweep workers) never rename each other's."""
+  process's own, so processes sharing a folder (sweep workers) never rename each other's. A
+  write that fails (a full disk) leaves no temporary file behind."""
   temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-  if callable(content):
-    content(temporary)
-  else:
-    temporary.write_text(content)
-  temporary.replace(path)
+  try:
+    if callable(content):
+      content(temporary)
+    else:
+      temporary.write_text(content)
+    temporary.replace(path)
+  except BaseException:
+    temporary.unlink(missing_ok=True)
+    raise
 
 
 def _identity(values: dict) -> dict:

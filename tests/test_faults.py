@@ -143,11 +143,10 @@ def test_metrics_preds_and_config_that_cannot_be_written_name_their_file(tmp_pat
     reporter.epoch(record, step_time_ms=1.0, images_per_second=1.0)
   assert str(raised.value) == f"is a directory writing {tmp_path / 'metrics.jsonl'}"
 
-  def full_disk(path, content):
-    path.with_name(f"{path.name}.{os.getpid()}.tmp").write_text("half")
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  def full_disk(temporary, target):  # the temporary file is written, its rename fails
+    raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-  monkeypatch.setattr(workdir_lib, "write_atomically", full_disk)
+  monkeypatch.setattr(Path, "replace", full_disk)
   with pytest.raises(WriteFailed) as raised:
     reporter.finish(np.zeros(4, np.int64), record)
   assert str(raised.value) == f"no space left on device writing {tmp_path / 'preds'}"
@@ -263,7 +262,7 @@ def test_out_of_memory_names_the_batch_size_key_model_and_dtype():
   error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
                                      "180627953848 bytes.")
   with pytest.raises(OutOfMemory) as raised:
-    with train.naming_the_batch_size(config, "a training step"):
+    with train.naming_the_batch_size(config, "batch_size"):
       raise error
   # 180,627,953,848 bytes / 2**30 = 168.22 GiB.
   assert str(raised.value) == (
@@ -272,10 +271,10 @@ def test_out_of_memory_names_the_batch_size_key_model_and_dtype():
       f"batch_size")
   with pytest.raises(OutOfMemory, match=r"^config\.eval_batch_size=128: .* lower "
                                         r"eval_batch_size$"):
-    with train.naming_the_batch_size(config, "the evaluation"):
+    with train.naming_the_batch_size(config, "eval_batch_size"):
       raise error
   with pytest.raises(jax.errors.JaxRuntimeError):  # any other XLA error goes on as it is
-    with train.naming_the_batch_size(config, "the evaluation"):
+    with train.naming_the_batch_size(config, "eval_batch_size"):
       raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 
