@@ -34,13 +34,15 @@ PEER_LOST_EXIT_STATUS = 75
 
 def initialize_processes(coordinator_address: str | None, num_processes: int | None,
                          process_id: int | None, timeout_seconds: int) -> None:
-  """`jax.distributed.initialize`, with JAX's own heartbeat timeout at twice `timeout_seconds`,
-  so that a `PeerWatch` of `timeout_seconds` names a lost process before JAX aborts with a
-  stack dump, and the shutdown timeout (how long a finished process waits for the others) at
-  `timeout_seconds`."""
+  """`jax.distributed.initialize`, with the shutdown timeout (how long a finished process waits
+  for the others) at `timeout_seconds`, and JAX's own heartbeat timeout a minute past it: that
+  is the backstop where a `PeerWatch` cannot act, and JAX then aborts with a stack dump, so it
+  must not race the watch's one line on a loaded machine (a CI run once saw JAX's abort win
+  at twice the watch's timeout)."""
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
-                             heartbeat_timeout_seconds=2 * timeout_seconds,
+                             heartbeat_timeout_seconds=max(2 * timeout_seconds,
+                                                           timeout_seconds + 60),
                              shutdown_timeout_seconds=timeout_seconds)
 
 
@@ -117,6 +119,8 @@ class PeerWatch:
         unreachable_since = unreachable_since or now
         if me != 0 and now - unreachable_since > self._timeout / 2:
           self.lost("the coordinator (process 0)", one_line(error, 200))
+        if me == 0 and now - unreachable_since > self._timeout:  # its own service has failed
+          self.lost("a peer process", one_line(error, 200))
         continue
       for peer in others:
         value = values.get(f"{self.KEY}{peer}")
