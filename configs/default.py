@@ -17,6 +17,11 @@ def get_config():
   # this, times the block's expansion); 64 is the standard ResNet, smaller widths are for quick
   # runs.
   config.resnet_width = 64
+  # airbench94 only: the logits are the head's output times airbench_output_scale (airbench94:
+  # 1/9; airbench94_muon: 1/256, one over the head's width), and airbench_head_unit_std scales
+  # the head's initial weights to standard deviation 1 (airbench94_muon).
+  config.airbench_output_scale = 1 / 9
+  config.airbench_head_unit_std = False
   # Compute dtype for convolutions and matmuls ("float32" or "bfloat16"); parameters and
   # BatchNorm statistics stay float32.
   config.dtype = "float32"
@@ -96,11 +101,31 @@ def get_config():
   config.decoupled_hyperparameters = False
   # BatchNorm offsets learn this many times faster; their weight decay per step stays as it is.
   config.offset_lr_multiplier = 1.0
+  # The same for the parameters under other paths: pairs (path or prefix, multiplier), the
+  # first that matches counting, e.g. (("whiten/bias", 0.08),). Together these are PyTorch
+  # parameter groups of lr = multiplier x learning_rate, weight_decay = weight_decay / multiplier.
+  config.lr_multipliers = ()
   # Parameters never trained (paths such as "whiten/kernel", or prefixes such as "whiten"),
-  # and parameters trained only during the first late_freeze_epochs epochs.
+  # and parameters trained only during the first late_freeze_epochs epochs: on the main
+  # schedule ("main"), or on their own from the peak linearly to 0 at the step they freeze
+  # ("linear_to_zero", airbench94_muon's whitening bias).
   config.frozen_parameters = ()
   config.late_frozen_parameters = ()
   config.late_freeze_epochs = 0
+  config.late_freeze_schedule = "main"
+  # Muon (airbench94_muon's form, see optim.airbench_muon) for the 4-D convolution kernels under
+  # these paths (e.g. ("group1", "group2", "group3")); empty: SGD trains everything. Its
+  # learning rate follows `schedule`'s shape from muon.learning_rate; no weight decay. Each
+  # step re-normalises a kernel to Frobenius norm sqrt(output channels) (normalize_filters),
+  # then moves it by the Newton-Schulz orthogonalisation (newton_schulz_steps, in bfloat16) of
+  # its Nesterov (or plain) momentum direction.
+  config.muon = ml_collections.ConfigDict()
+  config.muon.parameters = ()
+  config.muon.learning_rate = 0.24
+  config.muon.momentum = 0.6
+  config.muon.nesterov = True
+  config.muon.newton_schulz_steps = 3
+  config.muon.normalize_filters = True
   # Lookahead (airbench's): every lookahead_every_steps steps (0: never) a slow copy of the
   # parameters moves towards them, slow += (1 - d) (params - slow) with
   # d = lookahead_decay * (step / total_steps) ** lookahead_power, and the parameters become

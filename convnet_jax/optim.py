@@ -3,6 +3,7 @@ with per-group learning rates and frozen parameters; and Muon in airbench94_muon
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -90,26 +91,47 @@ def _map_named(fn, *trees):
                                           *trees)
 
 
-def add_group_decayed_weights(coefficient, multiplier: float) -> optax.GradientTransformation:
-  """g + coefficient * w, with the coefficient divided by `multiplier` for BatchNorm offsets,
-  so that their decay per step stays coefficient * lr * w while their learning rate is
-  multiplied (airbench's "learning rate, not weight decay")."""
+def learning_rate_multipliers(config):
+  """name -> how many times faster parameter `name` learns than the rest: the BatchNorm offsets
+  `offset_lr_multiplier` times, the parameters under a pattern of `lr_multipliers` that pair's
+  multiplier (the first pair that matches), every other parameter 1."""
+  offsets, groups = config.offset_lr_multiplier, tuple(config.lr_multipliers)
+
+  def multiplier(name: str) -> float:
+    for pattern, factor in groups:
+      if matches(name, (pattern,)):
+        return factor
+    return offsets if is_batch_norm_offset(name) else 1.0
+
+  return multiplier
+
+
+def add_group_decayed_weights(coefficient, multiplier) -> optax.GradientTransformation:
+  """g + coefficient * w, with the coefficient divided by `multiplier(name)` for the parameters
+  that learn faster or slower, so that their decay per step stays coefficient * lr * w while
+  their learning rate is multiplied (airbench's "learning rate, not weight decay")."""
 
   def update(updates, state, params):
-    return _map_named(
-        lambda name, g, w: g + (coefficient / multiplier if is_batch_norm_offset(name)
-                                else coefficient) * w, updates, params), state
+    def decayed(name, g, w):
+      factor = multiplier(name)
+      return g + (coefficient / factor if factor != 1 else coefficient) * w
+
+    return _map_named(decayed, updates, params), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def scale_offsets(multiplier: float) -> optax.GradientTransformation:
-  """Multiplies the updates of BatchNorm offsets by `multiplier`."""
+def scale_learning_rates(multiplier) -> optax.GradientTransformation:
+  """Multiplies the updates of each parameter by `multiplier(name)`."""
 
   def update(updates, state, params=None):
     del params
-    return _map_named(lambda name, u: u * multiplier if is_batch_norm_offset(name) else u,
-                      updates), state
+
+    def scaled(name, u):
+      factor = multiplier(name)
+      return u * factor if factor != 1 else u
+
+    return _map_named(scaled, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -175,35 +197,83 @@ def create_optimizer(config, steps_per_epoch: int, learning_rate=None,
 
   Weight decay is PyTorch SGD's: g = g + weight_decay * w before the momentum, on every parameter
   (convolution and linear weights, the linear bias and BatchNorm's scale and offset alike), as the
-  PyTorch CIFAR tutorial applies it to `model.parameters()`. `offset_lr_multiplier` multiplies
-  the BatchNorm offsets' learning rate (not their decay, see `add_group_decayed_weights`);
-  `frozen_parameters` and `late_frozen_parameters` are not updated (see `freeze`);
-  `decoupled_hyperparameters`: see `sgd_hyperparameters`.
+  PyTorch CIFAR tutorial applies it to `model.parameters()`. `offset_lr_multiplier` and
+  `lr_multipliers` multiply some parameters' learning rate (not their decay, see
+  `add_group_decayed_weights`), as PyTorch parameter groups with lr and weight_decay / lr;
+  `frozen_parameters` and `late_frozen_parameters` are not updated (see `freeze`), the latter
+  on the main schedule or, with `late_freeze_schedule="linear_to_zero"`, on their own, from the
+  peak to 0 at the step they freeze; `decoupled_hyperparameters`: see `sgd_hyperparameters`.
+
+  With `muon.parameters`, the 4-D kernels under those paths train with `airbench_muon`
+  instead (its own learning rate on the same schedule's shape, its own momentum, no weight
+  decay), as airbench94_muon splits its parameters between two optimisers.
   """
   shape = create_learning_rate_fn(config, steps_per_epoch, peak=1.0)
-  multiplier = config.offset_lr_multiplier
+  multiplier = learning_rate_multipliers(config)
+  multiplied = config.offset_lr_multiplier != 1 or bool(config.lr_multipliers)
   frozen = tuple(config.frozen_parameters)
   late_frozen = tuple(config.late_frozen_parameters)
+  freeze_step = late_freeze_step(config, steps_per_epoch)
+  own_late_schedule = bool(late_frozen) and config.late_freeze_schedule == "linear_to_zero"
 
   def sgd(learning_rate, momentum):
     step_size, decay_coefficient = sgd_hyperparameters(config, learning_rate, momentum)
     if not config.weight_decay:
       decay = optax.identity()
-    elif multiplier == 1:
+    elif not multiplied:
       decay = optax.add_decayed_weights(decay_coefficient)
     else:
       decay = add_group_decayed_weights(decay_coefficient, multiplier)
     parts = [decay, optax.trace(decay=momentum, nesterov=config.nesterov)]
-    if multiplier != 1:
-      parts.append(scale_offsets(multiplier))
+    if multiplied:
+      parts.append(scale_learning_rates(multiplier))
     if frozen or late_frozen:
-      parts.append(freeze(frozen, late_frozen, late_freeze_step(config, steps_per_epoch)))
-    parts.append(optax.scale_by_schedule(lambda count: -step_size * shape(count)))
-    return optax.chain(*parts)
+      parts.append(freeze(frozen, late_frozen, freeze_step))
+    if own_late_schedule:
+      parts.append(_scale_by_two_schedules(
+          lambda name: matches(name, late_frozen),
+          lambda count: -step_size * (1.0 - count / freeze_step),
+          lambda count: -step_size * shape(count)))
+    else:
+      parts.append(optax.scale_by_schedule(lambda count: -step_size * shape(count)))
+    sgd_transform = optax.chain(*parts)
+    if not config.muon.parameters:
+      return sgd_transform
+    muon = config.muon
+    muon_transform = airbench_muon(lambda count: muon.learning_rate * shape(count),
+                                   muon.momentum, nesterov=muon.nesterov,
+                                   normalize_filters=muon.normalize_filters,
+                                   newton_schulz_steps=muon.newton_schulz_steps,
+                                   dtype=MUON_DTYPE)
+    return optax.multi_transform({"sgd": sgd_transform, "muon": muon_transform},
+                                 functools.partial(muon_labels, tuple(muon.parameters)))
 
   return optax.inject_hyperparams(sgd)(
       learning_rate=config.learning_rate if learning_rate is None else learning_rate,
       momentum=config.momentum if momentum is None else momentum)
+
+
+def muon_labels(patterns: tuple[str, ...], params):
+  """"muon" for the 4-D kernels under `patterns`, "sgd" for every other parameter."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: "muon" if p.ndim == 4 and matches(parameter_name(path), patterns)
+      else "sgd", params)
+
+
+def _scale_by_two_schedules(chosen, chosen_schedule, other_schedule
+                            ) -> optax.GradientTransformation:
+  """Updates times `chosen_schedule(count)` for the parameters `chosen(name)` picks, times
+  `other_schedule(count)` for the rest."""
+
+  def update(updates, state, params=None):
+    del params
+    chosen_scale, other_scale = chosen_schedule(state.count), other_schedule(state.count)
+    scaled = _map_named(lambda name, u: u * (chosen_scale if chosen(name) else other_scale),
+                        updates)
+    return scaled, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(
+      lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)
 
 
 def current_learning_rate(config, steps_per_epoch: int, state) -> np.ndarray:
@@ -221,6 +291,9 @@ def current_learning_rate(config, steps_per_epoch: int, state) -> np.ndarray:
 # momentum is a bias-corrected moving average (and its Nesterov term mixes two corrections),
 # and it has no per-step re-normalisation of each filter.
 
+# The dtype of a run's Newton-Schulz iteration: airbench's bfloat16 (tests of the recipe's
+# arithmetic set float32, to compare with a float64 transcription).
+MUON_DTYPE = jnp.bfloat16
 # The quintic Newton-Schulz iteration's coefficients, chosen for the largest slope at zero.
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 

@@ -79,7 +79,8 @@ def load_data(config) -> input_pipeline.Dataset:
 
 def check_model(config, model) -> None:
   """The checks that need the model's parameter tree (its shapes only: nothing is computed)."""
-  if not (config.frozen_parameters or config.late_frozen_parameters):
+  if not (config.frozen_parameters or config.late_frozen_parameters or config.lr_multipliers
+          or config.muon.parameters):
     return  # nothing to check: no need to trace the model
   dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
   validation.check_parameter_paths(

@@ -261,6 +261,8 @@ def check_sweep_dir(workdir: Path, identity: dict) -> bool:
     saved = json.loads(saved_path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise UserError(f"{saved_path}: not valid JSON ({error}); corrupt sweep folder") from None
+  if isinstance(saved, dict) and isinstance(saved.get("base"), dict):
+    saved["base"] = workdir_lib.with_added_keys(saved["base"])
   if not isinstance(saved, dict) or compared(saved) != compared(identity):
     details = workdir_lib.differences(compared(identity),
                                       compared(saved if isinstance(saved, dict) else {}))

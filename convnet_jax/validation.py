@@ -22,6 +22,7 @@ SCHEDULES = ("linear", "step", "cosine", "warmup_linear")
 LOSS_REDUCTIONS = ("mean", "sum")
 AUGMENT_PADDINGS = ("zeros", "reflect")
 AUGMENT_FLIPS = ("random", "alternate", "none")
+LATE_FREEZE_SCHEDULES = ("main", "linear_to_zero")
 DATASETS = ("cifar10",)
 DATA_SOURCES = ("binary", "tfds")
 DTYPES = ("float32", "bfloat16")
@@ -222,6 +223,22 @@ def _validate_recipe(config) -> None:
             'a tuple of parameter paths such as "whiten/kernel"', config[key])
   require(is_int(config.late_freeze_epochs) and config.late_freeze_epochs >= 0,
           "late_freeze_epochs", "a non-negative integer", config.late_freeze_epochs)
+  require(config.late_freeze_schedule in LATE_FREEZE_SCHEDULES, "late_freeze_schedule",
+          f"one of {LATE_FREEZE_SCHEDULES}", config.late_freeze_schedule)
+  require(config.late_freeze_schedule == "main" or config.late_freeze_epochs > 0,
+          "late_freeze_epochs", 'a positive number of epochs with late_freeze_schedule='
+          '"linear_to_zero"', config.late_freeze_epochs)
+  pairs = config.lr_multipliers
+  require(isinstance(pairs, (tuple, list)) and all(
+      isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+      and pair[0] and is_number(pair[1]) and pair[1] > 0 for pair in pairs), "lr_multipliers",
+          'pairs of a parameter path and a positive multiplier, such as (("whiten/bias", 0.08),)',
+          pairs)
+  _validate_muon(config)
+  require(is_number(config.airbench_output_scale) and config.airbench_output_scale > 0,
+          "airbench_output_scale", "a positive number", config.airbench_output_scale)
+  require(isinstance(config.airbench_head_unit_std, bool), "airbench_head_unit_std",
+          "True or False", config.airbench_head_unit_std)
   require(is_int(config.lookahead_every_steps) and config.lookahead_every_steps >= 0,
           "lookahead_every_steps", "0 (no lookahead) or a positive integer",
           config.lookahead_every_steps)
@@ -231,16 +248,49 @@ def _validate_recipe(config) -> None:
           "lookahead_power", "a non-negative number", config.lookahead_power)
 
 
+def _validate_muon(config) -> None:
+  muon = config.muon
+  require(isinstance(muon.parameters, (tuple, list)) and all(
+      isinstance(name, str) and name for name in muon.parameters), "muon.parameters",
+          'a tuple of parameter paths such as "group1"', muon.parameters)
+  require(is_number(muon.learning_rate) and muon.learning_rate >= 0, "muon.learning_rate",
+          "a non-negative number", muon.learning_rate)
+  require(is_number(muon.momentum) and 0 <= muon.momentum < 1, "muon.momentum",
+          "a number in [0, 1)", muon.momentum)
+  require(isinstance(muon.nesterov, bool) and isinstance(muon.normalize_filters, bool),
+          "muon.nesterov", "True or False (and so muon.normalize_filters)",
+          (muon.nesterov, muon.normalize_filters))
+  require(not muon.nesterov or muon.momentum > 0 or not muon.parameters, "muon.nesterov",
+          "False when config.muon.momentum is 0 (Nesterov needs momentum)", muon.nesterov)
+  require(is_int(muon.newton_schulz_steps) and muon.newton_schulz_steps > 0,
+          "muon.newton_schulz_steps", "a positive integer", muon.newton_schulz_steps)
+
+
 def check_parameter_paths(config, params) -> None:
-  """Every path of `frozen_parameters` and `late_frozen_parameters` names parameters of the
-  model (`params`: its parameter tree, or its shapes)."""
-  names = [optim.parameter_name(path)
-           for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-  for key in ("frozen_parameters", "late_frozen_parameters"):
-    for pattern in config[key]:
+  """Every path of `frozen_parameters`, `late_frozen_parameters`, `lr_multipliers` and
+  `muon.parameters` names parameters of the model (`params`: its parameter tree, or its
+  shapes), and Muon's name 4-D kernels that are not frozen."""
+  leaves = [(optim.parameter_name(path), leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)]
+  names = [name for name, _ in leaves]
+  patterns = {key: tuple(config[key]) for key in ("frozen_parameters", "late_frozen_parameters")}
+  patterns["lr_multipliers"] = tuple(pattern for pattern, _ in config.lr_multipliers)
+  patterns["muon.parameters"] = tuple(config.muon.parameters)
+  for key, key_patterns in patterns.items():
+    for pattern in key_patterns:
       require(any(optim.matches(name, (pattern,)) for name in names), key,
               f"paths of {config.model}'s parameters (such as {names[0]!r}); "
-              f"{pattern!r} names none", config[key])
+              f"{pattern!r} names none", key_patterns)
+  frozen = patterns["frozen_parameters"] + patterns["late_frozen_parameters"]
+  for pattern in patterns["muon.parameters"]:
+    kernels = [name for name, leaf in leaves
+               if optim.matches(name, (pattern,)) and len(leaf.shape) == 4]
+    require(bool(kernels), "muon.parameters",
+            f"paths with 4-D convolution kernels under them; {pattern!r} has none",
+            patterns["muon.parameters"])
+    for name in kernels:
+      require(not optim.matches(name, frozen), "muon.parameters",
+              f"kernels that are not also frozen; {name!r} is", patterns["muon.parameters"])
 
 
 def check_batch_sizes(config, num_train_examples: int) -> None:

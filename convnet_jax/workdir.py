@@ -57,6 +57,24 @@ def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
     raise
 
 
+# Config keys added after runs were first saved, with the value that reproduces what a run
+# computed before each existed (as config.json holds it): a saved config without one ran with
+# that value, so its workdir still resumes.
+ADDED_KEYS = {
+    "lr_multipliers": [],
+    "late_freeze_schedule": "main",
+    "muon": {"parameters": [], "learning_rate": 0.24, "momentum": 0.6, "nesterov": True,
+             "newton_schulz_steps": 3, "normalize_filters": True},
+    "airbench_output_scale": 1 / 9,
+    "airbench_head_unit_std": False,
+}
+
+
+def with_added_keys(values: dict) -> dict:
+  """A saved config (as JSON data) with each of `ADDED_KEYS` it lacks at its old value."""
+  return {**ADDED_KEYS, **values}
+
+
 def _identity(values: dict) -> dict:
   """Config values (of a config, or as config.json holds them) without the operation groups
   and the recorded facts about a run."""
@@ -112,7 +130,7 @@ def check_workdir(files: RunFiles, identity: dict) -> bool:
                     f"workdir so nothing is overwritten") from None
   if not isinstance(saved, dict):
     raise UserError(f"{files.config}: expected a JSON object; corrupt workdir")
-  saved = _identity(saved)
+  saved = _identity(with_added_keys(saved))
   if saved != identity:
     raise UserError(f"--workdir {workdir}: holds a run of another config "
                     f"({differences(identity, saved)}); use a new workdir or the same config "

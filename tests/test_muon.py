@@ -122,3 +122,91 @@ def test_muon_compiles_in_bfloat16_and_keeps_the_parameters_dtype():
   tx = optim.airbench_muon(0.24, 0.6)
   updates, _ = jax.jit(tx.update)(kernel, tx.init(kernel), kernel)
   assert updates.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(updates)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's optimiser as a whole (configs/cifar10_airbench94_muon.py through
+# `optim.create_optimizer`), against airbench94_muon.py's two optimisers transcribed: PyTorch
+# SGD parameter groups (lr, weight_decay = wd / lr, Nesterov momentum 0.85) for the whitening
+# bias, the BatchNorm offsets and the head, and Muon for the convolution filters; each group's
+# lr set before every step, the whitening bias's to 0 over its own steps and then no gradient.
+
+def _torch_sgd_steps(p, grads, learning_rates, weight_decay, momentum=0.85):
+  """torch.optim.SGD(nesterov=True) on one parameter, transcribed: the parameter after each
+  step that has a gradient (None: the parameter is skipped, as PyTorch skips it)."""
+  buf, out = None, []
+  for g, lr in zip(grads, learning_rates):
+    if g is not None:
+      d = g + weight_decay * p
+      buf = d if buf is None else momentum * buf + d
+      p = p - lr * (d + momentum * buf)
+    out.append(p)
+  return out
+
+
+def _recipe_config(steps_per_epoch):
+  from configs import cifar10_airbench94_muon
+
+  config = cifar10_airbench94_muon.get_config()
+  config.num_epochs = 3  # 3 x 2 = 6 steps, every schedule spanning them
+  config.late_freeze_epochs = 1  # the whitening bias trains 2 steps, its lr to 0 over them
+  return config, 3 * steps_per_epoch, 1 * steps_per_epoch
+
+
+def test_the_muon_recipes_optimiser_is_airbench94_muons(monkeypatch):
+  monkeypatch.setattr(optim, "MUON_DTYPE", jnp.float32)
+  steps_per_epoch = 2
+  config, total, whiten_steps = _recipe_config(steps_per_epoch)
+  rng = np.random.default_rng(3)
+  torch_params = {  # PyTorch layouts
+      "whiten/kernel": rng.normal(size=(6, 3, 2, 2)), "whiten/bias": rng.normal(size=6),
+      "group1/conv1/kernel": rng.normal(size=(8, 6, 3, 3)),
+      "group1/norm1/offset": rng.normal(size=8), "head/kernel": rng.normal(size=(4, 8)),
+  }
+  num_steps = 5
+  grads = {name: [rng.normal(size=p.shape) for _ in range(num_steps)]
+           for name, p in torch_params.items()}
+  wd, bias_lr, head_lr = 2e-6 * 2000, 0.053, 0.67  # airbench94_muon's numbers
+  decay = [1 - step / total for step in range(num_steps)]
+  expected = {
+      "whiten/kernel": [torch_params["whiten/kernel"]] * num_steps,  # requires_grad=False
+      "whiten/bias": _torch_sgd_steps(
+          torch_params["whiten/bias"],
+          [g if step < whiten_steps else None for step, g in enumerate(grads["whiten/bias"])],
+          [bias_lr * (1 - step / whiten_steps) for step in range(num_steps)], wd / bias_lr),
+      "group1/norm1/offset": _torch_sgd_steps(torch_params["group1/norm1/offset"],
+                                              grads["group1/norm1/offset"],
+                                              [bias_lr * f for f in decay], wd / bias_lr),
+      "head/kernel": _torch_sgd_steps(torch_params["head/kernel"], grads["head/kernel"],
+                                      [head_lr * f for f in decay], wd / head_lr),
+      "group1/conv1/kernel": _numpy_muon_steps(torch_params["group1/conv1/kernel"],
+                                               grads["group1/conv1/kernel"],
+                                               [0.24 * f for f in decay], 0.6, True),
+  }
+
+  def to_flax(name, value):
+    value = _to_hwio(value) if value.ndim == 4 else value.T if value.ndim == 2 else value
+    return jnp.asarray(value, jnp.float32)
+
+  def tree(values):
+    nested = {}
+    for name, value in values.items():
+      *outer, leaf = name.split("/")
+      node = nested
+      for key in outer:
+        node = node.setdefault(key, {})
+      node[leaf] = to_flax(name, value)
+    return nested
+
+  tx = optim.create_optimizer(config, steps_per_epoch)
+  params = tree(torch_params)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(num_steps):
+    updates, state = update(tree({name: g[step] for name, g in grads.items()}), state, params)
+    params = optax.apply_updates(params, updates)
+    want = tree({name: values[step] for name, values in expected.items()})
+    for (path, got), (_, wanted) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                        jax.tree_util.tree_leaves_with_path(want)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(wanted), rtol=2e-5, atol=2e-5,
+                                 err_msg=f"{optim.parameter_name(path)} after step {step}")

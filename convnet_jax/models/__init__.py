@@ -60,8 +60,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet((2, 2, 2, 2), BasicBlock),
     "resnet34": _resnet((3, 4, 6, 3), BasicBlock),
     "resnet50": _resnet((3, 4, 6, 3), BottleneckBlock),
-    "airbench94": lambda config, num_classes, **settings: Airbench94(num_classes=num_classes,
-                                                                     **settings),
+    "airbench94": lambda config, num_classes, **settings: Airbench94(
+        num_classes=num_classes, scale=config.airbench_output_scale,
+        head_unit_std=config.airbench_head_unit_std, **settings),
 }
 
 # Models whose initial parameters also depend on the training data: (parameters, uint8 training

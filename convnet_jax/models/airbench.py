@@ -61,7 +61,9 @@ class ConvGroup(nn.Module):
 
 class Airbench94(nn.Module):
   """whiten (2x2 conv 3 -> 24 with bias, no padding) -> GELU -> conv groups of `widths` ->
-  3x3 max-pool -> bias-free linear -> times `scale`. Returns logits."""
+  3x3 max-pool -> bias-free linear -> times `scale`. Returns logits. `head_unit_std`: the
+  linear head's initial weights divided by their standard deviation (airbench94_muon's
+  `w *= 1 / w.std()`)."""
 
   global_pool_name: ClassVar[str] = "3x3 max-pool"
 
@@ -69,6 +71,7 @@ class Airbench94(nn.Module):
   widths: Sequence[int] = (64, 256, 256)
   whitening_kernel_size: int = 2
   scale: float = 1 / 9
+  head_unit_std: bool = False
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
 
@@ -91,8 +94,20 @@ class Airbench94(nn.Module):
     else:
       x = nn.max_pool(x, (3, 3), strides=(3, 3)).reshape(x.shape[0], -1)
     x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=fan_in_uniform(), name="head")(x)
+                 kernel_init=(unit_std(fan_in_uniform()) if self.head_unit_std
+                              else fan_in_uniform()), name="head")(x)
     return (self.scale * x).astype(jnp.float32)
+
+
+def unit_std(initializer) -> nn.initializers.Initializer:
+  """`initializer`'s draw divided by its own standard deviation (PyTorch's `Tensor.std()`, with
+  Bessel's correction), so the weights have standard deviation exactly 1."""
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    weights = initializer(key, shape, dtype)
+    return weights / jnp.std(weights, ddof=1)
+
+  return init
 
 
 def patches(images: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,167 @@
+"""airbench94_muon's network changes and recipe (configs/cifar10_airbench94_muon.py), each
+against airbench94_muon.py's own numbers and forms; its optimiser's arithmetic is checked
+against a transcription of the script's two optimisers in test_muon.py."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar10_airbench94
+from configs import cifar10_airbench94_muon
+from convnet_jax import models
+from convnet_jax import optim
+from convnet_jax import train
+from convnet_jax import validation
+from convnet_jax import workdir as workdir_lib
+from convnet_jax.errors import UserError
+
+IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+
+
+def _params(config):
+  config = config.copy_and_resolve_references()
+  config.dtype = "float32"  # exact comparisons
+  model = models.create_model(config, 10, "im2col")
+  return model, model.init(jax.random.key(0), IMAGES)["params"]
+
+
+def test_the_recipe_is_airbench94_muons():
+  config = cifar10_airbench94_muon.get_config()
+  validation.validate_config(config)
+  # 50,000 / 2,000 = 25 steps an epoch, 8 epochs: 200 steps; the whitening bias for 75.
+  steps_per_epoch = 50_000 // config.batch_size
+  assert optim.total_steps(config, steps_per_epoch) == 200
+  assert optim.late_freeze_step(config, steps_per_epoch) == 75
+  multiplier = optim.learning_rate_multipliers(config)
+  # The SGD groups' learning rates and weight decays, as the script sets them.
+  for name, lr in (("head/kernel", 0.67), ("group2/norm1/offset", 0.053),
+                   ("whiten/bias", 0.053)):
+    assert config.learning_rate * multiplier(name) == pytest.approx(lr)
+    assert config.weight_decay / multiplier(name) == pytest.approx(2e-6 * 2000 / lr)
+  assert not config.decoupled_hyperparameters and config.lookahead_every_steps == 0
+  assert (config.muon.learning_rate, config.muon.momentum, config.muon.nesterov) == (0.24, 0.6,
+                                                                                     True)
+  assert config.label_smoothing == 0.2 and config.loss_reduction == "sum"
+
+
+def test_muon_trains_the_group_kernels_and_sgd_the_rest():
+  config = cifar10_airbench94_muon.get_config()
+  _, params = _params(config)
+  labels = optim.muon_labels(tuple(config.muon.parameters), params)
+  named = {optim.parameter_name(path): label
+           for path, label in jax.tree_util.tree_leaves_with_path(labels)}
+  muon = sorted(name for name, label in named.items() if label == "muon")
+  assert muon == [f"group{g}/conv{c}/kernel" for g in (1, 2, 3) for c in (1, 2)]
+  assert named["whiten/kernel"] == named["whiten/bias"] == named["head/kernel"] == "sgd"
+  assert named["group1/norm1/offset"] == "sgd"
+
+
+def test_the_logits_are_the_head_over_its_width_and_the_head_starts_at_unit_std():
+  config = cifar10_airbench94_muon.get_config()
+  model, params = _params(config)
+  kernel = np.asarray(params["head"]["kernel"], np.float64)
+  assert kernel.std(ddof=1) == pytest.approx(1.0, rel=1e-5)  # PyTorch's w.std()
+  # The same draw as airbench94's fan-in uniform head, only rescaled.
+  legacy = cifar10_airbench94.get_config()
+  legacy_model, legacy_params = _params(legacy)
+  uniform = np.asarray(legacy_params["head"]["kernel"], np.float64)
+  np.testing.assert_allclose(kernel, uniform / uniform.std(ddof=1), rtol=1e-5)
+  # Same parameters through both (a random whitening kernel in place of the data's): airbench94's
+  # logits are x 1/9, airbench94_muon's x 1/256.
+  whiten = dict(legacy_params["whiten"], kernel=jax.random.normal(
+      jax.random.key(1), legacy_params["whiten"]["kernel"].shape))
+  legacy_params = dict(legacy_params, whiten=whiten)
+  ratio = model.apply({"params": legacy_params}, IMAGES) / legacy_model.apply(
+      {"params": legacy_params}, IMAGES)
+  np.testing.assert_allclose(np.asarray(ratio), 9 / 256, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr_multipliers", (("whiten/bias", 0.0),), "expected pairs of a parameter path and a "
+                                                "positive multiplier"),
+    ("lr_multipliers", ("whiten/bias",), "expected pairs of a parameter path"),
+    ("late_freeze_schedule", "cosine", "expected one of ('main', 'linear_to_zero')"),
+    ("muon.momentum", 1.0, "expected a number in [0, 1)"),
+    ("muon.newton_schulz_steps", 0, "expected a positive integer"),
+    ("muon.parameters", ("",), "expected a tuple of parameter paths"),
+    ("airbench_output_scale", 0, "expected a positive number"),
+])
+def test_bad_muon_recipe_keys_are_named(key, value, message):
+  # (ml_collections itself refuses values of another type, such as 1 for a bool key.)
+  config = cifar10_airbench94_muon.get_config()
+  group, _, leaf = key.rpartition(".")
+  (config[group] if group else config)[leaf] = value
+  with pytest.raises(UserError) as error:
+    validation.validate_config(config)
+  assert str(error.value).startswith(f"config.{key}=") and message in str(error.value)
+
+
+def test_nesterov_muon_without_momentum_is_refused():
+  config = cifar10_airbench94_muon.get_config()
+  config.muon.momentum = 0.0
+  with pytest.raises(UserError, match=r"^config.muon.nesterov=True: expected False when "
+                                      r"config.muon.momentum is 0"):
+    validation.validate_config(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("muon.parameters", ("group4",), "'group4' names none"),
+    ("muon.parameters", ("head",), "4-D convolution kernels under them; 'head' has none"),
+    ("muon.parameters", ("whiten",), "not also frozen; 'whiten/kernel' is"),
+    ("lr_multipliers", (("whitening/bias", 0.1),), "'whitening/bias' names none"),
+])
+def test_muon_and_group_paths_must_name_the_right_parameters(key, value, message):
+  config = cifar10_airbench94_muon.get_config()
+  _, params = _params(config)
+  validation.check_parameter_paths(config, params)
+  group, _, leaf = key.rpartition(".")
+  (config[group] if group else config)[leaf] = value
+  with pytest.raises(UserError, match=f"config.{key}=") as error:
+    validation.check_parameter_paths(config, params)
+  assert message in str(error.value)
+
+
+def test_a_workdir_saved_before_the_muon_keys_existed_still_resumes(tmp_path):
+  config = cifar10_airbench94.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  for key in workdir_lib.ADDED_KEYS:
+    del saved[key]  # as config.json was written before these keys existed
+  files = workdir_lib.RunFiles(tmp_path)
+  files.config.write_text(json.dumps(saved))
+  assert workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+  # The new keys at other values are another computation: refused, naming the key.
+  config.muon.parameters = ("group1",)
+  with pytest.raises(UserError, match=r"muon.parameters: \['group1'\] here, \[\] there"):
+    workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+
+
+def test_added_keys_hold_the_defaults_values():
+  """A config.json from before the keys existed ran with what the defaults still are."""
+  from configs import default
+
+  current = json.loads(default.get_config().to_json_best_effort())
+  for key, value in workdir_lib.ADDED_KEYS.items():
+    assert current[key] == value, key
+  assert math.isclose(workdir_lib.ADDED_KEYS["airbench_output_scale"], 1 / 9)
+
+
+@pytest.mark.slow
+def test_the_muon_recipe_learns_on_real_cifar10(cifar10_dir, tmp_path):
+  """Two epochs of 4 steps of the recipe at batch 500 on 2,000 real training images."""
+  config = cifar10_airbench94_muon.get_config()
+  config.data_dir = str(cifar10_dir)
+  config.max_train_examples, config.max_test_examples = 2000, 1000
+  config.batch_size, config.eval_batch_size = 500, 500
+  config.num_epochs = 2
+  config.late_freeze_epochs = 1
+  config.operations.tensorboard = False
+  last = train.train_and_evaluate(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert [r["epoch"] for r in records] == [0, 1]
+  assert records[1]["train_loss"] < records[0]["train_loss"]
+  assert records[1]["test_acc"] > 0.25  # chance is 0.1
+  assert last == records[1] and 0.25 < last["tta_test_acc"] <= 1
