@@ -1,4 +1,4 @@
-"""Builds the optional oneDNN convolution extension (`convnet_jax/csrc/onednn_conv.cc`).
+"""Builds the optional oneDNN convolution extension (`convnet_jax/ops/csrc/onednn_conv.cc`).
 
 Everything else about the package is in pyproject.toml. The extension is an XLA FFI library
 (headers from jaxlib, as `jax.ffi.include_dir()` gives them) linked against oneDNN from the
@@ -17,7 +17,7 @@ from setuptools import Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-EXTENSION = "convnet_jax._onednn_conv"
+EXTENSION = "convnet_jax.ops._onednn_conv"
 
 
 def _distribution_file(distribution: str, name: str) -> str:
@@ -64,7 +64,7 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension(
-        EXTENSION, sources=["convnet_jax/csrc/onednn_conv.cc"], language="c++",
+        EXTENSION, sources=["convnet_jax/ops/csrc/onednn_conv.cc"], language="c++",
         extra_compile_args=["-std=c++17", "-O2"])],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from convnet_jax import download
+from convnet_jax.data import download
 
 
 def get_config():

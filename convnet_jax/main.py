@@ -11,11 +11,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from convnet_jax import cli
-from convnet_jax import parallel
 from convnet_jax import train
-from convnet_jax import validation
-from convnet_jax.errors import UserError
+from convnet_jax.parallel import processes
+from convnet_jax.runs import cli
+from convnet_jax.runs import validation
+from convnet_jax.runs.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and preds "
@@ -42,14 +42,14 @@ def main(argv):
       raise UserError("--workdir: expected the same folder for every process of a "
                       "multi-process run")
     validation.validate_config(FLAGS.config)  # its timeout, before joining the others
-    parallel.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
+    processes.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id, FLAGS.config.operations.peer_timeout_seconds)
   if not workdir:
     config_name = FLAGS["config"].value and FLAGS["config"].config_filename
     stem = config_name.rsplit("/", 1)[-1].removesuffix(".py") if config_name else "run"
     workdir = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"workdir: {workdir}", file=sys.stderr)
-  with parallel.PeerWatch(FLAGS.config.operations.peer_timeout_seconds, workdir):
+  with processes.PeerWatch(FLAGS.config.operations.peer_timeout_seconds, workdir):
     train.train_and_evaluate(FLAGS.config, workdir)
 
 

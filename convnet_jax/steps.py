@@ -21,10 +21,10 @@ import numpy as np
 import optax
 from flax.training import train_state as flax_train_state
 
-from convnet_jax import input_pipeline
 from convnet_jax import optim
-from convnet_jax import parallel
-from convnet_jax import tta
+from convnet_jax.data import input_pipeline
+from convnet_jax.data import tta
+from convnet_jax.parallel import data_parallel
 
 
 class TrainState(flax_train_state.TrainState):
@@ -219,7 +219,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   (unless `drop_last_batch`). With `augment`, each gathered uint8 batch is augmented
   (`input_pipeline.augment`) before normalisation, under the key fold_in(fold_in(epoch key,
   AUGMENT_KEY_STREAM), step), so every image gets a fresh augmentation every epoch. With
-  `batch_sharding`, each batch is split over its devices (`parallel.split_batch`).
+  `batch_sharding`, each batch is split over its devices (`data_parallel.split_batch`).
 
   `first_step` and `end_step` are traced: one compiled program runs any part of any epoch, and
   an epoch run in several calls computes exactly what one call computes. Returns the new state
@@ -241,16 +241,16 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
 
   def step(state, indices, step_index):
     # Sharding the indices makes each device gather only its own part of the batch.
-    indices = parallel.split_batch(indices, batch_sharding)
+    indices = data_parallel.split_batch(indices, batch_sharding)
     batch_images = images[indices]
     if augment is not None:
       batch_images = input_pipeline.augment(
           jax.random.fold_in(augment_key, step_index), batch_images, augment.translate,
           augment.padding, None if flips is None else flips[indices])
-    batch_images = parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
+    batch_images = data_parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
                                         batch_sharding)
     return train_step(state, batch_images,
-                      parallel.split_batch(labels[indices], batch_sharding), options)
+                      data_parallel.split_batch(labels[indices], batch_sharding), options)
 
   def record(per_step, metrics, step_index):
     return jax.tree_util.tree_map(lambda buffer, value: buffer.at[step_index].set(value),
@@ -322,9 +322,9 @@ def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std:
   num_full = num_examples // batch_size
 
   def batch_step(batch_images, batch_labels):
-    batch_images = parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
+    batch_images = data_parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
                                         batch_sharding)
-    batch_labels = parallel.split_batch(batch_labels, batch_sharding)
+    batch_labels = data_parallel.split_batch(batch_labels, batch_sharding)
     if test_time_augmentation == "none":
       return eval_step(params, apply_fn, batch_images, batch_labels)
     return _evaluate_logits(tta.logits(params, apply_fn, batch_images, test_time_augmentation),
@@ -368,15 +368,15 @@ def compile_train_steps(state, images, labels, data_key, mean, std, *, batch_siz
   replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are split over the
   mesh's devices and the outputs (state, metrics) are mirrored on all of them.
   """
-  batch_sharding = parallel.split_sharding(mesh)
+  batch_sharding = data_parallel.split_sharding(mesh)
   run = functools.partial(train_steps, batch_size=batch_size, drop_last_batch=drop_last_batch,
                           augment=augment, batch_sharding=batch_sharding, options=options)
   if vmap_replicas:
     run = jax.vmap(run, in_axes=(0, None, None, 0, None, None, None, None, None))
   step_number = jnp.int32(0)
   # Donating the state lets XLA update parameters and momenta in place.
-  with parallel.tracing_mesh(mesh):
-    lowered = jax.jit(run, donate_argnums=0, out_shardings=parallel.mirrored_sharding(
+  with data_parallel.tracing_mesh(mesh):
+    lowered = jax.jit(run, donate_argnums=0, out_shardings=data_parallel.mirrored_sharding(
         mesh)).lower(state, images, labels, data_key, step_number, step_number, step_number,
                      mean, std)
   return lowered.compile(compiler_options=compiler_options())
@@ -387,14 +387,14 @@ def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, b
                      test_time_augmentation: str = "none"):
   """Compiles `evaluate` ahead of time for these shapes (`vmap_replicas`, `mesh`: as
   `compile_train_steps`)."""
-  batch_sharding = parallel.split_sharding(mesh)
+  batch_sharding = data_parallel.split_sharding(mesh)
   run = functools.partial(evaluate, apply_fn=apply_fn, batch_size=batch_size,
                           batch_sharding=batch_sharding,
                           test_time_augmentation=test_time_augmentation)
   if vmap_replicas:
     run = jax.vmap(run, in_axes=(0, None, None, None, None))
-  with parallel.tracing_mesh(mesh):
-    lowered = jax.jit(run, out_shardings=parallel.mirrored_sharding(mesh)).lower(
+  with data_parallel.tracing_mesh(mesh):
+    lowered = jax.jit(run, out_shardings=data_parallel.mirrored_sharding(mesh)).lower(
         params, images, labels, mean, std)
   return lowered.compile(compiler_options=compiler_options())
 

@@ -23,25 +23,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from convnet_jax import checkpoints
-from convnet_jax import compile_cache
-from convnet_jax import epoch_calls
-from convnet_jax import logs
 from convnet_jax import models
 from convnet_jax import optim
-from convnet_jax import parallel
-from convnet_jax import replicas
-from convnet_jax import reporting
-from convnet_jax import run_setup
 from convnet_jax import steps as steps_lib
-from convnet_jax import stopping
-from convnet_jax import validation
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import OutOfMemory
-from convnet_jax.errors import RunStopped
-from convnet_jax.errors import TrainingDiverged
-from convnet_jax.errors import WriteFailed
-from convnet_jax.errors import out_of_memory_bytes
+from convnet_jax.parallel import data_parallel
+from convnet_jax.parallel import replicas
+from convnet_jax.runs import checkpoints
+from convnet_jax.runs import compile_cache
+from convnet_jax.runs import epoch_calls
+from convnet_jax.runs import logs
+from convnet_jax.runs import reporting
+from convnet_jax.runs import setup as run_setup
+from convnet_jax.runs import stopping
+from convnet_jax.runs import validation
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import out_of_memory_bytes
+from convnet_jax.runs.errors import OutOfMemory
+from convnet_jax.runs.errors import RunStopped
+from convnet_jax.runs.errors import TrainingDiverged
+from convnet_jax.runs.errors import WriteFailed
 
 __all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 
@@ -348,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     cache_choice = compile_cache.enable(config.operations.compilation_cache)
     cache_watch = stack.enter_context(compile_cache.Watch(cache_choice))
     stack.enter_context(logs.log_file(files.log if is_writer else None))
-    mesh = parallel.create_mesh(config.operations.num_devices)
+    mesh = data_parallel.create_mesh(config.operations.num_devices)
     reporter = reporting.Reporter(config, files, is_writer=is_writer)
     conv_choice = run_setup.choose_convolutions(config, mesh)
     reporter.note(conv_choice.describe())

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convnet_jax import compile_cache
-from convnet_jax import input_pipeline
+from convnet_jax.data import input_pipeline
+from convnet_jax.runs import compile_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,9 @@ from jax.sharding import Mesh
 from configs import default as default_config
 from configs import smoke
 from conftest import REPO_ROOT
-from convnet_jax import aot
 from convnet_jax import models
-from convnet_jax.errors import UserError
+from convnet_jax.runs.errors import UserError
+from convnet_jax.tools import aot
 
 TOPOLOGY = "v5e:2x2"  # four chips
 

@@ -13,16 +13,16 @@ import pytest
 
 from configs import cifar10_airbench94
 from configs import default as default_config
-from convnet_jax import conv
-from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import steps
-from convnet_jax import tta
 from convnet_jax import train
-from convnet_jax import validation
-from convnet_jax.errors import UserError
+from convnet_jax.data import input_pipeline
+from convnet_jax.data import tta
 from convnet_jax.models import airbench
+from convnet_jax.ops import conv
+from convnet_jax.runs import validation
+from convnet_jax.runs.errors import UserError
 
 
 def _patch_rows(images, size=2):

@@ -15,9 +15,9 @@ from configs import cifar10_airbench94_muon
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import train
-from convnet_jax import validation
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import UserError
+from convnet_jax.runs import validation
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import UserError
 
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
 

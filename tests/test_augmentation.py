@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from convnet_jax import input_pipeline
 from convnet_jax import steps
+from convnet_jax.data import input_pipeline
 
 # One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("augmentation")

@@ -10,10 +10,10 @@ import pytest
 
 from configs import smoke as smoke_config
 from conftest import REPO_ROOT
-from convnet_jax import benchmark
-from convnet_jax import conv
 from convnet_jax import models
-from convnet_jax import run_setup
+from convnet_jax.ops import conv
+from convnet_jax.runs import setup as run_setup
+from convnet_jax.tools import benchmark
 
 
 def seed_convnet_forward_flops_per_image() -> int:

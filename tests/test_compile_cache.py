@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from convnet_jax import compile_cache
-from convnet_jax import onednn
+from convnet_jax.ops import onednn
+from convnet_jax.runs import compile_cache
 
 
 @pytest.fixture

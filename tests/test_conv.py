@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from convnet_jax import conv
-from convnet_jax import onednn
+from convnet_jax.ops import conv
+from convnet_jax.ops import onednn
 
 # One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("conv")
@@ -281,7 +281,8 @@ def test_other_names_are_taken_as_configured():
 
 
 FORCED_OFF = """
-from convnet_jax import conv, onednn, validation
+from convnet_jax.ops import conv, onednn
+from convnet_jax.runs import validation
 from configs import default
 
 print(onednn.load())

@@ -166,7 +166,8 @@ def test_a_killed_process_stops_the_other_in_one_line_and_both_resume_identicall
 SHARDED_BATCH_NORM = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from convnet_jax import models, parallel, train
+from convnet_jax import models, train
+from convnet_jax.parallel import data_parallel as parallel
 
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,))
 batch = NamedSharding(mesh, P(parallel.DATA_AXIS))
@@ -199,7 +200,8 @@ def test_batch_norm_statistics_span_the_global_batch():
 SHARDED_CONVOLUTION = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from convnet_jax import conv, parallel
+from convnet_jax.ops import conv
+from convnet_jax.parallel import data_parallel as parallel
 
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.DATA_AXIS,))
 batch = NamedSharding(mesh, P(parallel.DATA_AXIS))

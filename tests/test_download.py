@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from convnet_jax import download
-from convnet_jax import input_pipeline
+from convnet_jax.data import download
+from convnet_jax.data import input_pipeline
 
 NAMES = input_pipeline.TRAIN_FILES + input_pipeline.TEST_FILES
 
@@ -153,7 +153,7 @@ def test_a_corrupt_archive_put_in_the_folder_is_removed(archive, tmp_path):
 
 KILLED_DOWNLOAD = """
 import sys
-from convnet_jax import download, input_pipeline
+from convnet_jax.data import download, input_pipeline
 download.ensure_cifar10(sys.argv[1], input_pipeline.TRAIN_FILES + input_pipeline.TEST_FILES,
                         sys.argv[2], sys.argv[3])
 """

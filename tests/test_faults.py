@@ -28,20 +28,20 @@ import sqlalchemy
 
 from configs import default as default_config
 from conftest import REPO_ROOT
-from convnet_jax import checkpoints
-from convnet_jax import compile_cache
-from convnet_jax import logs
-from convnet_jax import parallel
-from convnet_jax import reporting
-from convnet_jax import stopping
-from convnet_jax import sweep_study
 from convnet_jax import train
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import OutOfMemory
-from convnet_jax.errors import RunStopped
-from convnet_jax.errors import StorageUnavailable
-from convnet_jax.errors import WriteFailed
-from convnet_jax.errors import write_failure_reason
+from convnet_jax.parallel import processes
+from convnet_jax.runs import checkpoints
+from convnet_jax.runs import compile_cache
+from convnet_jax.runs import logs
+from convnet_jax.runs import reporting
+from convnet_jax.runs import stopping
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import OutOfMemory
+from convnet_jax.runs.errors import RunStopped
+from convnet_jax.runs.errors import StorageUnavailable
+from convnet_jax.runs.errors import write_failure_reason
+from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.sweep import study as sweep_study
 
 # tensorstore's words for a full disk, as orbax raised them from a real 2 MiB tmpfs.
 TENSORSTORE_FULL_DISK = (
@@ -305,7 +305,7 @@ def two_processes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: me)
     store = _KeyValueStore()
-    monkeypatch.setattr(parallel, "_distributed_client", lambda: store)
+    monkeypatch.setattr(processes, "_distributed_client", lambda: store)
     ended = []
 
     monkeypatch.setattr(os, "_exit", ended.append)  # the watch goes on; the test stops it
@@ -326,9 +326,9 @@ def _run_watch(watch, seconds, ended):
 
 def test_a_peer_that_stops_counting_is_named_as_lost(two_processes, capsys):
   store, ended = two_processes(me=0)
-  store.values[parallel.PeerWatch.KEY + "1"] = "7"  # process 1 counted to 7, then died
-  _run_watch(parallel.PeerWatch(timeout_seconds=0.3, workdir="/w", interval=0.05), 5, ended)
-  assert ended[0] == parallel.PEER_LOST_EXIT_STATUS
+  store.values[processes.PeerWatch.KEY + "1"] = "7"  # process 1 counted to 7, then died
+  _run_watch(processes.PeerWatch(timeout_seconds=0.3, workdir="/w", interval=0.05), 5, ended)
+  assert ended[0] == processes.PEER_LOST_EXIT_STATUS
   assert capsys.readouterr().err.splitlines()[0] == (
       "error: process 1 of this 2-process run was lost (no sign of life for 0.3 s); process 0 "
       "stops too. The checkpoints in /w are intact: start every process again with the same "
@@ -337,19 +337,19 @@ def test_a_peer_that_stops_counting_is_named_as_lost(two_processes, capsys):
 
 def test_a_peer_that_finished_is_not_lost_and_a_counting_one_neither(two_processes):
   store, ended = two_processes(me=0)
-  store.values[parallel.PeerWatch.KEY + "1"] = "done"
-  _run_watch(parallel.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05), 0.6, ended)
+  store.values[processes.PeerWatch.KEY + "1"] = "done"
+  _run_watch(processes.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05), 0.6, ended)
   assert ended == []
 
   store, ended = two_processes(me=1)
-  watch = parallel.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05)
+  watch = processes.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05)
   alive = threading.Event()
 
   def peer_counts():  # process 0, alive: counts up every 50 ms
     count = 0
     while not alive.wait(0.05):
       count += 1
-      store.key_value_set(parallel.PeerWatch.KEY + "0", str(count))
+      store.key_value_set(processes.PeerWatch.KEY + "0", str(count))
 
   peer = threading.Thread(target=peer_counts)
   peer.start()
@@ -362,8 +362,8 @@ def test_a_peer_that_finished_is_not_lost_and_a_counting_one_neither(two_process
 def test_a_coordinator_that_no_longer_answers_is_named(two_processes, capsys):
   store, ended = two_processes(me=1)
   store.down = True
-  _run_watch(parallel.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05), 5, ended)
-  assert ended[0] == parallel.PEER_LOST_EXIT_STATUS
+  _run_watch(processes.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05), 5, ended)
+  assert ended[0] == processes.PEER_LOST_EXIT_STATUS
   assert capsys.readouterr().err.startswith(
       "error: the coordinator (process 0) of this 2-process run was lost (UNAVAILABLE: failed "
       "to connect to all addresses); process 1 stops too.")
@@ -371,35 +371,35 @@ def test_a_coordinator_that_no_longer_answers_is_named(two_processes, capsys):
 
 def test_a_process_that_ends_marks_itself_done_or_failed(two_processes):
   store, _ = two_processes(me=1)
-  with parallel.PeerWatch(timeout_seconds=60, workdir="/w", interval=0.05):
+  with processes.PeerWatch(timeout_seconds=60, workdir="/w", interval=0.05):
     pass
-  assert store.values[parallel.PeerWatch.KEY + "1"] == "done"
+  assert store.values[processes.PeerWatch.KEY + "1"] == "done"
   # Every process stops at the same step on a signal: the others are not to be stopped.
   with pytest.raises(RunStopped):
-    with parallel.PeerWatch(timeout_seconds=60, workdir="/w", interval=0.05):
+    with processes.PeerWatch(timeout_seconds=60, workdir="/w", interval=0.05):
       raise RunStopped("stopped by SIGTERM", 143)
-  assert store.values[parallel.PeerWatch.KEY + "1"] == "done"
+  assert store.values[processes.PeerWatch.KEY + "1"] == "done"
   with pytest.raises(KeyError):
-    with parallel.PeerWatch(timeout_seconds=60, workdir="/w", interval=0.05):
+    with processes.PeerWatch(timeout_seconds=60, workdir="/w", interval=0.05):
       raise KeyError("a bug")
-  assert store.values[parallel.PeerWatch.KEY + "1"] == "failed"
+  assert store.values[processes.PeerWatch.KEY + "1"] == "failed"
 
 
 def test_a_peer_that_failed_is_named_after_a_grace_for_this_processs_own_error(two_processes,
                                                                               capsys):
   store, ended = two_processes(me=0)
-  store.values[parallel.PeerWatch.KEY + "1"] = "failed"
+  store.values[processes.PeerWatch.KEY + "1"] = "failed"
   start = time.monotonic()
-  _run_watch(parallel.PeerWatch(timeout_seconds=0.3, workdir="/w", interval=0.05), 5, ended)
-  assert ended[0] == parallel.PEER_LOST_EXIT_STATUS
+  _run_watch(processes.PeerWatch(timeout_seconds=0.3, workdir="/w", interval=0.05), 5, ended)
+  assert ended[0] == processes.PEER_LOST_EXIT_STATUS
   assert time.monotonic() - start >= 0.3  # the grace: min(timeout, 5 s)
   assert capsys.readouterr().err.startswith(
       "error: process 1 of this 2-process run was lost (it stopped with an error of its own)")
 
 
 def test_one_process_watches_nothing(monkeypatch):
-  monkeypatch.setattr(parallel, "_distributed_client", lambda: pytest.fail("no client needed"))
-  with parallel.PeerWatch(timeout_seconds=1, workdir="/w") as watch:
+  monkeypatch.setattr(processes, "_distributed_client", lambda: pytest.fail("no client needed"))
+  with processes.PeerWatch(timeout_seconds=1, workdir="/w") as watch:
     assert watch._thread is None
 
 

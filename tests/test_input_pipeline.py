@@ -6,8 +6,8 @@ import tensorflow_datasets as tfds
 
 from conftest import write_records
 from configs import default as default_config
-from convnet_jax import input_pipeline
-from convnet_jax.errors import UserError
+from convnet_jax.data import input_pipeline
+from convnet_jax.runs.errors import UserError
 
 
 def _config(data_dir="", classes=(0, 1), **overrides):

@@ -17,12 +17,12 @@ import pytest
 
 from configs import default as default_config
 from conftest import REPO_ROOT
-from convnet_jax import cli
-from convnet_jax import epoch_calls
 from convnet_jax import steps
-from convnet_jax import stopping
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import UserError
+from convnet_jax.runs import cli
+from convnet_jax.runs import epoch_calls
+from convnet_jax.runs import stopping
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import UserError
 from test_operable import read_run
 from test_train import _linear_state, _numpy_losses, _tiny_data
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from convnet_jax import reporting
-from convnet_jax import run_setup
 from convnet_jax import steps
 from convnet_jax import train
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import TrainingDiverged
-from convnet_jax.errors import UserError
+from convnet_jax.runs import reporting
+from convnet_jax.runs import setup as run_setup
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import TrainingDiverged
+from convnet_jax.runs.errors import UserError
 
 
 def test_epoch_record_of_one_model_is_sums_over_counts_in_the_documented_order():
@@ -190,7 +190,7 @@ def test_write_atomically_leaves_no_temporary_file(tmp_path):
 
 def test_the_model_registry_is_what_validation_accepts():
   from convnet_jax import models
-  from convnet_jax import validation
+  from convnet_jax.runs import validation
 
   assert validation.MODELS == tuple(models.MODELS) == (
       "seed_convnet", "resnet18", "resnet34", "resnet50", "airbench94")
@@ -201,7 +201,7 @@ def test_the_model_registry_is_what_validation_accepts():
 
 
 def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path):
-  from convnet_jax import checkpoints
+  from convnet_jax.runs import checkpoints
 
   files = workdir_lib.RunFiles(tmp_path)
   reporter = reporting.Reporter(_quiet_config(), files, is_writer=False)
@@ -223,7 +223,7 @@ def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path
 
 
 def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch):
-  from convnet_jax import conv
+  from convnet_jax.ops import conv
 
   config = default_config.get_config()
   config.conv_implementation = "xla"
@@ -243,7 +243,7 @@ def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch)
 def test_the_newest_intact_checkpoint_skips_a_damaged_newer_one(tmp_path):
   """What a divergence message names as the checkpoint kept: the one restored, not a damaged
   newer one still on disk."""
-  from convnet_jax import checkpoints
+  from convnet_jax.runs import checkpoints
 
   directory = tmp_path / "checkpoints"
   store = checkpoints.CheckpointStore(directory, max_to_keep=3)

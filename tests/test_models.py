@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from convnet_jax import conv
 from convnet_jax import models
+from convnet_jax.ops import conv
 
 
 def numpy_conv(x, w):

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from conftest import REPO_ROOT
-from convnet_jax import input_pipeline
+from convnet_jax.data import input_pipeline
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 NAMES = ["seed_cifar2.ipynb", "resnet_cifar10.ipynb"]

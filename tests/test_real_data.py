@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from convnet_jax import input_pipeline
+from convnet_jax.data import input_pipeline
 from test_cli import read_cifar2_test_labels, run_main
 
 

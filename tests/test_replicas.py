@@ -12,10 +12,10 @@ import pytest
 from configs import default as default_config
 from configs import default_10_seeds
 from configs import smoke
-from convnet_jax import replicas
 from convnet_jax import train
-from convnet_jax import validation
-from convnet_jax.errors import UserError
+from convnet_jax.parallel import replicas
+from convnet_jax.runs import validation
+from convnet_jax.runs.errors import UserError
 
 # One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("replicas")

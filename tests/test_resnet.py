@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from convnet_jax import conv
 from convnet_jax import models
+from convnet_jax.ops import conv
 
 
 def make_resnet(name, width=64, num_classes=10, conv_implementation="im2col"):

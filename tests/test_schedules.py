@@ -15,8 +15,8 @@ from configs import cifar10_resnet50
 from configs import default as default_config
 from convnet_jax import optim
 from convnet_jax import steps
-from convnet_jax import validation
-from convnet_jax.errors import UserError
+from convnet_jax.runs import validation
+from convnet_jax.runs.errors import UserError
 
 
 def _config(**overrides):

@@ -20,10 +20,10 @@ import pytest
 
 import sweep_tiny
 from conftest import REPO_ROOT
-from convnet_jax import sweep
-from convnet_jax import sweep_config as sweep_config_lib
-from convnet_jax import sweep_study
-from convnet_jax.errors import UserError
+from convnet_jax.runs.errors import UserError
+from convnet_jax.sweep import command as sweep
+from convnet_jax.sweep import config as sweep_config_lib
+from convnet_jax.sweep import study as sweep_study
 
 # One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("sweep")

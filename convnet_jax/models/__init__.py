@@ -18,13 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnet_jax import conv as conv_lib
 from convnet_jax.models import airbench
 from convnet_jax.models.airbench import Airbench94
+from convnet_jax.models.layers import batch_norm
 from convnet_jax.models.layers import BATCH_NORM_EPSILON
 from convnet_jax.models.layers import BatchNorm
 from convnet_jax.models.layers import Conv
-from convnet_jax.models.layers import batch_norm
 from convnet_jax.models.layers import dirac_then_fan_in_uniform
 from convnet_jax.models.layers import fan_in_uniform
 from convnet_jax.models.layers import max_pool_2x2
@@ -34,6 +33,7 @@ from convnet_jax.models.resnet import BottleneckBlock
 from convnet_jax.models.resnet import ResNet
 from convnet_jax.models.seed import ResidualBlock
 from convnet_jax.models.seed import SeedConvNet
+from convnet_jax.ops import conv as conv_lib
 
 # The package's public names: the layers and every family's modules, as `models.X`.
 __all__ = [

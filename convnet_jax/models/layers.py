@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnet_jax import conv as conv_lib
+from convnet_jax.ops import conv as conv_lib
 
 BATCH_NORM_EPSILON = 1e-5
 

@@ -7,7 +7,7 @@ input pixel stride * i as in PyTorch). They differ only in
 speed on each backend and in the last digits of float sums:
 
 * "onednn": XLA FFI custom calls into oneDNN (forward, input gradient and kernel gradient), the
-  fastest on x86-64 CPUs where the extension was built (`convnet_jax.onednn`);
+  fastest on x86-64 CPUs where the extension was built (`convnet_jax.ops.onednn`);
 * "im2col": patches times the kernel, one matrix product (pure JAX, the CPU fallback);
 * "xla": XLA's native convolution (cuDNN on GPU, the MXU on TPU);
 * "hybrid": XLA's convolution forward, matrix products for the kernel gradient (pure JAX).
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from convnet_jax import onednn
-from convnet_jax import parallel
-from convnet_jax.errors import UserError
+from convnet_jax.ops import onednn
+from convnet_jax.parallel import data_parallel
+from convnet_jax.runs.errors import UserError
 
 
 def conv_output_size(size: int, strides: int, kernel_size: int = 1,
@@ -143,7 +143,7 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1,
   at float32 speed, where oneDNN has no bfloat16 kernels at all.
 
   Works under `jit`, `grad`, `lax.scan` and `vmap` (replicas: one call per replica, in
-  sequence), and on a data-parallel mesh (`parallel.tracing_mesh`: each device convolves its
+  sequence), and on a data-parallel mesh (`data_parallel.tracing_mesh`: each device convolves its
   part of the batch). Raises `ConvUnavailable` where the extension cannot load (see
   `choose_conv_implementation`, which falls back instead).
   """
@@ -169,11 +169,11 @@ def _onednn_call(target: str, shape, *operands, strides: int, padding: int) -> j
 
 def _split_mesh(batch: int):
   """The mesh in context (`jax.set_mesh`, as `steps` sets it for a data-parallel run) when a
-  batch of this size is split over its data axis (`parallel.split_batch`'s rule), else None."""
+  batch of this size is split over its data axis (`data_parallel.split_batch`'s rule), else None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or parallel.DATA_AXIS not in mesh.axis_names:
+  if mesh.empty or data_parallel.DATA_AXIS not in mesh.axis_names:
     return None
-  devices = mesh.shape[parallel.DATA_AXIS]
+  devices = mesh.shape[data_parallel.DATA_AXIS]
   return mesh if devices > 1 and batch % devices == 0 else None
 
 
@@ -185,7 +185,7 @@ def _per_device(function, mesh, in_specs, out_specs):
   return jax.shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-_SPLIT, _WHOLE = P(parallel.DATA_AXIS), P()
+_SPLIT, _WHOLE = P(data_parallel.DATA_AXIS), P()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -219,7 +219,7 @@ def _conv_onednn_backward(strides, padding, residuals, output_gradient):
     gradient = _onednn_call("backward_weights", kernel.shape, x, output_gradient,
                             strides=strides, padding=padding)
     # Each device's part of the batch gives a partial sum; the kernel's gradient is their sum.
-    return gradient if mesh is None else jax.lax.psum(gradient, parallel.DATA_AXIS)
+    return gradient if mesh is None else jax.lax.psum(gradient, data_parallel.DATA_AXIS)
 
   return (_per_device(input_gradient, mesh, (_SPLIT, _WHOLE), _SPLIT)(output_gradient, kernel),
           _per_device(kernel_gradient, mesh, (_SPLIT, _SPLIT), _WHOLE)(x, output_gradient))

@@ -12,19 +12,19 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from convnet_jax import checkpoints
-from convnet_jax import compile_cache
-from convnet_jax import conv
-from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import optim
-from convnet_jax import parallel
-from convnet_jax import replicas
-from convnet_jax import reporting
 from convnet_jax import steps as steps_lib
-from convnet_jax import validation
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import UserError
+from convnet_jax.data import input_pipeline
+from convnet_jax.ops import conv
+from convnet_jax.parallel import data_parallel
+from convnet_jax.parallel import replicas
+from convnet_jax.runs import checkpoints
+from convnet_jax.runs import compile_cache
+from convnet_jax.runs import reporting
+from convnet_jax.runs import validation
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import UserError
 
 
 def create_run_state(config, model, steps: int, mesh, data=None):
@@ -47,7 +47,7 @@ def create_run_state(config, model, steps: int, mesh, data=None):
     create = jax.vmap(create)
   args = [np.asarray(values if stacked else values[0]) for values in settings.values()]
   args[1:] = [np.asarray(value, np.float32) for value in args[1:]]
-  state, data_key = jax.jit(create, out_shardings=parallel.mirrored_sharding(mesh)).lower(
+  state, data_key = jax.jit(create, out_shardings=data_parallel.mirrored_sharding(mesh)).lower(
       *args).compile(compiler_options=steps_lib.compiler_options(run_once=True))(*args)
   # The optimiser state only holds momenta (zeros) and counts: it does not depend on params.
   state = state.replace(params=models.initialise_from_data(config, state.params, data))
@@ -66,7 +66,7 @@ def describe_run(config, state, steps: int, mesh) -> str:
   return (f"model {config.model}: "
           f"{models.count_parameters(state.params) // config.num_replicas:,} parameters x "
           f"{config.num_replicas} replicas; {steps} steps per epoch on "
-          f"{parallel.mesh_size(mesh)} devices")
+          f"{data_parallel.mesh_size(mesh)} devices")
 
 
 def load_data(config) -> input_pipeline.Dataset:
@@ -92,7 +92,7 @@ def choose_convolutions(config, mesh) -> conv.ConvChoice:
   the one asked for cannot run here."""
   try:
     return conv.choose_conv_implementation(config.conv_implementation, config.dtype,
-                                           parallel.mesh_size(mesh))
+                                           data_parallel.mesh_size(mesh))
   except conv.ConvUnavailable as error:
     raise UserError(f"config.conv_implementation={config.conv_implementation!r}: "
                     f"{error}") from None
@@ -142,7 +142,7 @@ class DeviceData(NamedTuple):
 
 def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
   """The whole data set on the device(s) once, mirrored on every device of a mesh."""
-  return DeviceData(*parallel.put_mirrored(
+  return DeviceData(*data_parallel.put_mirrored(
       (data.train_images, data.train_labels, data.test_images, data.test_labels, data.mean,
        data.std), mesh))
 

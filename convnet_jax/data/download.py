@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from convnet_jax.errors import UserError
+from convnet_jax.runs.errors import UserError
 
 # The published archive, as tensorflow-datasets records it (url_checksums/cifar10.txt).
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"

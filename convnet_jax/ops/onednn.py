@@ -1,6 +1,6 @@
 """Loads the optional oneDNN convolution extension and registers its XLA FFI targets.
 
-The extension (`convnet_jax/csrc/onednn_conv.cc`, built by `pip install` where a C++ compiler and
+The extension (`convnet_jax/ops/csrc/onednn_conv.cc`, built by `pip install` where a C++ compiler and
 the PyPI oneDNN wheels are available) holds three XLA FFI handlers: a convolution's forward pass,
 input gradient and kernel gradient on NHWC activations and HWIO kernels. `load()` says whether it
 can be used here and, if not, why; the pure-JAX convolutions stay the fallback.
@@ -26,7 +26,7 @@ import jax
 
 # Setting this to 1 forces the pure-JAX convolutions, as if the extension had not been built.
 DISABLE_VARIABLE = "CONVNET_JAX_DISABLE_ONEDNN"
-EXTENSION_MODULE = "convnet_jax._onednn_conv"
+EXTENSION_MODULE = "convnet_jax.ops._onednn_conv"
 RUNTIME_DISTRIBUTION = "onednn-cpu-gomp"
 TARGETS = {
     "forward": "convnet_onednn_conv_forward",

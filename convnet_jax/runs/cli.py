@@ -17,13 +17,13 @@ import ml_collections
 from absl import app
 from absl import flags
 
-from convnet_jax import logs
-from convnet_jax.errors import RunStopped
-from convnet_jax.errors import StorageUnavailable
-from convnet_jax.errors import TrainingDiverged
-from convnet_jax.errors import UserError
-from convnet_jax.errors import WriteFailed
-from convnet_jax.errors import one_line
+from convnet_jax.runs import logs
+from convnet_jax.runs.errors import one_line
+from convnet_jax.runs.errors import RunStopped
+from convnet_jax.runs.errors import StorageUnavailable
+from convnet_jax.runs.errors import TrainingDiverged
+from convnet_jax.runs.errors import UserError
+from convnet_jax.runs.errors import WriteFailed
 
 CONFIG_PREFIX = "--config."
 
@@ -130,9 +130,9 @@ def skip_absent_tpu() -> None:
     return  # a GPU plugin: JAX must keep choosing among its platforms
   import jax
 
-  from convnet_jax import parallel
+  from convnet_jax.parallel import data_parallel
 
-  if not parallel.tpu_chips_here():
+  if not data_parallel.tpu_chips_here():
     jax.config.update("jax_platforms", "cpu")
 
 

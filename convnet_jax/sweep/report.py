@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from convnet_jax import sweep_config
-from convnet_jax import sweep_study
-from convnet_jax import workdir as workdir_lib
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.sweep import config as sweep_config
+from convnet_jax.sweep import study as sweep_study
 
 
 def columns(param_names, objective: str) -> list[str]:

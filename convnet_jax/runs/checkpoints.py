@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from convnet_jax import logs
-from convnet_jax.errors import WriteFailed
+from convnet_jax.runs import logs
+from convnet_jax.runs.errors import WriteFailed
 
 
 def state_checksum(state) -> str:

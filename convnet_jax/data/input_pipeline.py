@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convnet_jax import download
-from convnet_jax.errors import UserError
+from convnet_jax.data import download
+from convnet_jax.runs.errors import UserError
 
 IMAGE_SHAPE = (32, 32, 3)
 RECORD_BYTES = 1 + 32 * 32 * 3  # one label byte, then the R, G and B planes

@@ -19,9 +19,9 @@ import numpy as np
 
 from convnet_jax import models
 from convnet_jax import optim
-from convnet_jax import replicas
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import WriteFailed
+from convnet_jax.parallel import replicas
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import WriteFailed
 
 # The scalars of each epoch's TensorBoard page.
 TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate",

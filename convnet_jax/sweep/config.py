@@ -25,9 +25,9 @@ import sqlalchemy
 from optuna.distributions import (BaseDistribution, CategoricalDistribution,
                                   distribution_to_json)
 
-from convnet_jax import validation
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import UserError
+from convnet_jax.runs import validation
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import UserError
 
 SweepFunction = Callable[[optuna.Trial], Mapping[str, Any]]
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from convnet_jax import validation
-from convnet_jax.errors import UserError
+from convnet_jax.runs import validation
+from convnet_jax.runs.errors import UserError
 
 # The key of config.json that records the convolution path a run resolved to and why. Not a
 # config key: the same config may resolve differently on another machine, to the same math.

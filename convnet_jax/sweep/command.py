@@ -27,16 +27,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from convnet_jax import cli
-from convnet_jax import sweep_config
-from convnet_jax import sweep_report
-from convnet_jax import sweep_study
 from convnet_jax import train
-from convnet_jax import workdir as workdir_lib
-from convnet_jax.errors import RunStopped
-from convnet_jax.errors import TrainingDiverged
-from convnet_jax.errors import UserError
-from convnet_jax.sweep_config import SweepFunction
+from convnet_jax.runs import cli
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import RunStopped
+from convnet_jax.runs.errors import TrainingDiverged
+from convnet_jax.runs.errors import UserError
+from convnet_jax.sweep import config as sweep_config
+from convnet_jax.sweep import report as sweep_report
+from convnet_jax.sweep import study as sweep_study
+from convnet_jax.sweep.config import SweepFunction
 
 
 # How often a worker with nothing left to start looks at the other workers' trials (at most).

@@ -23,13 +23,13 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from convnet_jax import conv
-from convnet_jax import input_pipeline
 from convnet_jax import models
-from convnet_jax import parallel
 from convnet_jax import steps as steps_lib
-from convnet_jax.errors import UserError
-from convnet_jax.errors import one_line
+from convnet_jax.data import input_pipeline
+from convnet_jax.ops import conv
+from convnet_jax.parallel import data_parallel
+from convnet_jax.runs.errors import one_line
+from convnet_jax.runs.errors import UserError
 
 # CIFAR-10 holds this many training and test images of each class.
 TRAIN_PER_CLASS, TEST_PER_CLASS = 5_000, 1_000
@@ -43,7 +43,7 @@ def tpu_mesh(topology: str) -> Mesh:
   names them ("v5e:2x2", "v4:2x2x1", ...). `UserError` without libtpu or for a name it does not
   know."""
   key = f"benchmark.aot_topology={topology!r}"
-  if not parallel.tpu_chips_here():
+  if not data_parallel.tpu_chips_here():
     # libtpu asks these of the host it runs on and warns when they are unset; compiling for a
     # topology uses neither, so plain values keep stderr quiet off a TPU VM.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
@@ -60,7 +60,7 @@ def tpu_mesh(topology: str) -> Mesh:
       raise UserError(f"{key}: compiling for a TPU needs libtpu, which is not installed; "
                       f"{INSTALL_TPU}") from None
     raise UserError(f"{key}: libtpu could not make this topology ({reason[:300]})") from None
-  return Mesh(np.asarray(description.devices), (parallel.DATA_AXIS,))
+  return Mesh(np.asarray(description.devices), (data_parallel.DATA_AXIS,))
 
 
 def data_counts(config) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   """{"train_steps", "evaluate", "train_step"}: the run's programs traced (`jax.stages.Traced`)
   on abstract arguments for `backend`'s convolution path, split over `mesh` (None: one
   device). Raises `UserError` when the configured convolution path cannot run there."""
-  num_devices = parallel.mesh_size(mesh)
+  num_devices = data_parallel.mesh_size(mesh)
   try:
     choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype,
                                              num_devices, backend=backend)
@@ -97,7 +97,7 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
                                               config.drop_last_batch)
   state = jax.eval_shape(lambda key: steps_lib.create_train_state(
       config, model, key, steps_per_epoch), jax.random.key(0))
-  mirrored, split = parallel.mirrored_sharding(mesh), parallel.split_sharding(mesh)
+  mirrored, split = data_parallel.mirrored_sharding(mesh), data_parallel.split_sharding(mesh)
   state = _abstract(state, mirrored)
   images = lambda count: jax.ShapeDtypeStruct((count,) + input_pipeline.IMAGE_SHAPE, jnp.uint8,
                                               sharding=mirrored)

@@ -10,12 +10,12 @@ import math
 
 import jax
 
-from convnet_jax import conv
-from convnet_jax import input_pipeline
 from convnet_jax import models
 from convnet_jax import optim
-from convnet_jax import tta
-from convnet_jax.errors import UserError
+from convnet_jax.data import input_pipeline
+from convnet_jax.data import tta
+from convnet_jax.ops import conv
+from convnet_jax.runs.errors import UserError
 
 MODELS = tuple(models.MODELS)
 SCHEDULES = ("linear", "step", "cosine", "warmup_linear")
