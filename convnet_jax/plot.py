@@ -1,4 +1,4 @@
-"""`python -m convnet_jax.plot WORKDIR [--output FILE]`: training curves (`convnet_jax.tools.plot`)."""
+"""`python -m convnet_jax.plot WORKDIR [--output FILE]`: training curves (`tools.plot`)."""
 
 import sys
 

@@ -5,13 +5,12 @@ The whole data set lives on the device as uint8. `train_steps` is one compiled p
 runs any stretch of steps of an epoch: it draws the epoch's order from the PRNG key, runs
 `train_step` over the full batches in a loop with traced bounds and then, in the call that ends
 the epoch, over the short last batch; the host never waits inside a call, and the loop in
-`train` chooses how many steps a call runs. `train_epoch` is a whole epoch in one call.
+`train` chooses how many steps a call runs. `programs` compiles them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
@@ -87,11 +86,6 @@ def cross_entropy_losses(logits: jax.Array, labels: jax.Array,
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets)
-
-
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean over the batch of -log softmax(logits)[label]."""
-  return cross_entropy_losses(logits, labels).mean()
 
 
 def stop_frozen_gradients(params, frozen: tuple[str, ...]):
@@ -200,13 +194,6 @@ def epoch_flips(data_key: jax.Array, epoch, num_examples: int) -> jax.Array:
   return first ^ (epoch % 2 == 1)
 
 
-def epoch_key(data_key: jax.Array, epoch) -> jax.Array:
-  """The key of one epoch's data order and augmentation (one per replica for stacked keys)."""
-  if data_key.ndim:
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(data_key, epoch)
-  return jax.random.fold_in(data_key, epoch)
-
-
 def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
                 epoch: jax.Array, first_step: jax.Array, end_step: jax.Array, mean: jax.Array,
                 std: jax.Array, *, batch_size: int, drop_last_batch: bool,
@@ -280,29 +267,6 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   return carry
 
 
-def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
-                epoch: jax.Array, mean: jax.Array, std: jax.Array, *, batch_size: int,
-                drop_last_batch: bool, augment: AugmentOptions | None = None,
-                batch_sharding=None, num_steps: int | None = None,
-                options: StepOptions = StepOptions()):
-  """One epoch of `train_steps` in one call: every example once (the last batch short unless
-  `drop_last_batch`), or only the first `num_steps` full batches (a fractional last epoch, which
-  never runs the short batch). Returns the new state and the epoch's summed metrics, with each
-  step's mean loss under "step_losses"."""
-  num_examples = labels.shape[0]
-  end_step = steps_per_epoch(num_examples, batch_size, drop_last_batch)
-  if num_steps is not None:
-    end_step = min(num_steps, num_examples // batch_size)
-  state, per_step = train_steps(
-      state, images, labels, data_key, epoch, 0, end_step, mean, std, batch_size=batch_size,
-      drop_last_batch=drop_last_batch, augment=augment, batch_sharding=batch_sharding,
-      options=options)
-  per_step = jax.tree_util.tree_map(lambda x: x[:end_step], per_step)
-  totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
-  totals["step_losses"] = per_step["loss_sum"] / batch_sizes(num_examples, batch_size, end_step)
-  return state, totals
-
-
 def batch_sizes(num_examples: int, batch_size: int, num_steps: int) -> np.ndarray:
   """The sizes of an epoch's first `num_steps` batches (all full but a short last one)."""
   sizes = np.full(num_steps, batch_size, np.float32)
@@ -343,60 +307,6 @@ def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std:
     predictions = jnp.concatenate([predictions, last_predictions])
     totals = _sum_metrics(totals, last)
   return predictions, totals
-
-
-def compiler_options(run_once: bool = False) -> dict[str, Any]:
-  """XLA options for the training programs on the current backend; `run_once` for a program
-  that runs a single time (initialisation), where compile time is all that counts."""
-  if jax.default_backend() == "cpu":
-    # LLVM optimisation level 1 instead of 2: compiles the im2col epoch program ~3x faster, and
-    # the step time measured the same, as its time goes to library calls, not generated code.
-    # Level 0 for the initialisation: 0.6 s to compile instead of 1.2 s, and it runs once.
-    return {"xla_backend_optimization_level": 0 if run_once else 1}
-  return {}
-
-
-def compile_train_steps(state, images, labels, data_key, mean, std, *, batch_size: int,
-                        drop_last_batch: bool, augment: AugmentOptions | None = None,
-                        vmap_replicas: bool = False, mesh=None,
-                        options: StepOptions = StepOptions()):
-  """Compiles `train_steps` ahead of time for these shapes; the state argument is donated. The
-  compiled program takes (state, images, labels, data_key, epoch, first_step, end_step, mean,
-  std) and returns (state, per-step metrics).
-
-  `vmap_replicas`: the state and data key have a leading replica axis and one program trains all
-  replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are split over the
-  mesh's devices and the outputs (state, metrics) are mirrored on all of them.
-  """
-  batch_sharding = data_parallel.split_sharding(mesh)
-  run = functools.partial(train_steps, batch_size=batch_size, drop_last_batch=drop_last_batch,
-                          augment=augment, batch_sharding=batch_sharding, options=options)
-  if vmap_replicas:
-    run = jax.vmap(run, in_axes=(0, None, None, 0, None, None, None, None, None))
-  step_number = jnp.int32(0)
-  # Donating the state lets XLA update parameters and momenta in place.
-  with data_parallel.tracing_mesh(mesh):
-    lowered = jax.jit(run, donate_argnums=0, out_shardings=data_parallel.mirrored_sharding(
-        mesh)).lower(state, images, labels, data_key, step_number, step_number, step_number,
-                     mean, std)
-  return lowered.compile(compiler_options=compiler_options())
-
-
-def compile_evaluate(params, images, labels, mean, std, *, apply_fn: Callable, batch_size: int,
-                     vmap_replicas: bool = False, mesh=None,
-                     test_time_augmentation: str = "none"):
-  """Compiles `evaluate` ahead of time for these shapes (`vmap_replicas`, `mesh`: as
-  `compile_train_steps`)."""
-  batch_sharding = data_parallel.split_sharding(mesh)
-  run = functools.partial(evaluate, apply_fn=apply_fn, batch_size=batch_size,
-                          batch_sharding=batch_sharding,
-                          test_time_augmentation=test_time_augmentation)
-  if vmap_replicas:
-    run = jax.vmap(run, in_axes=(0, None, None, None, None))
-  with data_parallel.tracing_mesh(mesh):
-    lowered = jax.jit(run, out_shardings=data_parallel.mirrored_sharding(mesh)).lower(
-        params, images, labels, mean, std)
-  return lowered.compile(compiler_options=compiler_options())
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -> int:

@@ -25,6 +25,7 @@ from absl import logging
 
 from convnet_jax import models
 from convnet_jax import optim
+from convnet_jax import programs as programs_lib
 from convnet_jax import steps as steps_lib
 from convnet_jax.parallel import data_parallel
 from convnet_jax.parallel import replicas
@@ -49,10 +50,10 @@ __all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 # ---------------------------------------------------------------------------------------------
 # One epoch of the loop.
 
-def run_evaluation(programs: run_setup.Programs, state, data: run_setup.DeviceData,
+def run_evaluation(programs: programs_lib.Programs, state, data: programs_lib.DeviceData,
                    test_time_augmentation: str = "none"):
   """Test predictions and summed test metrics (on the device) of the state's parameters."""
-  return programs.evaluate(test_time_augmentation)(state.params, data.test_images,
+  return programs.evaluation_program(test_time_augmentation)(state.params, data.test_images,
                                                    data.test_labels, data.mean, data.std)
 
 
@@ -61,8 +62,8 @@ def _host_totals(totals):
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.device_get(totals))
 
 
-def test_time_accuracy(config, programs: run_setup.Programs, state,
-                       data: run_setup.DeviceData, diverged: np.ndarray) -> dict[str, Any]:
+def test_time_accuracy(config, programs: programs_lib.Programs, state,
+                       data: programs_lib.DeviceData, diverged: np.ndarray) -> dict[str, Any]:
   """{"tta_test_acc": accuracy} with `config.test_time_augmentation` (one value per replica,
   null once diverged), or {} without it."""
   if config.test_time_augmentation == "none":
@@ -163,7 +164,7 @@ class TrainingLoop:
   """The epochs of one run, each as calls of the training program (`epoch_calls`), evaluated
   after each; checkpoints, stops on a signal and reports as it goes."""
 
-  def __init__(self, config, programs: run_setup.Programs, data: run_setup.DeviceData,
+  def __init__(self, config, programs: programs_lib.Programs, data: programs_lib.DeviceData,
                data_key: jax.Array, steps_per_epoch: int, store: checkpoints.CheckpointStore,
                fingerprint: str, reporter: reporting.Reporter, signals: stopping.StopSignals):
     self.config, self.programs, self.data, self.data_key = config, programs, data, data_key
@@ -373,11 +374,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                    total_steps=optim.total_steps(config, steps_per_epoch), steps_done=steps_done)
     stack.enter_context(reporter)
 
-    device_data = run_setup.put_data(data, mesh)
+    device_data = programs_lib.put_data(data, mesh)
     run_setup.report_shapes(reporter, config, model, state, device_data)
-    programs = run_setup.Programs(config, model, state, device_data, data_key, mesh,
-                                  steps_per_epoch, compile_cache.ProgramStore(
-                                      cache_choice, run_setup.program_identity(config, conv_choice)))
+    store = compile_cache.ProgramStore(cache_choice,
+                                       run_setup.program_identity(config, conv_choice))
+    programs = programs_lib.Programs(config, model, state, device_data, data_key, mesh,
+                                     steps_per_epoch, store)
     cached = cache_watch.finish()
     reporter.note(f"compile time: {programs.compile_seconds:.2f} s"
                   + (f" ({cached})" if cached else ""))

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import whole_epochs
 from convnet_jax import steps
 from convnet_jax.data import input_pipeline
 
@@ -125,7 +126,7 @@ def test_training_epoch_augments_and_evaluation_does_not():
   zeros, ones = jnp.zeros(3), jnp.ones(3)
   plain_loss = _numpy_loss_sum(state.params["w"], images, labels)
 
-  epoch = functools.partial(steps.train_epoch, batch_size=4, drop_last_batch=False)
+  epoch = functools.partial(whole_epochs.train_epoch, batch_size=4, drop_last_batch=False)
   _, plain = jax.jit(epoch)(state, images, labels, jax.random.key(3), 0, zeros, ones)
   augmented_epoch = jax.jit(functools.partial(epoch, augment=steps.AugmentOptions()))
   _, augmented = augmented_epoch(state, images, labels, jax.random.key(3), 0, zeros, ones)

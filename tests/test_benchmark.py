@@ -11,6 +11,7 @@ import pytest
 from configs import smoke as smoke_config
 from conftest import REPO_ROOT
 from convnet_jax import models
+from convnet_jax import programs as programs_lib
 from convnet_jax.ops import conv
 from convnet_jax.runs import setup as run_setup
 from convnet_jax.tools import benchmark
@@ -49,7 +50,7 @@ def test_benchmark_report_on_smoke_config(tmp_path):
   assert 2.7 * forward < run["step_gflop"] < 3.5 * forward
   assert run["achieved_gflop_per_second"] == pytest.approx(
       run["step_gflop"] / epoch_step, rel=0.02)
-  assert run["program"] == "run_setup.Programs.train_steps (the trainer's)"
+  assert run["program"] == "programs.Programs.train_steps (the trainer's)"
   # A CPU's ceiling is measured, through oneDNN: 2 x 16,384 x 256 x 256, 2 x 4,096 x 1,024^2
   # and 2 x 1,024 x 2,048^2 FLOP are each 17.2 GFLOP a call.
   ceiling = run["ceiling"]
@@ -105,7 +106,7 @@ def test_the_benchmark_times_the_program_a_run_executes(cifar10_dir):
   steps_per_epoch = len(data.train_labels) // config.batch_size + 1  # 3 full batches and 8
   model = models.create_model(config, data.num_classes, implementation)
   state, data_key = run_setup.create_run_state(config, model, steps_per_epoch, None, data)
-  run_programs = run_setup.Programs(config, model, state, run_setup.put_data(data, None),
+  run_programs = programs_lib.Programs(config, model, state, programs_lib.put_data(data, None),
                                     data_key, None, steps_per_epoch)
   bench_programs, *_, bench_steps = benchmark.synthetic_run(
       config, config.benchmark.num_examples, data.num_classes, implementation)

@@ -6,13 +6,11 @@ import contextlib
 import io
 import json
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import default as default_config
-from convnet_jax import steps
 from convnet_jax import train
 from convnet_jax.runs import reporting
 from convnet_jax.runs import setup as run_setup
@@ -93,17 +91,6 @@ def test_checkpoints_every_n_epochs_and_after_the_last():
   config.operations.checkpoint_every_epochs = 2
   # Epochs are 0-based: after epochs 2 and 4 trained (indices 1, 3) and after the last (4).
   assert [e for e in range(5) if train.checkpoint_is_due(config, e)] == [1, 3, 4]
-
-
-def test_epoch_key_folds_the_epoch_into_each_replicas_key():
-  key = jax.random.key(3)
-  assert np.array_equal(jax.random.key_data(steps.epoch_key(key, 5)),
-                        jax.random.key_data(jax.random.fold_in(key, 5)))
-  stacked = jax.random.split(jax.random.key(0), 3)
-  folded = steps.epoch_key(stacked, 2)
-  for replica in range(3):
-    assert np.array_equal(jax.random.key_data(folded[replica]),
-                          jax.random.key_data(jax.random.fold_in(stacked[replica], 2)))
 
 
 def _quiet_config():

@@ -3,8 +3,7 @@ everything `train.train_and_evaluate` does before its first epoch."""
 
 from __future__ import annotations
 
-import time
-from typing import Callable, NamedTuple
+
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +13,13 @@ from jax.experimental import multihost_utils
 
 from convnet_jax import models
 from convnet_jax import optim
+from convnet_jax import programs as programs_lib
 from convnet_jax import steps as steps_lib
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
 from convnet_jax.parallel import data_parallel
 from convnet_jax.parallel import replicas
 from convnet_jax.runs import checkpoints
-from convnet_jax.runs import compile_cache
 from convnet_jax.runs import reporting
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
@@ -48,7 +47,7 @@ def create_run_state(config, model, steps: int, mesh, data=None):
   args = [np.asarray(values if stacked else values[0]) for values in settings.values()]
   args[1:] = [np.asarray(value, np.float32) for value in args[1:]]
   state, data_key = jax.jit(create, out_shardings=data_parallel.mirrored_sharding(mesh)).lower(
-      *args).compile(compiler_options=steps_lib.compiler_options(run_once=True))(*args)
+      *args).compile(compiler_options=programs_lib.compiler_options(run_once=True))(*args)
   # The optimiser state only holds momenta (zeros) and counts: it does not depend on params.
   state = state.replace(params=models.initialise_from_data(config, state.params, data))
   if state.lookahead_params is not None:
@@ -129,24 +128,6 @@ def restore_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
   return state, history, in_progress
 
 
-class DeviceData(NamedTuple):
-  """The data set on the device(s), as uint8 images and int labels, with the channel
-  statistics that normalise it."""
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
-  mean: jax.Array
-  std: jax.Array
-
-
-def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
-  """The whole data set on the device(s) once, mirrored on every device of a mesh."""
-  return DeviceData(*data_parallel.put_mirrored(
-      (data.train_images, data.train_labels, data.test_images, data.test_labels, data.mean,
-       data.std), mesh))
-
-
 def program_identity(config, conv_choice: conv.ConvChoice) -> dict:
   """What the run's programs compute, for `compile_cache.ProgramStore`: the run's identity
   (`workdir.run_identity`) less the data folder, and the convolution path it resolved to."""
@@ -155,68 +136,8 @@ def program_identity(config, conv_choice: conv.ConvChoice) -> dict:
   return {**identity, "convolutions": conv_choice.implementation}
 
 
-class Programs:
-  """The run's compiled programs, each compiled once when first needed (the training steps and
-  the plain evaluation at once): `train_steps` -> (state, images, labels, data_key, epoch,
-  first_step, end_step, mean, std) -> (state, per-step metrics); `evaluate(level)` -> (params,
-  test images, labels, mean, std) -> (predictions, totals), `level` a test-time augmentation.
-  `compile_seconds` adds up the compile times. With a `store`, each is loaded from it when it
-  holds the program and stored in it when not (`compile_cache.ProgramStore`)."""
-
-  def __init__(self, config, model, state, data: DeviceData, data_key: jax.Array, mesh,
-               steps_per_epoch: int, store: compile_cache.ProgramStore | None = None):
-    self._config, self._model, self._mesh, self._store = config, model, mesh, store
-    # Shapes only: the state's arrays are donated to the first call, and a program compiled
-    # later (test-time augmentation) must not touch them.
-    self._arguments = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        (state, data, data_key))
-    self._steps_per_epoch = steps_per_epoch
-    self._compiled = {}
-    self.compile_seconds = 0.0
-    self.train_steps
-    self.evaluate("none")
-    logging.info("compiled the training and evaluation programs in %.2f s",
-                 self.compile_seconds)
-
-  def _get(self, key: str, arguments: tuple, outputs, compile_fn):
-    if key not in self._compiled:
-      start = time.perf_counter()
-      self._compiled[key] = (self._store.load_or_compile(key, arguments, outputs, compile_fn)
-                             if self._store else compile_fn())
-      self.compile_seconds += time.perf_counter() - start
-    return self._compiled[key]
-
-  @property
-  def train_steps(self) -> Callable:
-    """The program that runs steps first_step to end_step - 1 of an epoch."""
-    config = self._config
-    state, data, data_key = self._arguments
-    step = jax.ShapeDtypeStruct((), jnp.int32)
-    arguments = (state, data.train_images, data.train_labels, data_key, step, step, step,
-                 data.mean, data.std)
-    outputs = (state, dict.fromkeys(steps_lib.STEP_METRICS, step))
-    return self._get("train", arguments, outputs, lambda: steps_lib.compile_train_steps(
-        state, data.train_images, data.train_labels, data_key, data.mean, data.std,
-        batch_size=config.batch_size, drop_last_batch=config.drop_last_batch,
-        augment=steps_lib.augment_options(config), vmap_replicas=config.num_replicas > 1,
-        mesh=self._mesh, options=steps_lib.step_options(config, self._steps_per_epoch)))
-
-  def evaluate(self, test_time_augmentation: str = "none") -> Callable:
-    """The evaluation program on the test set, with `test_time_augmentation`."""
-    config = self._config
-    state, data, _ = self._arguments
-    arguments = (state.params, data.test_images, data.test_labels, data.mean, data.std)
-    outputs = (data.test_labels, dict.fromkeys(steps_lib.STEP_METRICS, data.mean))
-    return self._get(f"evaluate-{test_time_augmentation}", arguments, outputs,
-                     lambda: steps_lib.compile_evaluate(
-        state.params, data.test_images, data.test_labels, data.mean, data.std,
-        apply_fn=self._model.apply, batch_size=config.eval_batch_size,
-        vmap_replicas=config.num_replicas > 1, mesh=self._mesh,
-        test_time_augmentation=test_time_augmentation))
-
-
-def report_shapes(reporter: reporting.Reporter, config, model, state, data: DeviceData) -> None:
+def report_shapes(reporter: reporting.Reporter, config, model, state,
+                  data: programs_lib.DeviceData) -> None:
   """With `operations.trace_shapes`, the shapes of a training step of the first model (replica
   0 when stacked) on stderr."""
   if not config.operations.trace_shapes:

@@ -12,7 +12,6 @@ XLA's cost analysis of a program with a loop counts the loop body once, whatever
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Any
@@ -24,6 +23,7 @@ from jax.experimental import topologies
 from jax.sharding import Mesh
 
 from convnet_jax import models
+from convnet_jax import programs as programs_lib
 from convnet_jax import steps as steps_lib
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
@@ -105,25 +105,17 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   channel = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=mirrored)
   data_key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), mirrored)
   step_number = jax.ShapeDtypeStruct((), jnp.int32, sharding=mirrored)
-  options = steps_lib.step_options(config, steps_per_epoch)
 
-  train_steps = functools.partial(
-      steps_lib.train_steps, batch_size=config.batch_size,
-      drop_last_batch=config.drop_last_batch, augment=steps_lib.augment_options(config),
-      batch_sharding=split, options=options)
-  evaluate = functools.partial(steps_lib.evaluate, apply_fn=model.apply,
-                               batch_size=config.eval_batch_size, batch_sharding=split)
   batch = jax.ShapeDtypeStruct((config.batch_size,) + input_pipeline.IMAGE_SHAPE, jnp.float32,
                                sharding=split)
   batch_labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=split)
   return {
-      "train_steps": jax.jit(train_steps, donate_argnums=0, out_shardings=mirrored).trace(
+      "train_steps": programs_lib.jitted_train_steps(config, mesh, steps_per_epoch).trace(
           state, images(num_train), labels(num_train), data_key, step_number, step_number,
           step_number, channel, channel),
-      "evaluate": jax.jit(evaluate, out_shardings=mirrored).trace(
+      "evaluate": programs_lib.jitted_evaluate(config, model.apply, mesh).trace(
           state.params, images(num_test), labels(num_test), channel, channel),
-      "train_step": jax.jit(functools.partial(steps_lib.train_step, options=options),
-                            donate_argnums=0, out_shardings=mirrored).trace(
+      "train_step": programs_lib.jitted_train_step(config, mesh, steps_per_epoch).trace(
           state, batch, batch_labels),
       "conv_implementation": choice.implementation,
       "steps_per_epoch": steps_per_epoch,

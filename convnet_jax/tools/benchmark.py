@@ -1,6 +1,6 @@
 """Accelerator benchmark: `python -m convnet_jax.benchmark --config configs/default.py [--workdir DIR]`.
 
-Times the training program the trainer runs (`run_setup.Programs.train_steps`, built by the
+Times the training program the trainer runs (`programs.Programs.train_steps`, built by the
 same function) on synthetic data of the configured shape, on whatever backend JAX finds, and
 prints and saves a JSON report: backend, devices, versions, compile seconds, step time (median,
 min, max over `benchmark.num_steps` calls of one step each after warm-up, each ended with
@@ -19,7 +19,6 @@ and the compiler's estimates.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -37,6 +36,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from convnet_jax import models
+from convnet_jax import programs as programs_lib
 from convnet_jax import steps
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
@@ -92,7 +92,7 @@ def _synthetic_data(config, num_examples: int, num_classes: int) -> input_pipeli
 
 
 def synthetic_run(config, num_examples: int, num_classes: int, conv_implementation: str):
-  """The programs a run of `config` executes (`run_setup.Programs`, built as
+  """The programs a run of `config` executes (`programs.Programs`, built as
   `train.train_and_evaluate` builds them, on one device and without the program store) on
   synthetic data of `num_examples` training images: (programs, state, data on the device, data
   key, steps per epoch)."""
@@ -100,8 +100,8 @@ def synthetic_run(config, num_examples: int, num_classes: int, conv_implementati
   data = _synthetic_data(config, num_examples, num_classes)
   num_steps = steps.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
   state, data_key = run_setup.create_run_state(config, model, num_steps, None, data)
-  device_data = run_setup.put_data(data, None)
-  programs = run_setup.Programs(config, model, state, device_data, data_key, None, num_steps)
+  device_data = programs_lib.put_data(data, None)
+  programs = programs_lib.Programs(config, model, state, device_data, data_key, None, num_steps)
   return programs, state, device_data, data_key, num_steps
 
 
@@ -171,7 +171,7 @@ def _runner(programs, state, data, data_key):
 
 def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
                   num_classes: int) -> dict:
-  """Times the training program the trainer runs (`run_setup.Programs.train_steps`) for one
+  """Times the training program the trainer runs (`programs.Programs.train_steps`) for one
   batch size and dtype: calls of one step each (the step time) and calls of a whole epoch."""
   config = config.copy_and_resolve_references()
   config.batch_size, config.dtype, config.num_replicas = batch_size, dtype, 1
@@ -205,7 +205,7 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
       "dtype": dtype,
       "conv_implementation": choice.implementation,
       "conv_reason": choice.reason,
-      "program": "run_setup.Programs.train_steps (the trainer's)",
+      "program": "programs.Programs.train_steps (the trainer's)",
       # The run's training and evaluation programs, as its "compile time" line counts them.
       "compile_seconds": round(programs.compile_seconds, 3),
       # Calls of one step each: the step and the call's fixed cost.
@@ -238,9 +238,9 @@ def _step_flops(config, state, data, batch_size: int, num_steps: int, num_classe
     state = state.replace(
         apply_fn=models.create_model(config, num_classes, "im2col").apply)
   batch = input_pipeline.normalize(data.train_images[:batch_size], data.mean, data.std)
-  step = functools.partial(steps.train_step, options=steps.step_options(config, num_steps))
-  return _flops(jax.jit(step).lower(state, batch, data.train_labels[:batch_size]).compile(
-      compiler_options=steps.compiler_options()))
+  step = programs_lib.jitted_train_step(config, None, num_steps)
+  return _flops(programs_lib.compile_for(step, None, state, batch,
+                                         data.train_labels[:batch_size]))
 
 
 def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes: int) -> dict:
