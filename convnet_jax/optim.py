@@ -5,37 +5,24 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+if TYPE_CHECKING:  # steps imports this module
+  from convnet_jax.steps import StepBudget
+
 # airbench's decoupled hyperparameters are given per this many examples.
 DECOUPLED_EXAMPLES = 1024
 
 
-def total_steps(config, steps_per_epoch: int) -> int:
-  """The run's step budget, ceil(steps_per_epoch * num_epochs): 395 for 5 epochs of 79 steps,
-  476 for airbench's 9.9 epochs of 48 (the last epoch then stops after 44 of its steps)."""
-  return math.ceil(steps_per_epoch * config.num_epochs)
-
-
-def epoch_steps(config, steps_per_epoch: int, epoch: int) -> int:
-  """How many steps epoch `epoch` runs: all of them, but fewer in a fractional last epoch."""
-  return min(steps_per_epoch, total_steps(config, steps_per_epoch) - epoch * steps_per_epoch)
-
-
-def num_epochs_run(config) -> int:
-  """Epochs the loop starts, the fractional last one included (10 for 9.9)."""
-  return math.ceil(config.num_epochs)
-
-
-def create_learning_rate_fn(config, steps_per_epoch: int,
+def create_learning_rate_fn(config, budget: StepBudget,
                             peak: float | None = None) -> optax.Schedule:
   """The learning rate at each step, from `config.schedule`, with `peak` (default
-  `config.learning_rate`) as the largest value and T = `total_steps`:
+  `config.learning_rate`) as the largest value and T = `budget.total_steps`:
 
   * "linear": from the peak to 0 over all of training (the seed run);
   * "step": the peak, multiplied by `lr_decay_factor` at each epoch of `lr_boundaries_epochs`,
@@ -46,14 +33,15 @@ def create_learning_rate_fn(config, steps_per_epoch: int,
     peak * (1 + (f - 1) * (step - W) / (T - W)) (f = final_lr_factor), f * peak at step T.
   """
   peak = config.learning_rate if peak is None else peak
-  steps = total_steps(config, steps_per_epoch)
+  steps = budget.total_steps
   schedule = config.schedule
   if schedule == "linear":
     return optax.linear_schedule(peak, 0.0, transition_steps=steps)
   if schedule == "step":
     return optax.piecewise_constant_schedule(
         peak,
-        {epoch * steps_per_epoch: config.lr_decay_factor for epoch in config.lr_boundaries_epochs})
+        {budget.global_step(epoch, 0): config.lr_decay_factor
+         for epoch in config.lr_boundaries_epochs})
   if schedule == "cosine":
     return optax.cosine_decay_schedule(peak, decay_steps=steps)
   if schedule == "warmup_linear":
@@ -163,11 +151,6 @@ def freeze(frozen: tuple[str, ...], late_frozen: tuple[str, ...],
       lambda params: FreezeState(jnp.zeros([], jnp.int32)), update)
 
 
-def late_freeze_step(config, steps_per_epoch: int) -> int:
-  """The first step at which `late_frozen_parameters` no longer train."""
-  return config.late_freeze_epochs * steps_per_epoch
-
-
 def sgd_hyperparameters(config, learning_rate, momentum):
   """(PyTorch SGD's learning rate, weight-decay coefficient) for multiplier-1 parameters.
 
@@ -184,7 +167,7 @@ def sgd_hyperparameters(config, learning_rate, momentum):
           config.weight_decay * config.batch_size / learning_rate)
 
 
-def create_optimizer(config, steps_per_epoch: int, learning_rate=None,
+def create_optimizer(config, budget: StepBudget, learning_rate=None,
                      momentum=None) -> optax.GradientTransformation:
   """SGD with PyTorch's momentum formulation: v = m v + g; w = w - lr(t) v (Nesterov:
   w = w - lr(t) (g + m v)), lr(t) = learning_rate * the schedule's shape (`config.schedule`
@@ -208,12 +191,12 @@ def create_optimizer(config, steps_per_epoch: int, learning_rate=None,
   instead (its own learning rate on the same schedule's shape, its own momentum, no weight
   decay), as airbench94_muon splits its parameters between two optimisers.
   """
-  shape = create_learning_rate_fn(config, steps_per_epoch, peak=1.0)
+  shape = create_learning_rate_fn(config, budget, peak=1.0)
   multiplier = learning_rate_multipliers(config)
   multiplied = config.offset_lr_multiplier != 1 or bool(config.lr_multipliers)
   frozen = tuple(config.frozen_parameters)
   late_frozen = tuple(config.late_frozen_parameters)
-  freeze_step = late_freeze_step(config, steps_per_epoch)
+  freeze_step = budget.late_freeze_step
   own_late_schedule = bool(late_frozen) and config.late_freeze_schedule == "linear_to_zero"
 
   def sgd(learning_rate, momentum):
@@ -276,10 +259,10 @@ def _scale_by_two_schedules(chosen, chosen_schedule, other_schedule
       lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)
 
 
-def current_learning_rate(config, steps_per_epoch: int, state) -> np.ndarray:
+def current_learning_rate(config, budget: StepBudget, state) -> np.ndarray:
   """The learning rate of the state's next step (one per replica for replicated states), in the
   config's units (airbench's decoupled ones with `decoupled_hyperparameters`)."""
-  shape = create_learning_rate_fn(config, steps_per_epoch, peak=1.0)
+  shape = create_learning_rate_fn(config, budget, peak=1.0)
   hyperparams = jax.device_get(state.opt_state.hyperparams)
   return np.asarray(hyperparams["learning_rate"]) * np.asarray(
       shape(jax.device_get(state.step)))

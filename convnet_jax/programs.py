@@ -52,7 +52,7 @@ def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
        data.std), mesh))
 
 
-def jitted_train_steps(config, mesh, steps_per_epoch: int, replicated: bool = False):
+def jitted_train_steps(config, mesh, budget: steps_lib.StepBudget, replicated: bool = False):
   """`steps.train_steps` for `config`, jitted: (state, images, labels, data_key, epoch,
   first_step, end_step, mean, std) -> (state, per-step metrics), the state donated.
 
@@ -63,7 +63,7 @@ def jitted_train_steps(config, mesh, steps_per_epoch: int, replicated: bool = Fa
       steps_lib.train_steps, batch_size=config.batch_size,
       drop_last_batch=config.drop_last_batch, augment=steps_lib.augment_options(config),
       batch_sharding=data_parallel.split_sharding(mesh),
-      options=steps_lib.step_options(config, steps_per_epoch))
+      options=steps_lib.step_options(config, budget))
   if replicated:
     run = jax.vmap(run, in_axes=(0, None, None, 0, None, None, None, None, None))
   # Donating the state lets XLA update parameters and momenta in place.
@@ -83,10 +83,10 @@ def jitted_evaluate(config, apply_fn: Callable, mesh, test_time_augmentation: st
   return jax.jit(run, out_shardings=data_parallel.mirrored_sharding(mesh))
 
 
-def jitted_train_step(config, mesh, steps_per_epoch: int):
+def jitted_train_step(config, mesh, budget: steps_lib.StepBudget):
   """One `steps.train_step` for `config`, jitted: (state, batch, labels) -> (state, metrics)."""
   return jax.jit(functools.partial(steps_lib.train_step,
-                                   options=steps_lib.step_options(config, steps_per_epoch)),
+                                   options=steps_lib.step_options(config, budget)),
                  donate_argnums=0, out_shardings=data_parallel.mirrored_sharding(mesh))
 
 
@@ -107,14 +107,14 @@ class Programs:
   from it when it holds the program and stored in it when not (`compile_cache.ProgramStore`)."""
 
   def __init__(self, config, model, state, data: DeviceData, data_key: jax.Array, mesh,
-               steps_per_epoch: int, store=None):
+               budget: steps_lib.StepBudget, store=None):
     self._config, self._model, self._mesh, self._store = config, model, mesh, store
     # Shapes only: the state's arrays are donated to the first call, and a program compiled
     # later (test-time augmentation) must not touch them.
     self._arguments = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         (state, data, data_key))
-    self._steps_per_epoch = steps_per_epoch
+    self._budget = budget
     self._compiled = {}
     self.compile_seconds = 0.0
     self.train_steps
@@ -140,7 +140,7 @@ class Programs:
                  data.mean, data.std)
     outputs = (state, dict.fromkeys(steps_lib.STEP_METRICS, step))
     return self._get("train", arguments, outputs, jitted_train_steps(
-        self._config, self._mesh, self._steps_per_epoch, self._config.num_replicas > 1))
+        self._config, self._mesh, self._budget, self._config.num_replicas > 1))
 
   def evaluation_program(self, test_time_augmentation: str = "none") -> Callable:
     """The program that evaluates the test set, with `test_time_augmentation`."""

@@ -52,27 +52,27 @@ class StepOptions:
   total_steps: int = 0
 
 
-def step_options(config, steps_per_epoch: int) -> StepOptions:
+def step_options(config, budget: StepBudget) -> StepOptions:
   """The step options of a config."""
   return StepOptions(
       label_smoothing=config.label_smoothing, loss_reduction=config.loss_reduction,
       frozen_parameters=tuple(config.frozen_parameters),
       lookahead_every_steps=config.lookahead_every_steps,
       lookahead_decay=config.lookahead_decay, lookahead_power=config.lookahead_power,
-      total_steps=optim.total_steps(config, steps_per_epoch))
+      total_steps=budget.total_steps)
 
 
 # ---------------------------------------------------------------------------------------------
 # Steps: pure functions of (state or parameters, batch).
 
-def create_train_state(config, model, key: jax.Array, steps_per_epoch: int, learning_rate=None,
+def create_train_state(config, model, key: jax.Array, budget: StepBudget, learning_rate=None,
                        momentum=None) -> TrainState:
   """Initialises the parameters from `key` and the optimiser state (see `optim.create_optimizer` for
   `learning_rate` and `momentum`)."""
   # lazy_init: the same parameters as `init`, without computing the forward pass on a dummy.
   dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
   params = model.lazy_init(key, dummy)["params"]
-  tx = optim.create_optimizer(config, steps_per_epoch, learning_rate, momentum)
+  tx = optim.create_optimizer(config, budget, learning_rate, momentum)
   return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
                     opt_state=tx.init(params),
                     lookahead_params=params if config.lookahead_every_steps else None)
@@ -314,3 +314,64 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -
   if drop_last_batch:
     return num_examples // batch_size
   return math.ceil(num_examples / batch_size)
+
+
+def epochs_run(num_epochs: float) -> int:
+  """Epochs the loop starts for `config.num_epochs`, a fractional last one included (10 for
+  9.9)."""
+  return math.ceil(num_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBudget:
+  """A run's steps: `steps_per_epoch` steps in every epoch but a fractional last one, over
+  `num_epochs` epochs (config.num_epochs, e.g. airbench's 9.9), and the steps of the
+  parameters trained for only the first `late_freeze_epochs`. The optimiser's schedules, the
+  loop, the call planner and the checkpoints all count steps through it."""
+  steps_per_epoch: int
+  num_epochs: float
+  late_freeze_epochs: int = 0
+
+  @classmethod
+  def of(cls, config, steps_in_an_epoch: int) -> StepBudget:
+    """The budget of `config` with `steps_in_an_epoch` steps an epoch."""
+    return cls(steps_in_an_epoch, config.num_epochs, config.late_freeze_epochs)
+
+  @classmethod
+  def for_examples(cls, config, num_examples: int) -> StepBudget:
+    """The budget of `config` on a training set of `num_examples`."""
+    return cls.of(config, steps_per_epoch(num_examples, config.batch_size,
+                                          config.drop_last_batch))
+
+  @property
+  def total_steps(self) -> int:
+    """ceil(steps_per_epoch * num_epochs): 395 for 5 epochs of 79 steps, 476 for airbench's 9.9
+    epochs of 48 (the last epoch then stops after 44 of its steps)."""
+    return math.ceil(self.steps_per_epoch * self.num_epochs)
+
+  @property
+  def epochs_run(self) -> int:
+    """Epochs the loop starts, the fractional last one included (10 for 9.9)."""
+    return epochs_run(self.num_epochs)
+
+  @property
+  def late_freeze_step(self) -> int:
+    """The first step at which `late_frozen_parameters` no longer train."""
+    return self.late_freeze_epochs * self.steps_per_epoch
+
+  def epoch_steps(self, epoch: int) -> int:
+    """How many steps epoch `epoch` runs: all of them, but fewer in a fractional last epoch."""
+    return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+  def global_step(self, epoch: int, step: int) -> int:
+    """The number of steps trained at step `step` of epoch `epoch` (every epoch before the
+    last is whole)."""
+    return epoch * self.steps_per_epoch + step
+
+  def position(self, epoch: int, steps_done: int) -> str:
+    """Where a run stands, in words: "after epoch 3", "at step 12 of epoch 4"."""
+    if steps_done == 0:
+      return f"after epoch {epoch - 1}" if epoch else "before the first step"
+    if steps_done >= self.epoch_steps(epoch):
+      return f"after epoch {epoch}"
+    return f"at step {steps_done} of epoch {epoch}"

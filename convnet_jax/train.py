@@ -141,7 +141,7 @@ def epoch_record(epoch: int, train_totals: dict, test_totals: dict, learning_rat
 def checkpoint_is_due(config, epoch: int) -> bool:
   """Every `operations.checkpoint_every_epochs` epochs, and after the last."""
   return ((epoch + 1) % config.operations.checkpoint_every_epochs == 0
-          or epoch + 1 == optim.num_epochs_run(config))
+          or epoch + 1 == steps_lib.epochs_run(config.num_epochs))
 
 
 def checkpoint_record(history: list[dict], fingerprint: str, data_key: jax.Array,
@@ -165,13 +165,14 @@ class TrainingLoop:
   after each; checkpoints, stops on a signal and reports as it goes."""
 
   def __init__(self, config, programs: programs_lib.Programs, data: programs_lib.DeviceData,
-               data_key: jax.Array, steps_per_epoch: int, store: checkpoints.CheckpointStore,
+               data_key: jax.Array, budget: steps_lib.StepBudget,
+               store: checkpoints.CheckpointStore,
                fingerprint: str, reporter: reporting.Reporter, signals: stopping.StopSignals):
     self.config, self.programs, self.data, self.data_key = config, programs, data, data_key
-    self.steps_per_epoch = steps_per_epoch
+    self.budget = budget
     self.store, self.fingerprint = store, fingerprint
     self.reporter, self.signals = reporter, signals
-    self.planner = epoch_calls.CallPlanner(config.operations, steps_per_epoch)
+    self.planner = epoch_calls.CallPlanner(config.operations, budget)
     self.num_train = int(data.train_labels.shape[0])
     self.num_test = int(data.test_labels.shape[0])
     self.seeds = replicas.replica_settings(config)["seed"] if config.num_replicas > 1 else None
@@ -183,9 +184,9 @@ class TrainingLoop:
     config = self.config
     diverged = initial_divergence(config, history)
     predictions = None
-    for epoch in range(len(history), optim.num_epochs_run(config)):
+    for epoch in range(len(history), self.budget.epochs_run):
       progress = in_progress or epoch_calls.EpochInProgress.start(
-          epoch, optim.current_learning_rate(config, self.steps_per_epoch, state),
+          epoch, optim.current_learning_rate(config, self.budget, state),
           config.num_replicas)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
@@ -193,15 +194,16 @@ class TrainingLoop:
         predictions, test_totals = run_evaluation(self.programs, state, self.data)
         test_totals = _host_totals(test_totals)
       epoch_steps = progress.steps_done
-      num_trained = examples_trained(config, self.num_train, self.steps_per_epoch, epoch_steps)
+      num_trained = examples_trained(config, self.num_train, self.budget.steps_per_epoch,
+                                     epoch_steps)
       history.append(epoch_record(
           epoch, progress.totals(self.num_train, config.batch_size), test_totals,
           progress.learning_rate, diverged, num_trained=num_trained, num_test=self.num_test,
           seconds=time.perf_counter() - self.start,
           compile_seconds=self.programs.compile_seconds, seeds=self.seeds))
-      if epoch + 1 == optim.num_epochs_run(config):
+      if epoch + 1 == self.budget.epochs_run:
         history[-1].update(test_time_accuracy(config, self.programs, state, self.data, diverged))
-      global_step = epoch_calls.global_step(self.steps_per_epoch, epoch, epoch_steps)
+      global_step = self.budget.global_step(epoch, epoch_steps)
       if checkpoint_is_due(config, epoch) or self.planner.checkpoint_due(global_step):
         self.save(state, history, None)
       self.reporter.epoch(history[-1], step_time_ms=1e3 * progress.seconds / epoch_steps,
@@ -214,7 +216,7 @@ class TrainingLoop:
     divergence mask. Between calls: the stop check, the divergence check, the progress bar and
     the checkpoints of `operations.checkpoint_every_steps`."""
     config, epoch = self.config, progress.epoch
-    epoch_steps = optim.epoch_steps(config, self.steps_per_epoch, epoch)
+    epoch_steps = self.budget.epoch_steps(epoch)
     while progress.steps_done < epoch_steps:
       first = progress.steps_done
       stop, end = self.signals.agree(self.planner.call_end(epoch, first, epoch_steps))
@@ -231,11 +233,12 @@ class TrainingLoop:
       self.planner.measured(end - first, seconds)
       diverged = check_divergence(
           progress.step_losses(self.num_train, config.batch_size), diverged, epoch=epoch,
-          num_steps=self.steps_per_epoch, last_checkpoint=self.store.newest_intact_position,
+          num_steps=self.budget.steps_per_epoch,
+          last_checkpoint=self.store.newest_intact_position,
           checkpoint_dir=self.store.directory)
       self.reporter.steps(end - first, epoch, images_per_second=(
           (end - first) * config.batch_size * config.num_replicas / seconds))
-      global_step = epoch_calls.global_step(self.steps_per_epoch, epoch, end)
+      global_step = self.budget.global_step(epoch, end)
       if end < epoch_steps and self.planner.checkpoint_due(global_step):
         self.save(state, history, progress)
     return state, diverged
@@ -245,8 +248,8 @@ class TrainingLoop:
     steps into the next one."""
     steps_done = progress.steps_done if progress is not None else 0
     epoch = len(history)
-    position = epoch_calls.position(self.config, self.steps_per_epoch, epoch, steps_done)
-    self.store.save(epoch_calls.global_step(self.steps_per_epoch, epoch, steps_done), state,
+    position = self.budget.position(epoch, steps_done)
+    self.store.save(self.budget.global_step(epoch, steps_done), state,
                     checkpoint_record(history, self.fingerprint, self.data_key, position,
                                       progress))
 
@@ -255,14 +258,14 @@ class TrainingLoop:
     """Saves a checkpoint of where the run stands (unless it has one) and raises
     `RunStopped`."""
     epoch, steps_done = len(history), progress.steps_done
-    global_step = epoch_calls.global_step(self.steps_per_epoch, epoch, steps_done)
+    global_step = self.budget.global_step(epoch, steps_done)
     name = stopping.StopSignals.name(signum)
     if global_step == 0:
       message = f"stopped by {name} before the first step; run the same command to start again"
     else:
       if self.store.newest_intact != global_step:
         self.save(state, history, progress)
-      where = epoch_calls.position(self.config, self.steps_per_epoch, epoch, steps_done)
+      where = self.budget.position(epoch, steps_done)
       message = (f"stopped by {name} {where}; checkpoint saved in {self.store.directory}; run "
                  f"the same command to resume")
     logging.info("%s", message)  # for log.txt; `main` prints it on stderr
@@ -273,7 +276,7 @@ def report_finished_run(config, files: workdir_lib.RunFiles, is_writer: bool) ->
   """When the workdir holds this run finished (the same command run again), says so in one
   line on stderr, prints its last epoch line again on stdout and returns that record, touching
   no file; None when there is training left to do."""
-  lines = workdir_lib.finished_run(files, optim.num_epochs_run(config))
+  lines = workdir_lib.finished_run(files, steps_lib.epochs_run(config.num_epochs))
   if not lines:
     return None
   record = json.loads(lines[-1])
@@ -357,10 +360,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     model = models.create_model(config, data.num_classes, conv_choice.implementation)
     run_setup.check_model(config, model)
-    steps_per_epoch = steps_lib.steps_per_epoch(len(data.train_labels), config.batch_size,
-                                                config.drop_last_batch)
-    state, data_key = run_setup.create_run_state(config, model, steps_per_epoch, mesh, data)
-    reporter.note(run_setup.describe_run(config, state, steps_per_epoch, mesh))
+    budget = steps_lib.StepBudget.for_examples(config, len(data.train_labels))
+    state, data_key = run_setup.create_run_state(config, model, budget, mesh, data)
+    reporter.note(run_setup.describe_run(config, state, budget, mesh))
     store = stack.enter_context(contextlib.closing(checkpoints.CheckpointStore(
         files.checkpoints, config.operations.max_checkpoints_to_keep)))
     stack.enter_context(naming_the_intact_checkpoint(store))
@@ -368,23 +370,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state, history, in_progress = run_setup.restore_history(store, state, fingerprint, resuming,
                                                             reporter)
     in_progress = in_progress and epoch_calls.EpochInProgress.from_json(in_progress)
-    steps_done = epoch_calls.global_step(steps_per_epoch, len(history),
-                                         in_progress.steps_done if in_progress else 0)
+    steps_done = budget.global_step(len(history), in_progress.steps_done if in_progress else 0)
     reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()},
-                   total_steps=optim.total_steps(config, steps_per_epoch), steps_done=steps_done)
+                   total_steps=budget.total_steps, steps_done=steps_done)
     stack.enter_context(reporter)
 
     device_data = programs_lib.put_data(data, mesh)
     run_setup.report_shapes(reporter, config, model, state, device_data)
-    store = compile_cache.ProgramStore(cache_choice,
-                                       run_setup.program_identity(config, conv_choice))
-    programs = programs_lib.Programs(config, model, state, device_data, data_key, mesh,
-                                     steps_per_epoch, store)
+    program_store = compile_cache.ProgramStore(cache_choice,
+                                               run_setup.program_identity(config, conv_choice))
+    programs = programs_lib.Programs(config, model, state, device_data, data_key, mesh, budget,
+                                     program_store)
     cached = cache_watch.finish()
     reporter.note(f"compile time: {programs.compile_seconds:.2f} s"
                   + (f" ({cached})" if cached else ""))
 
-    loop = TrainingLoop(config, programs, device_data, data_key, steps_per_epoch, store,
+    loop = TrainingLoop(config, programs, device_data, data_key, budget, store,
                         fingerprint, reporter, signals)
     state, predictions = loop.run(state, history, in_progress)
     if predictions is None:  # every epoch was already done: only the predictions may be missing

@@ -128,7 +128,7 @@ def _linear_state(config, steps_per_epoch=2, w=None):
 
   w = jnp.asarray(np.random.default_rng(3).standard_normal((6, 3)) if w is None else w,
                   jnp.float32)
-  tx = optim.create_optimizer(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
   return steps.TrainState.create(apply_fn=apply_fn, params={"w": w}, tx=tx,
                                  lookahead_params={"w": w} if config.lookahead_every_steps
                                  else None)
@@ -149,7 +149,7 @@ def test_lookahead_matches_a_hand_written_loop():
   x = rng.standard_normal((8, 2, 3)).astype(np.float32)
   y = rng.integers(0, 3, 8)
   state = _linear_state(config)
-  options = steps.step_options(config, steps_per_epoch=2)
+  options = steps.step_options(config, steps.StepBudget.of(config, 2))
   assert options.total_steps == 5
   step = jax.jit(lambda s: steps.train_step(s, jnp.asarray(x), jnp.asarray(y), options))
 
@@ -201,7 +201,7 @@ def test_decoupled_nesterov_with_fast_offsets_matches_pytorchs_rule():
   grads = [{"conv": {"kernel": rng.standard_normal((3, 4))},
             "norm": {"offset": rng.standard_normal(4)}} for _ in range(4)]
   steps_per_epoch = 2
-  optimizer = optim.create_optimizer(config, steps_per_epoch)
+  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
   state = optimizer.init(jax.tree_util.tree_map(jnp.float32, params))
   got = jax.tree_util.tree_map(jnp.float32, params)
   for g in grads:
@@ -238,7 +238,7 @@ def test_frozen_parameters_never_move_and_late_frozen_ones_stop_after_their_epoc
                    frozen_parameters=("whiten/kernel",), late_frozen_parameters=("whiten",),
                    late_freeze_epochs=1)
   params = {"whiten": {"kernel": jnp.ones(3), "bias": jnp.ones(2)}, "head": jnp.ones(2)}
-  optimizer = optim.create_optimizer(config, steps_per_epoch=2)
+  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, 2))
   state = optimizer.init(params)
   history = []
   for _ in range(5):
@@ -319,15 +319,16 @@ def test_the_recipe_takes_476_steps_with_a_44_step_last_epoch():
   validation.validate_config(config)
   steps_per_epoch = steps.steps_per_epoch(50_000, config.batch_size, config.drop_last_batch)
   assert steps_per_epoch == 48  # 50,000 // 1,024, the short batch dropped
-  assert optim.total_steps(config, steps_per_epoch) == 476  # ceil(48 * 9.9)
-  assert optim.num_epochs_run(config) == 10
-  assert [optim.epoch_steps(config, 48, e) for e in range(10)] == [48] * 9 + [44]
-  assert optim.late_freeze_step(config, 48) == 144  # the whitening bias trains 3 epochs
+  assert steps.StepBudget.of(config, steps_per_epoch).total_steps == 476  # ceil(48 * 9.9)
+  assert steps.epochs_run(config.num_epochs) == 10
+  assert [steps.StepBudget.of(config, 48).epoch_steps(e) for e in range(10)] == [48] * 9 + [44]
+  # The whitening bias trains 3 epochs.
+  assert steps.StepBudget.of(config, 48).late_freeze_step == 144
 
 
 def test_warmup_linear_is_airbenchs_schedule():
   config = cifar10_airbench94.get_config()
-  schedule = optim.create_learning_rate_fn(config, 48, peak=1.0)
+  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 48), peak=1.0)
   warmup = int(476 * 0.23)
   assert warmup == 109
   for step in (0, 1, 50, 108, 109, 110, 300, 475):

@@ -14,6 +14,7 @@ from configs import cifar10_airbench94
 from configs import cifar10_airbench94_muon
 from convnet_jax import models
 from convnet_jax import optim
+from convnet_jax import steps
 from convnet_jax import train
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
@@ -34,8 +35,8 @@ def test_the_recipe_is_airbench94_muons():
   validation.validate_config(config)
   # 50,000 / 2,000 = 25 steps an epoch, 8 epochs: 200 steps; the whitening bias for 75.
   steps_per_epoch = 50_000 // config.batch_size
-  assert optim.total_steps(config, steps_per_epoch) == 200
-  assert optim.late_freeze_step(config, steps_per_epoch) == 75
+  assert steps.StepBudget.of(config, steps_per_epoch).total_steps == 200
+  assert steps.StepBudget.of(config, steps_per_epoch).late_freeze_step == 75
   multiplier = optim.learning_rate_multipliers(config)
   # The SGD groups' learning rates and weight decays, as the script sets them.
   for name, lr in (("head/kernel", 0.67), ("group2/norm1/offset", 0.053),

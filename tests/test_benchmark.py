@@ -12,6 +12,7 @@ from configs import smoke as smoke_config
 from conftest import REPO_ROOT
 from convnet_jax import models
 from convnet_jax import programs as programs_lib
+from convnet_jax import steps
 from convnet_jax.ops import conv
 from convnet_jax.runs import setup as run_setup
 from convnet_jax.tools import benchmark
@@ -105,9 +106,10 @@ def test_the_benchmark_times_the_program_a_run_executes(cifar10_dir):
   data = run_setup.load_data(config)
   steps_per_epoch = len(data.train_labels) // config.batch_size + 1  # 3 full batches and 8
   model = models.create_model(config, data.num_classes, implementation)
-  state, data_key = run_setup.create_run_state(config, model, steps_per_epoch, None, data)
+  budget = steps.StepBudget.of(config, steps_per_epoch)
+  state, data_key = run_setup.create_run_state(config, model, budget, None, data)
   run_programs = programs_lib.Programs(config, model, state, programs_lib.put_data(data, None),
-                                    data_key, None, steps_per_epoch)
+                                       data_key, None, budget)
   bench_programs, *_, bench_steps = benchmark.synthetic_run(
       config, config.benchmark.num_examples, data.num_classes, implementation)
   assert bench_steps == steps_per_epoch == 4

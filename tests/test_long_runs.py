@@ -82,7 +82,7 @@ def _operations(**values):
 
 
 def test_fixed_calls_stop_at_the_epoch_end():
-  planner = epoch_calls.CallPlanner(_operations(steps_per_call=4), steps_per_epoch=10)
+  planner = epoch_calls.CallPlanner(_operations(steps_per_call=4), steps.StepBudget(10, 1))
   ends, first = [], 0
   while first < 10:
     first = planner.call_end(epoch=0, first_step=first, epoch_steps=10)
@@ -91,7 +91,8 @@ def test_fixed_calls_stop_at_the_epoch_end():
 
 
 def test_automatic_calls_fit_the_target_time_at_the_measured_step_time():
-  planner = epoch_calls.CallPlanner(_operations(seconds_per_call=10.0), steps_per_epoch=1000)
+  planner = epoch_calls.CallPlanner(_operations(seconds_per_call=10.0),
+                                    steps.StepBudget(1000, 1))
   assert planner.call_end(0, 0, 1000) == epoch_calls.FIRST_CALL_STEPS  # nothing measured yet
   planner.measured(num_steps=3, seconds=1.5)  # 0.5 s a step: 20 steps in 10 s
   assert planner.call_end(0, 3, 1000) == 23
@@ -103,7 +104,7 @@ def test_automatic_calls_fit_the_target_time_at_the_measured_step_time():
 
 def test_calls_end_at_every_checkpoint_step_across_epochs():
   planner = epoch_calls.CallPlanner(_operations(steps_per_call=100, checkpoint_every_steps=7),
-                                    steps_per_epoch=10)
+                                    steps.StepBudget(10, 1))
   # Epoch 1 starts at global step 10: checkpoints at 14 and 21 are steps 4 of epoch 1 and 1 of
   # epoch 2.
   assert planner.call_end(epoch=1, first_step=0, epoch_steps=10) == 4
@@ -135,10 +136,10 @@ def test_an_epoch_in_progress_sums_its_steps_and_survives_json():
 
 def test_positions_in_words():
   config = default_config.get_config()  # 5 epochs
-  assert epoch_calls.position(config, 79, epoch=0, steps_done=0) == "before the first step"
-  assert epoch_calls.position(config, 79, epoch=2, steps_done=0) == "after epoch 1"
-  assert epoch_calls.position(config, 79, epoch=2, steps_done=30) == "at step 30 of epoch 2"
-  assert epoch_calls.position(config, 79, epoch=2, steps_done=79) == "after epoch 2"
+  assert steps.StepBudget.of(config, 79).position(epoch=0, steps_done=0) == "before the first step"
+  assert steps.StepBudget.of(config, 79).position(epoch=2, steps_done=0) == "after epoch 1"
+  assert steps.StepBudget.of(config, 79).position(epoch=2, steps_done=30) == "at step 30 of epoch 2"
+  assert steps.StepBudget.of(config, 79).position(epoch=2, steps_done=79) == "after epoch 2"
 
 
 # ---------------------------------------------------------------------------------------------

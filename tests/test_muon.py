@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from convnet_jax import optim
+from convnet_jax import steps
 
 A, B, C = 3.4445, -4.7750, 2.0315  # airbench's coefficients, copied from its script
 
@@ -198,7 +199,7 @@ def test_the_muon_recipes_optimiser_is_airbench94_muons(monkeypatch):
       node[leaf] = to_flax(name, value)
     return nested
 
-  tx = optim.create_optimizer(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
   params = tree(torch_params)
   state = tx.init(params)
   update = jax.jit(tx.update)

@@ -28,7 +28,7 @@ def _config(**overrides):
 def test_linear_schedule_is_the_default_and_reaches_zero():
   config = _config(num_epochs=4)
   assert config.schedule == "linear"
-  schedule = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 10))
   for step in (0, 10, 25, 39, 40):
     assert float(schedule(step)) == pytest.approx(0.1 * (1 - step / 40), rel=1e-6, abs=1e-9)
 
@@ -36,7 +36,7 @@ def test_linear_schedule_is_the_default_and_reaches_zero():
 def test_step_schedule_drops_exactly_at_the_boundary_steps():
   config = _config(schedule="step", num_epochs=6, lr_boundaries_epochs=(2, 4),
                    lr_decay_factor=0.1)
-  schedule = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 10))
   expected = {0: 0.1, 19: 0.1, 20: 0.01, 39: 0.01, 40: 0.001, 59: 0.001, 60: 0.001}
   for step, value in expected.items():
     assert float(schedule(step)) == pytest.approx(value, rel=1e-6), step
@@ -44,7 +44,7 @@ def test_step_schedule_drops_exactly_at_the_boundary_steps():
 
 def test_cosine_schedule_start_quarter_middle_end():
   config = _config(schedule="cosine", num_epochs=5)
-  schedule = optim.create_learning_rate_fn(config, steps_per_epoch=20)  # 100 steps
+  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 20))  # 100 steps
   for step in (0, 25, 50, 75, 99, 100):
     expected = 0.1 * (1 + math.cos(math.pi * step / 100)) / 2
     assert float(schedule(step)) == pytest.approx(expected, abs=1e-7), step
@@ -56,7 +56,7 @@ def test_resnet18_config_drops_at_epochs_100_and_150_in_steps():
   config = cifar10_resnet18.get_config()
   num_steps = steps.steps_per_epoch(50_000, config.batch_size, config.drop_last_batch)
   assert num_steps == 391  # 390 batches of 128 and one of 80
-  schedule = optim.create_learning_rate_fn(config, num_steps)
+  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, num_steps))
   assert float(schedule(100 * 391 - 1)) == pytest.approx(0.1)
   assert float(schedule(100 * 391)) == pytest.approx(0.01)
   assert float(schedule(150 * 391 - 1)) == pytest.approx(0.01)
@@ -65,7 +65,7 @@ def test_resnet18_config_drops_at_epochs_100_and_150_in_steps():
 
 
 def _run_optimizer(config, params, gradients, steps_per_epoch=2):
-  optimizer = optim.create_optimizer(config, steps_per_epoch)
+  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
   params = {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
   state = optimizer.init(params)
   for gradient in gradients:

@@ -21,7 +21,7 @@ def test_steps_per_epoch_matches_the_specification():
 
 def test_learning_rate_first_middle_last_step():
   config = default_config.get_config()
-  schedule = optim.create_learning_rate_fn(config, steps_per_epoch=79)
+  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 79))
   total = 5 * 79
   assert float(schedule(0)) == pytest.approx(0.1)
   assert float(schedule(197)) == pytest.approx(0.1 * (1 - 197 / total))
@@ -31,7 +31,7 @@ def test_learning_rate_first_middle_last_step():
 
 def test_sgd_momentum_matches_pytorch_formula():
   config = default_config.get_config()
-  optimizer = optim.create_optimizer(config, steps_per_epoch=2)  # 10 steps in all
+  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, 2))  # 10 steps in all
   w0 = np.array([1.0, -2.0, 0.5])
   g1 = np.array([0.3, -0.1, 2.0])
   g2 = np.array([-1.0, 0.4, 0.2])

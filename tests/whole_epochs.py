@@ -10,8 +10,8 @@ from convnet_jax import steps
 
 
 def train_epoch(state: steps.TrainState, images: jax.Array, labels: jax.Array,
-                data_key: jax.Array, epoch: jax.Array, mean: jax.Array, std: jax.Array, *, batch_size: int,
-                drop_last_batch: bool, augment: steps.AugmentOptions | None = None,
+                data_key: jax.Array, epoch: jax.Array, mean: jax.Array, std: jax.Array, *,
+                batch_size: int, drop_last_batch: bool, augment: steps.AugmentOptions | None = None,
                 batch_sharding=None, num_steps: int | None = None,
                 options: steps.StepOptions = steps.StepOptions()):
   """One epoch of `train_steps` in one call: every example once (the last batch short unless
@@ -28,5 +28,6 @@ def train_epoch(state: steps.TrainState, images: jax.Array, labels: jax.Array,
       options=options)
   per_step = jax.tree_util.tree_map(lambda x: x[:end_step], per_step)
   totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
-  totals["step_losses"] = per_step["loss_sum"] / steps.batch_sizes(num_examples, batch_size, end_step)
+  totals["step_losses"] = per_step["loss_sum"] / steps.batch_sizes(num_examples, batch_size,
+                                                                    end_step)
   return state, totals

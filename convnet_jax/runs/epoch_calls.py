@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from convnet_jax import optim
 from convnet_jax import steps as steps_lib
 
 # With `operations.steps_per_call=0`, the first call of a run runs this many steps, to measure
@@ -28,11 +27,11 @@ class CallPlanner:
   call never runs past the epoch's end or past a step of `operations.checkpoint_every_steps`.
   A short epoch thus runs in one call, the fastest."""
 
-  def __init__(self, operations, steps_per_epoch: int):
+  def __init__(self, operations, budget):
     self._fixed = operations.steps_per_call
     self._target_seconds = float(operations.seconds_per_call)
     self._checkpoint_every = operations.checkpoint_every_steps
-    self._steps_per_epoch = steps_per_epoch
+    self._budget = budget
     self.step_seconds: float | None = None
 
   def call_end(self, epoch: int, first_step: int, epoch_steps: int) -> int:
@@ -46,9 +45,9 @@ class CallPlanner:
       size = max(1, math.floor(self._target_seconds / self.step_seconds))
     end = min(epoch_steps, first_step + size)
     if self._checkpoint_every:
-      global_first = epoch * self._steps_per_epoch + first_step
+      global_first = self._budget.global_step(epoch, first_step)
       next_checkpoint = (global_first // self._checkpoint_every + 1) * self._checkpoint_every
-      end = min(end, next_checkpoint - epoch * self._steps_per_epoch)
+      end = min(end, next_checkpoint - self._budget.global_step(epoch, 0))
     return end
 
   def measured(self, num_steps: int, seconds: float) -> None:
@@ -113,18 +112,3 @@ class EpochInProgress:
     return cls(record["epoch"], np.asarray(record["learning_rate"]),
                np.asarray(record["loss_sum"], np.float64),
                np.asarray(record["correct"], np.float64), record["seconds"])
-
-
-def global_step(steps_per_epoch: int, epoch: int, step: int) -> int:
-  """The number of steps trained at step `step` of epoch `epoch` (every epoch before the last
-  is whole)."""
-  return epoch * steps_per_epoch + step
-
-
-def position(config, steps_per_epoch: int, epoch: int, steps_done: int) -> str:
-  """Where a run stands, in words: "after epoch 3", "at step 12 of epoch 4"."""
-  if steps_done == 0:
-    return f"after epoch {epoch - 1}" if epoch else "before the first step"
-  if steps_done >= optim.epoch_steps(config, steps_per_epoch, epoch):
-    return f"after epoch {epoch}"
-  return f"at step {steps_done} of epoch {epoch}"

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from convnet_jax import models
-from convnet_jax import optim
+from convnet_jax import steps as steps_lib
 from convnet_jax.parallel import replicas
 from convnet_jax.runs import workdir as workdir_lib
 from convnet_jax.runs.errors import WriteFailed
@@ -83,7 +83,7 @@ class Reporter:
       self._progress = tqdm.tqdm(
           total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
           disable=not (self.config.operations.progress_bar and sys.stderr.isatty()))
-    self._progress.set_description(f"epoch {epoch + 1}/{optim.num_epochs_run(self.config)}",
+    self._progress.set_description(f"epoch {epoch + 1}/{steps_lib.epochs_run(self.config.num_epochs)}",
                                    refresh=False)
     self._progress.set_postfix_str(f"{images_per_second:,.0f} img/s", refresh=False)
     self._progress.update(num_steps)

@@ -26,7 +26,7 @@ from convnet_jax.runs import workdir as workdir_lib
 from convnet_jax.runs.errors import UserError
 
 
-def create_run_state(config, model, steps: int, mesh, data=None):
+def create_run_state(config, model, budget: steps_lib.StepBudget, mesh, data=None):
   """The train state and data-order key of the run: one model, or `config.num_replicas` stacked
   along a leading axis (seed, learning rate and momentum from `replicas.replica_settings`). A
   model of seed s has the parameters and data order of `jax.random.split(jax.random.key(s))`,
@@ -38,7 +38,7 @@ def create_run_state(config, model, steps: int, mesh, data=None):
 
   def create(seed, learning_rate, momentum):
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    state = steps_lib.create_train_state(config, model, init_key, steps, learning_rate,
+    state = steps_lib.create_train_state(config, model, init_key, budget, learning_rate,
                                          momentum)
     return state, data_key
 
@@ -56,15 +56,15 @@ def create_run_state(config, model, steps: int, mesh, data=None):
     state = state.replace(lookahead_params=jax.tree_util.tree_map(jnp.copy, state.params))
   # The optimiser built inside `jit` only served to initialise: its hyperparameters are in
   # `opt_state`, and a concrete one is kept for the updates.
-  return state.replace(tx=optim.create_optimizer(config, steps)), data_key
+  return state.replace(tx=optim.create_optimizer(config, budget)), data_key
 
 
-def describe_run(config, state, steps: int, mesh) -> str:
+def describe_run(config, state, budget: steps_lib.StepBudget, mesh) -> str:
   """The start-up line on the model and the devices: "model seed: 102,784 parameters x 1
   replicas; 79 steps per epoch on 1 devices"."""
   return (f"model {config.model}: "
           f"{models.count_parameters(state.params) // config.num_replicas:,} parameters x "
-          f"{config.num_replicas} replicas; {steps} steps per epoch on "
+          f"{config.num_replicas} replicas; {budget.steps_per_epoch} steps per epoch on "
           f"{data_parallel.mesh_size(mesh)} devices")
 
 

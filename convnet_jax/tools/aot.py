@@ -93,10 +93,9 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   num_classes = len(config.classes)
   model = models.create_model(config, num_classes, choice.implementation)
   num_train, num_test = data_counts(config)
-  steps_per_epoch = steps_lib.steps_per_epoch(num_train, config.batch_size,
-                                              config.drop_last_batch)
+  budget = steps_lib.StepBudget.for_examples(config, num_train)
   state = jax.eval_shape(lambda key: steps_lib.create_train_state(
-      config, model, key, steps_per_epoch), jax.random.key(0))
+      config, model, key, budget), jax.random.key(0))
   mirrored, split = data_parallel.mirrored_sharding(mesh), data_parallel.split_sharding(mesh)
   state = _abstract(state, mirrored)
   images = lambda count: jax.ShapeDtypeStruct((count,) + input_pipeline.IMAGE_SHAPE, jnp.uint8,
@@ -110,15 +109,15 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
                                sharding=split)
   batch_labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=split)
   return {
-      "train_steps": programs_lib.jitted_train_steps(config, mesh, steps_per_epoch).trace(
+      "train_steps": programs_lib.jitted_train_steps(config, mesh, budget).trace(
           state, images(num_train), labels(num_train), data_key, step_number, step_number,
           step_number, channel, channel),
       "evaluate": programs_lib.jitted_evaluate(config, model.apply, mesh).trace(
           state.params, images(num_test), labels(num_test), channel, channel),
-      "train_step": programs_lib.jitted_train_step(config, mesh, steps_per_epoch).trace(
+      "train_step": programs_lib.jitted_train_step(config, mesh, budget).trace(
           state, batch, batch_labels),
       "conv_implementation": choice.implementation,
-      "steps_per_epoch": steps_per_epoch,
+      "steps_per_epoch": budget.steps_per_epoch,
   }
 
 

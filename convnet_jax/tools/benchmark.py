@@ -98,11 +98,11 @@ def synthetic_run(config, num_examples: int, num_classes: int, conv_implementati
   key, steps per epoch)."""
   model = models.create_model(config, num_classes, conv_implementation)
   data = _synthetic_data(config, num_examples, num_classes)
-  num_steps = steps.steps_per_epoch(num_examples, config.batch_size, config.drop_last_batch)
-  state, data_key = run_setup.create_run_state(config, model, num_steps, None, data)
+  budget = steps.StepBudget.for_examples(config, num_examples)
+  state, data_key = run_setup.create_run_state(config, model, budget, None, data)
   device_data = programs_lib.put_data(data, None)
-  programs = programs_lib.Programs(config, model, state, device_data, data_key, None, num_steps)
-  return programs, state, device_data, data_key, num_steps
+  programs = programs_lib.Programs(config, model, state, device_data, data_key, None, budget)
+  return programs, state, device_data, data_key, budget.steps_per_epoch
 
 
 # Published dense peaks per chip, in TFLOP/s, by a piece of JAX's device_kind and dtype: for
@@ -238,7 +238,7 @@ def _step_flops(config, state, data, batch_size: int, num_steps: int, num_classe
     state = state.replace(
         apply_fn=models.create_model(config, num_classes, "im2col").apply)
   batch = input_pipeline.normalize(data.train_images[:batch_size], data.mean, data.std)
-  step = programs_lib.jitted_train_step(config, None, num_steps)
+  step = programs_lib.jitted_train_step(config, None, steps.StepBudget.of(config, num_steps))
   return _flops(programs_lib.compile_for(step, None, state, batch,
                                          data.train_labels[:batch_size]))
 
