@@ -219,21 +219,26 @@ def create_optimizer(config, budget: StepBudget, learning_rate=None,
           lambda count: -step_size * shape(count)))
     else:
       parts.append(optax.scale_by_schedule(lambda count: -step_size * shape(count)))
-    sgd_transform = optax.chain(*parts)
-    if not config.muon.parameters:
-      return sgd_transform
-    muon = config.muon
-    muon_transform = airbench_muon(lambda count: muon.learning_rate * shape(count),
-                                   muon.momentum, nesterov=muon.nesterov,
-                                   normalize_filters=muon.normalize_filters,
-                                   newton_schulz_steps=muon.newton_schulz_steps,
-                                   dtype=MUON_DTYPE)
-    return optax.multi_transform({"sgd": sgd_transform, "muon": muon_transform},
-                                 functools.partial(muon_labels, tuple(muon.parameters)))
+    return with_muon(config.muon, optax.chain(*parts), shape)
 
   return optax.inject_hyperparams(sgd)(
       learning_rate=config.learning_rate if learning_rate is None else learning_rate,
       momentum=config.momentum if momentum is None else momentum)
+
+
+def with_muon(muon, sgd: optax.GradientTransformation, shape: optax.Schedule
+              ) -> optax.GradientTransformation:
+  """`sgd` for every parameter but the 4-D kernels under `muon.parameters` (the config's `muon`
+  group), which `airbench_muon` trains at muon.learning_rate times the schedule's `shape`;
+  `sgd` alone without any."""
+  if not muon.parameters:
+    return sgd
+  muon_transform = airbench_muon(lambda count: muon.learning_rate * shape(count),
+                                 muon.momentum, nesterov=muon.nesterov,
+                                 normalize_filters=muon.normalize_filters,
+                                 newton_schulz_steps=muon.newton_schulz_steps, dtype=MUON_DTYPE)
+  return optax.multi_transform({"sgd": sgd, "muon": muon_transform},
+                               functools.partial(muon_labels, tuple(muon.parameters)))
 
 
 def muon_labels(patterns: tuple[str, ...], params):

@@ -194,6 +194,23 @@ def epoch_flips(data_key: jax.Array, epoch, num_examples: int) -> jax.Array:
   return first ^ (epoch % 2 == 1)
 
 
+def _flips_of_the_epoch(augment: AugmentOptions | None, data_key: jax.Array, epoch,
+                        num_examples: int) -> jax.Array | None:
+  """Which images `augment` flips this epoch: `epoch_flips` for "alternate", none for "none",
+  None where each batch draws its own ("random") or nothing is augmented."""
+  if augment is not None and augment.flip == "alternate":
+    return epoch_flips(data_key, epoch, num_examples)
+  if augment is not None and augment.flip == "none":
+    return jnp.zeros(num_examples, bool)
+  return None
+
+
+def _record(per_step, metrics, step_index):
+  """The per-step metric arrays with step `step_index`'s `metrics` put in."""
+  return jax.tree_util.tree_map(lambda buffer, value: buffer.at[step_index].set(value),
+                                per_step, metrics)
+
+
 def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
                 epoch: jax.Array, first_step: jax.Array, end_step: jax.Array, mean: jax.Array,
                 std: jax.Array, *, batch_size: int, drop_last_batch: bool,
@@ -210,21 +227,14 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
 
   `first_step` and `end_step` are traced: one compiled program runs any part of any epoch, and
   an epoch run in several calls computes exactly what one call computes. Returns the new state
-  and each step's metrics of `train_step`, in arrays of `steps_per_epoch` entries that are zero
-  outside the steps run.
-  """
+  and each step's `train_step` metrics, in arrays of an entry a step, zero outside those run."""
   key = jax.random.fold_in(data_key, epoch)
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
-  remainder = num_examples % batch_size
-  has_short_batch = bool(remainder) and not drop_last_batch
+  has_short_batch = bool(num_examples % batch_size) and not drop_last_batch
   order = jax.random.permutation(key, num_examples)
   augment_key = jax.random.fold_in(key, AUGMENT_KEY_STREAM)
-  flips = None
-  if augment is not None and augment.flip == "alternate":
-    flips = epoch_flips(data_key, epoch, num_examples)
-  elif augment is not None and augment.flip == "none":
-    flips = jnp.zeros(num_examples, bool)
+  flips = _flips_of_the_epoch(augment, data_key, epoch, num_examples)
 
   def step(state, indices, step_index):
     # Sharding the indices makes each device gather only its own part of the batch.
@@ -239,20 +249,16 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
     return train_step(state, batch_images,
                       data_parallel.split_batch(labels[indices], batch_sharding), options)
 
-  def record(per_step, metrics, step_index):
-    return jax.tree_util.tree_map(lambda buffer, value: buffer.at[step_index].set(value),
-                                  per_step, metrics)
-
   def full_step(step_index, carry):
     state, per_step = carry
     indices = jax.lax.dynamic_slice_in_dim(order, step_index * batch_size, batch_size)
     state, metrics = step(state, indices, step_index)
-    return state, record(per_step, metrics, step_index)
+    return state, _record(per_step, metrics, step_index)
 
   def short_step(carry):
     state, per_step = carry
     state, metrics = step(state, order[num_full * batch_size:], num_full)
-    return state, record(per_step, metrics, num_full)
+    return state, _record(per_step, metrics, num_full)
 
   # The metrics of `train_step` are float32 scalars: known without tracing a step for them
   # (a trace costs ~0.3 s of a warm start).

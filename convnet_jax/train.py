@@ -12,8 +12,6 @@ and the programs), `epoch_calls` (how an epoch is cut into calls, an epoch in pr
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,17 +30,15 @@ from convnet_jax.parallel import replicas
 from convnet_jax.runs import checkpoints
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import epoch_calls
+from convnet_jax.runs import errors
 from convnet_jax.runs import logs
 from convnet_jax.runs import reporting
 from convnet_jax.runs import setup as run_setup
 from convnet_jax.runs import stopping
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import out_of_memory_bytes
-from convnet_jax.runs.errors import OutOfMemory
 from convnet_jax.runs.errors import RunStopped
 from convnet_jax.runs.errors import TrainingDiverged
-from convnet_jax.runs.errors import WriteFailed
 
 __all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 
@@ -190,7 +186,7 @@ class TrainingLoop:
           config.num_replicas)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
-      with naming_the_batch_size(config, "eval_batch_size"):
+      with errors.naming_the_batch_size(config, "eval_batch_size"):
         predictions, test_totals = run_evaluation(self.programs, state, self.data)
         test_totals = _host_totals(test_totals)
       epoch_steps = progress.steps_done
@@ -219,11 +215,12 @@ class TrainingLoop:
     epoch_steps = self.budget.epoch_steps(epoch)
     while progress.steps_done < epoch_steps:
       first = progress.steps_done
-      stop, end = self.signals.agree(self.planner.call_end(epoch, first, epoch_steps))
+      stop, end = self.signals.agree_on_stop_and_call_end(
+          self.planner.call_end(epoch, first, epoch_steps))
       if stop:
         self.stop(stop, state, history, progress)
       call_start = time.perf_counter()
-      with naming_the_batch_size(config, "batch_size"):
+      with errors.naming_the_batch_size(config, "batch_size"):
         state, per_step = self.programs.train_steps(
             state, self.data.train_images, self.data.train_labels, self.data_key,
             np.int32(epoch), np.int32(first), np.int32(end), self.data.mean, self.data.std)
@@ -272,81 +269,27 @@ class TrainingLoop:
     raise stopping.RunStopped(message, stopping.exit_status(signum))
 
 
-def report_finished_run(config, files: workdir_lib.RunFiles, is_writer: bool) -> dict | None:
-  """When the workdir holds this run finished (the same command run again), says so in one
-  line on stderr, prints its last epoch line again on stdout and returns that record, touching
-  no file; None when there is training left to do."""
-  lines = workdir_lib.finished_run(files, steps_lib.epochs_run(config.num_epochs))
-  if not lines:
-    return None
-  record = json.loads(lines[-1])
-  if is_writer:
-    print(reporting.finished_run_line(record, files.workdir), file=sys.stderr)
-    print(lines[-1], flush=True)
-  return record
-
-
-# What each batch-size key sizes, in the out-of-memory line.
-BATCH_SIZE_PHASES = {"batch_size": "a training step", "eval_batch_size": "the evaluation"}
-
-
-@contextlib.contextmanager
-def naming_the_batch_size(config, key: str):
-  """XLA's out-of-memory error in what the batch-size `key` sizes ("batch_size",
-  "eval_batch_size") becomes one `OutOfMemory` line naming the key to lower, the model and the
-  dtype."""
-  try:
-    yield
-  except jax.errors.JaxRuntimeError as error:
-    size = out_of_memory_bytes(error)
-    if size is None:
-      raise
-    phase = BATCH_SIZE_PHASES[key]
-    replicated = f" ({config.num_replicas} replicas)" if config.num_replicas > 1 else ""
-    raise OutOfMemory(
-        f"config.{key}={config[key]}: out of memory in {phase} of model {config.model} in "
-        f"{config.dtype}{replicated}: XLA could not allocate {size / 2**30:.1f} GiB on "
-        f"{jax.devices()[0].platform}; lower {key}") from None
-
-
-@contextlib.contextmanager
-def naming_the_intact_checkpoint(store: checkpoints.CheckpointStore):
-  """A `WriteFailed` leaving the run says which checkpoint it can resume from."""
-  try:
-    yield
-  except WriteFailed as error:
-    if error.resume_note:
-      raise
-    raise error.naming_the_checkpoint(store.newest_intact, store.directory) from None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains the configured model, evaluating after every epoch; resumes from the workdir's
   newest intact checkpoint if it holds one of the same config, mid-epoch if it was taken there.
 
   Prints one JSON line per new epoch on stdout; keeps config.json, metrics.jsonl, preds, log.txt,
-  checkpoints/ and tensorboard/ in `workdir` (see `reporting`), which it holds locked while it
-  runs (`workdir.FolderLock`). Returns the last epoch's record. Raises `UserError` for bad
-  configs, data or workdirs (a workdir in use included) before any work, `TrainingDiverged`
-  when the loss stops being finite (the last good checkpoint stays), and `RunStopped` after a
-  SIGTERM or SIGINT, with a checkpoint saved at the step it stopped (`stopping`). Replicas
-  (`num_replicas` > 1) train together, see `replicas`; several devices split each batch, see
-  `parallel`.
-  """
+  checkpoints/ and tensorboard/ in `workdir` (`reporting`), locked while it runs. Returns the
+  last epoch's record. Raises `UserError` for bad configs, data or workdirs before any work,
+  `TrainingDiverged` when the loss stops being finite (the last good checkpoint stays), and
+  `RunStopped` after a SIGTERM or SIGINT, with a checkpoint saved where it stopped (`stopping`).
+  Replicas train together (`parallel.replicas`); devices split each batch (`data_parallel`)."""
   validation.validate_config(config)
   validation.check_devices(config, jax.device_count())
   files = workdir_lib.RunFiles(workdir)
   is_writer = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
     if is_writer:  # the other processes of a multi-process run share process 0's workdir
-      lock = stack.enter_context(workdir_lib.FolderLock(files.workdir, workdir_lib.RUN_LOCK))
-      if lock.taken_over:
-        logging.warning("took over the lock of %s in %s, which ended without releasing it",
-                        lock.taken_over, files.workdir)
+      stack.enter_context(workdir_lib.holding(files))
     signals = stack.enter_context(stopping.StopSignals())
     identity = workdir_lib.run_identity(config)
     resuming = workdir_lib.check_workdir(files, identity)
-    if resuming and (finished := report_finished_run(config, files, is_writer)):
+    if resuming and (finished := run_setup.report_finished_run(config, files, is_writer)):
       return finished
     data = run_setup.load_data(config)
     cache_choice = compile_cache.enable(config.operations.compilation_cache)
@@ -357,33 +300,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     conv_choice = run_setup.choose_convolutions(config, mesh)
     reporter.note(conv_choice.describe())
     run_setup.create_workdir(files, reporter.is_writer)
-
     model = models.create_model(config, data.num_classes, conv_choice.implementation)
     run_setup.check_model(config, model)
     budget = steps_lib.StepBudget.for_examples(config, len(data.train_labels))
     state, data_key = run_setup.create_run_state(config, model, budget, mesh, data)
     reporter.note(run_setup.describe_run(config, state, budget, mesh))
-    store = stack.enter_context(contextlib.closing(checkpoints.CheckpointStore(
-        files.checkpoints, config.operations.max_checkpoints_to_keep)))
-    stack.enter_context(naming_the_intact_checkpoint(store))
+    store = stack.enter_context(run_setup.open_checkpoints(config, files))
     fingerprint = checkpoints.config_fingerprint(identity)
-    state, history, in_progress = run_setup.restore_history(store, state, fingerprint, resuming,
-                                                            reporter)
-    in_progress = in_progress and epoch_calls.EpochInProgress.from_json(in_progress)
-    steps_done = budget.global_step(len(history), in_progress.steps_done if in_progress else 0)
+    state, history, in_progress = run_setup.restore_state_and_history(
+        store, state, fingerprint, resuming, reporter)
     reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()},
-                   total_steps=budget.total_steps, steps_done=steps_done)
+                   total_steps=budget.total_steps, steps_done=budget.global_step(
+                       len(history), in_progress.steps_done if in_progress else 0))
     stack.enter_context(reporter)
-
     device_data = programs_lib.put_data(data, mesh)
     run_setup.report_shapes(reporter, config, model, state, device_data)
-    program_store = compile_cache.ProgramStore(cache_choice,
-                                               run_setup.program_identity(config, conv_choice))
     programs = programs_lib.Programs(config, model, state, device_data, data_key, mesh, budget,
-                                     program_store)
-    cached = cache_watch.finish()
-    reporter.note(f"compile time: {programs.compile_seconds:.2f} s"
-                  + (f" ({cached})" if cached else ""))
+                                     run_setup.program_store(config, cache_choice, conv_choice))
+    reporter.note(reporting.compile_time_line(programs.compile_seconds, cache_watch.finish()))
 
     loop = TrainingLoop(config, programs, device_data, data_key, budget, store,
                         fingerprint, reporter, signals)

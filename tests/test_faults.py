@@ -28,8 +28,8 @@ import sqlalchemy
 
 from configs import default as default_config
 from conftest import REPO_ROOT
-from convnet_jax import train
 from convnet_jax.parallel import processes
+from convnet_jax.runs import errors
 from convnet_jax.runs import checkpoints
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import logs
@@ -88,7 +88,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_write_failure(tmp_path, monk
   hooks = sys.excepthook, threading.excepthook, sys.unraisablehook
   try:
     with pytest.raises(WriteFailed) as raised:
-      with train.naming_the_intact_checkpoint(store):
+      with errors.naming_the_intact_checkpoint(store):
         store.save(8, _tiny_state(), {"position": "after epoch 1"})
     # The threads of a failed write wind down quietly: the hooks stay on the log.
     assert sys.excepthook is not hooks[0] and threading.excepthook is not hooks[1]
@@ -262,7 +262,7 @@ def test_out_of_memory_names_the_batch_size_key_model_and_dtype():
   error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
                                      "180627953848 bytes.")
   with pytest.raises(OutOfMemory) as raised:
-    with train.naming_the_batch_size(config, "batch_size"):
+    with errors.naming_the_batch_size(config, "batch_size"):
       raise error
   # 180,627,953,848 bytes / 2**30 = 168.22 GiB.
   assert str(raised.value) == (
@@ -271,10 +271,10 @@ def test_out_of_memory_names_the_batch_size_key_model_and_dtype():
       f"batch_size")
   with pytest.raises(OutOfMemory, match=r"^config\.eval_batch_size=128: .* lower "
                                         r"eval_batch_size$"):
-    with train.naming_the_batch_size(config, "eval_batch_size"):
+    with errors.naming_the_batch_size(config, "eval_batch_size"):
       raise error
   with pytest.raises(jax.errors.JaxRuntimeError):  # any other XLA error goes on as it is
-    with train.naming_the_batch_size(config, "eval_batch_size"):
+    with errors.naming_the_batch_size(config, "eval_batch_size"):
       raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 

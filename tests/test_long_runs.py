@@ -151,7 +151,7 @@ def test_the_first_signal_is_recorded_and_the_second_gets_the_default_action():
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.01)  # Python runs the handler at the next bytecode
     assert signals.received == signal.SIGTERM
-    assert signals.agree(17) == (signal.SIGTERM, 17)
+    assert signals.agree_on_stop_and_call_end(17) == (signal.SIGTERM, 17)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
   assert signal.getsignal(signal.SIGTERM) == before

@@ -187,7 +187,7 @@ def test_the_model_registry_is_what_validation_accepts():
     validation.validate_config(config)
 
 
-def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path):
+def test_restore_state_and_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path):
   from convnet_jax.runs import checkpoints
 
   files = workdir_lib.RunFiles(tmp_path)
@@ -195,16 +195,18 @@ def test_restore_history_starts_fresh_or_restores_the_newest_checkpoint(tmp_path
   fresh = {"w": np.zeros(3, np.float32)}
   store = checkpoints.CheckpointStore(files.checkpoints, max_to_keep=2)
   try:
-    assert run_setup.restore_history(store, fresh, "fp", False, reporter) == (fresh, [], None)
-    assert run_setup.restore_history(store, fresh, "fp", True, reporter) == (fresh, [], None)
+    for resuming in (False, True):
+      assert run_setup.restore_state_and_history(store, fresh, "fp", resuming,
+                                                 reporter) == (fresh, [], None)
     saved = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
     history = [{"epoch": 0}, {"epoch": 1}]
     store.save(2, saved, {"history": history, "config_fingerprint": "fp"})
-    state, restored, in_progress = run_setup.restore_history(store, fresh, "fp", True, reporter)
+    state, restored, in_progress = run_setup.restore_state_and_history(store, fresh, "fp", True,
+                                                                       reporter)
     np.testing.assert_array_equal(state["w"], [1.0, 2.0, 3.0])
     assert restored == history and in_progress is None and store.newest_intact == 2
     with pytest.raises(UserError, match="checkpoint of another config"):
-      run_setup.restore_history(store, fresh, "other", True, reporter)
+      run_setup.restore_state_and_history(store, fresh, "other", True, reporter)
   finally:
     store.close()
 

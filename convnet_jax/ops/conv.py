@@ -250,6 +250,11 @@ class ConvChoice:
 class ConvUnavailable(UserError):
   """`conv_implementation` names a path that cannot run here; the message says why."""
 
+  def naming_the_key(self, requested: str, advice: str = "") -> UserError:
+    """The same as an error naming `config.conv_implementation` (its value `requested`), with
+    `advice` after the reason."""
+    return UserError(f"config.conv_implementation={requested!r}: {self}{advice}")
+
 
 def check_conv_implementation(requested: str) -> None:
   """Raises `ConvUnavailable` when `requested` is "onednn" and the extension cannot load here.

@@ -1,8 +1,9 @@
 """Loads the optional oneDNN convolution extension and registers its XLA FFI targets.
 
 The extension (`convnet_jax/ops/csrc/onednn_conv.cc`, built by `pip install` where a C++
-compiler and the PyPI oneDNN wheels are available) holds three XLA FFI handlers: a convolution's forward pass,
-input gradient and kernel gradient on NHWC activations and HWIO kernels. `load()` says whether it
+compiler and the PyPI oneDNN wheels are available) holds three XLA FFI handlers: a
+convolution's forward pass, input gradient and kernel gradient on NHWC activations and HWIO
+kernels. `load()` says whether it
 can be used here and, if not, why; the pure-JAX convolutions stay the fallback.
 
 Threads: nothing is set. oneDNN's OpenMP team (one thread per core) runs beside XLA's own pool;

@@ -4,9 +4,12 @@ written."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+
+import jax
 
 
 class UserError(ValueError):
@@ -106,3 +109,37 @@ def write_failure_reason(error: BaseException) -> str:
 def one_line(error: BaseException, limit: int = 300) -> str:
   """An error's message on one line, at most `limit` characters."""
   return " ".join(str(error).split())[:limit]
+
+
+# What each batch-size key sizes, in the out-of-memory line.
+BATCH_SIZE_PHASES = {"batch_size": "a training step", "eval_batch_size": "the evaluation"}
+
+
+@contextlib.contextmanager
+def naming_the_batch_size(config, key: str):
+  """XLA's out-of-memory error in what the batch-size `key` sizes ("batch_size",
+  "eval_batch_size") becomes one `OutOfMemory` line naming the key to lower, the model and the
+  dtype."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as error:
+    size = out_of_memory_bytes(error)
+    if size is None:
+      raise
+    phase = BATCH_SIZE_PHASES[key]
+    replicated = f" ({config.num_replicas} replicas)" if config.num_replicas > 1 else ""
+    raise OutOfMemory(
+        f"config.{key}={config[key]}: out of memory in {phase} of model {config.model} in "
+        f"{config.dtype}{replicated}: XLA could not allocate {size / 2**30:.1f} GiB on "
+        f"{jax.devices()[0].platform}; lower {key}") from None
+
+
+@contextlib.contextmanager
+def naming_the_intact_checkpoint(store):
+  """A `WriteFailed` leaving the run says which checkpoint it can resume from."""
+  try:
+    yield
+  except WriteFailed as error:
+    if error.resume_note:
+      raise
+    raise error.naming_the_checkpoint(store.newest_intact, store.directory) from None

@@ -83,8 +83,8 @@ class Reporter:
       self._progress = tqdm.tqdm(
           total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
           disable=not (self.config.operations.progress_bar and sys.stderr.isatty()))
-    self._progress.set_description(f"epoch {epoch + 1}/{steps_lib.epochs_run(self.config.num_epochs)}",
-                                   refresh=False)
+    epochs = steps_lib.epochs_run(self.config.num_epochs)
+    self._progress.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
     self._progress.set_postfix_str(f"{images_per_second:,.0f} img/s", refresh=False)
     self._progress.update(num_steps)
 
@@ -204,3 +204,9 @@ def shape_trace(model, params, images: jax.Array, labels: jax.Array) -> list[str
   output = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images)
   lines.append(f"output: {tuple(output.shape)}")
   return lines
+
+
+def compile_time_line(seconds: float, cached: str | None) -> str:
+  """The start-up line on compiling: "compile time: 2.16 s (4 of 4 programs from the
+  compilation cache)"."""
+  return f"compile time: {seconds:.2f} s" + (f" ({cached})" if cached else "")

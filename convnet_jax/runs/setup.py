@@ -5,6 +5,10 @@ from __future__ import annotations
 
 
 
+import contextlib
+import json
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +24,9 @@ from convnet_jax.ops import conv
 from convnet_jax.parallel import data_parallel
 from convnet_jax.parallel import replicas
 from convnet_jax.runs import checkpoints
+from convnet_jax.runs import compile_cache
+from convnet_jax.runs import errors
+from convnet_jax.runs import epoch_calls
 from convnet_jax.runs import reporting
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
@@ -93,8 +100,7 @@ def choose_convolutions(config, mesh) -> conv.ConvChoice:
     return conv.choose_conv_implementation(config.conv_implementation, config.dtype,
                                            data_parallel.mesh_size(mesh))
   except conv.ConvUnavailable as error:
-    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: "
-                    f"{error}") from None
+    raise error.naming_the_key(config.conv_implementation) from None
 
 
 def create_workdir(files: workdir_lib.RunFiles, is_writer: bool) -> None:
@@ -105,11 +111,11 @@ def create_workdir(files: workdir_lib.RunFiles, is_writer: bool) -> None:
     files.workdir.mkdir(parents=True, exist_ok=True)
 
 
-def restore_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
-                    resuming: bool, reporter: reporting.Reporter):
+def restore_state_and_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
+                              resuming: bool, reporter: reporting.Reporter):
   """(state, history, epoch in progress): restored from the newest intact checkpoint when
   resuming and there is one, else the fresh `state`, no history and None. The epoch in progress
-  is a record of `epoch_calls.EpochInProgress` (a checkpoint taken mid-epoch) or None."""
+  is an `epoch_calls.EpochInProgress` (a checkpoint taken mid-epoch) or None."""
   if not resuming:
     return state, [], None
   try:
@@ -125,7 +131,23 @@ def restore_history(store: checkpoints.CheckpointStore, state, fingerprint: str,
            else f"after epoch {len(history) - 1}")
   logging.info("resuming from %s %s", store.directory, where)
   reporter.note(f"resuming {where} from {store.directory}")
-  return state, history, in_progress
+  return state, history, in_progress and epoch_calls.EpochInProgress.from_json(in_progress)
+
+
+@contextlib.contextmanager
+def open_checkpoints(config, files: workdir_lib.RunFiles):
+  """The run's `CheckpointStore`, closed at the end; a write that fails inside says which
+  checkpoint is intact (`errors.naming_the_intact_checkpoint`)."""
+  with contextlib.closing(checkpoints.CheckpointStore(
+      files.checkpoints, config.operations.max_checkpoints_to_keep)) as store:
+    with errors.naming_the_intact_checkpoint(store):
+      yield store
+
+
+def program_store(config, cache_choice, conv_choice: conv.ConvChoice):
+  """Where the run's compiled programs are kept between runs (`compile_cache.ProgramStore`),
+  under the identity of what they compute."""
+  return compile_cache.ProgramStore(cache_choice, program_identity(config, conv_choice))
 
 
 def program_identity(config, conv_choice: conv.ConvChoice) -> dict:
@@ -149,3 +171,17 @@ def report_shapes(reporter: reporting.Reporter, config, model, state,
   for line in reporting.shape_trace(model, params, images,
                                     data.train_labels[:config.batch_size]):
     reporter.note(line)
+
+
+def report_finished_run(config, files: workdir_lib.RunFiles, is_writer: bool) -> dict | None:
+  """When the workdir holds this run finished (the same command run again), says so in one
+  line on stderr, prints its last epoch line again on stdout and returns that record, touching
+  no file; None when there is training left to do."""
+  lines = workdir_lib.finished_run(files, steps_lib.epochs_run(config.num_epochs))
+  if not lines:
+    return None
+  record = json.loads(lines[-1])
+  if is_writer:
+    print(reporting.finished_run_line(record, files.workdir), file=sys.stderr)
+    print(lines[-1], flush=True)
+  return record

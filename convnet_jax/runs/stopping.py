@@ -59,7 +59,7 @@ class StopSignals:
       signal.signal(signum, handler)
     self._previous = {}
 
-  def agree(self, proposal: int) -> tuple[int | None, int]:
+  def agree_on_stop_and_call_end(self, proposal: int) -> tuple[int | None, int]:
     """(the signal to stop on now or None, `proposal`), the same in every process of the run:
     the signal received by the lowest process that has one, and process 0's proposal (the end
     of the next call, which each process sizes from its own clock). One collective in a

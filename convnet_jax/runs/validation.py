@@ -57,8 +57,8 @@ def validate_config(config) -> None:
   try:
     conv.check_conv_implementation(config.conv_implementation)
   except conv.ConvUnavailable as error:
-    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: {error}; use "
-                    f"'auto' (which falls back to 'im2col' here) or 'im2col'") from None
+    raise error.naming_the_key(config.conv_implementation, "; use 'auto' (which falls back to "
+                               "'im2col' here) or 'im2col'") from None
   classes = config.classes
   require(isinstance(classes, (tuple, list)) and len(classes) >= 2, "classes",
           "a tuple of at least two CIFAR-10 class ids", classes)

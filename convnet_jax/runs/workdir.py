@@ -8,6 +8,7 @@ comparison for their folders and studies.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -15,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Callable, Mapping
+
+from absl import logging
 
 from convnet_jax.runs import validation
 from convnet_jax.runs.errors import UserError
@@ -232,3 +235,14 @@ def _read_holder(fd: int, wait_seconds: float = 1.0) -> str:
       if time.monotonic() >= deadline:
         return "another process"
       time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def holding(files: RunFiles):
+  """The workdir locked for this run (`workdir.FolderLock`), saying so in the log when the lock
+  was taken over from a run that ended without releasing it."""
+  with FolderLock(files.workdir, RUN_LOCK) as lock:
+    if lock.taken_over:
+      logging.warning("took over the lock of %s in %s, which ended without releasing it",
+                      lock.taken_over, files.workdir)
+    yield lock

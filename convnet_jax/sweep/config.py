@@ -159,21 +159,7 @@ def validate_sweep_config(config, sweep_fn: SweepFunction) -> dict[str, BaseDist
   for key in ("heartbeat_interval", "grace_period"):
     _require(_is_int(config[key]) and config[key] > 0, key, "a positive number of seconds",
              config[key])
-  retry = storage_retry_seconds(config)
-  _require(validation.is_number(retry) and retry >= 0, "storage_retry_seconds",
-           "a number of seconds, 0 or more", retry)
-  if config.storage:
-    try:
-      url = sqlalchemy.engine.make_url(database_url(config.storage))
-    except sqlalchemy.exc.ArgumentError:
-      _require(False, "storage", "'' (DIR/sweep.db) or a database URL such as "
-               "postgresql://user@host/db or sqlite:////path/sweep.db", config.storage)
-    try:
-      url.get_dialect().import_dbapi()
-    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as error:
-      _require(False, "storage", f"a database whose Python driver is installed ({error}; "
-               f"for PostgreSQL: pip install 'convnet_jax[postgres]')",
-               url.render_as_string(hide_password=True))
+  _validate_storage(config)
   _validate_base(config.base)
   if config.sampler == "grid":
     _require(isinstance(config.grid, ml_collections.ConfigDict) and len(config.grid) > 0, "grid",
@@ -208,6 +194,26 @@ def validate_sweep_config(config, sweep_fn: SweepFunction) -> dict[str, BaseDist
     _require(config.num_trials <= num_points, "num_trials",
              f"at most the number of points of sweep.grid, {num_points}", config.num_trials)
   return space
+
+
+def _validate_storage(config) -> None:
+  """The database keys: a usable URL whose driver is installed, and the retry time."""
+  retry = storage_retry_seconds(config)
+  _require(validation.is_number(retry) and retry >= 0, "storage_retry_seconds",
+           "a number of seconds, 0 or more", retry)
+  if not config.storage:
+    return
+  try:
+    url = sqlalchemy.engine.make_url(database_url(config.storage))
+  except sqlalchemy.exc.ArgumentError:
+    _require(False, "storage", "'' (DIR/sweep.db) or a database URL such as "
+             "postgresql://user@host/db or sqlite:////path/sweep.db", config.storage)
+  try:
+    url.get_dialect().import_dbapi()
+  except (ImportError, sqlalchemy.exc.NoSuchModuleError) as error:
+    _require(False, "storage", f"a database whose Python driver is installed ({error}; "
+             f"for PostgreSQL: pip install 'convnet_jax[postgres]')",
+             url.render_as_string(hide_password=True))
 
 
 def storage_retry_seconds(config) -> float:

@@ -88,8 +88,7 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
     choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype,
                                              num_devices, backend=backend)
   except conv.ConvUnavailable as error:
-    raise UserError(f"config.conv_implementation={config.conv_implementation!r}: "
-                    f"{error}") from None
+    raise error.naming_the_key(config.conv_implementation) from None
   num_classes = len(config.classes)
   model = models.create_model(config, num_classes, choice.implementation)
   num_train, num_test = data_counts(config)
