@@ -92,7 +92,11 @@ def _without_debug_info(hlo: str) -> str:
       in_tables = False
     if not in_tables:
       lines.append(re.sub(r", metadata=\{[^}]*\}", "", line))
-  return "\n".join(lines)
+  # The numbers XLA appends to instruction and computation names come from counters that
+  # earlier compilations in the process move on: each name is renamed by its first use.
+  names: dict[str, str] = {}
+  return re.sub(r"%[\w.\-]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"),
+                "\n".join(lines))
 
 
 def test_the_benchmark_times_the_program_a_run_executes(cifar10_dir):

@@ -33,8 +33,11 @@ WHITENING_EPSILON = 5e-4
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """The exact (erf) GELU of PyTorch's `nn.GELU()`; jax.nn.gelu defaults to the tanh form."""
-  return jax.nn.gelu(x, approximate=False)
+  """The exact (erf) GELU of PyTorch's `nn.GELU()` (jax.nn.gelu defaults to the tanh form),
+  computed in float32 whatever the input dtype and returned in it: in bfloat16, XLA's CPU
+  backend would round each of the erf's dozen operations, forward and backward, to bfloat16
+  (a convert pair per operation, the largest part of a bfloat16 step outside convolutions)."""
+  return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 class ConvGroup(nn.Module):
