@@ -22,8 +22,8 @@ def get_config():
   # the head's initial weights to standard deviation 1 (airbench94_muon).
   config.airbench_output_scale = 1 / 9
   config.airbench_head_unit_std = False
-  # Compute dtype for convolutions and matmuls ("float32" or "bfloat16"); parameters and
-  # BatchNorm statistics stay float32.
+  # Compute dtype for convolutions and matmuls ("float32" or "bfloat16"); parameters,
+  # BatchNorm (statistics, scale and offset), GELU and the loss stay float32.
   config.dtype = "float32"
   # How convolutions are computed (same math, other last digits; see convnet_jax/conv.py):
   # "onednn" (XLA FFI custom calls into oneDNN, fastest on x86-64 CPUs), "im2col" (patches
