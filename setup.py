@@ -41,7 +41,7 @@ def _configure(extension: Extension) -> None:
   dnnl_include = os.path.dirname(os.path.dirname(os.path.dirname(dnnl_header)))
   # -isystem: the libraries' own headers are not ours to warn about.
   extension.extra_compile_args += ["-isystem", ffi_include, "-isystem", dnnl_include]
-  # Linked by soname only: at run time `convnet_jax.onednn` loads the wheel's libdnnl.so.3 first
+  # Linked by soname only: at run time `convnet_jax.ops.onednn` loads the wheel's libdnnl.so.3 first
   # (RTLD_GLOBAL), wherever pip put it, and the loader reuses that copy.
   extension.extra_link_args += [f"-L{os.path.dirname(dnnl_library)}", "-l:libdnnl.so.3"]
 
