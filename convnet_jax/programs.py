@@ -122,10 +122,11 @@ class Programs:
     logging.info("compiled the training and evaluation programs in %.2f s",
                  self.compile_seconds)
 
-  def _get(self, key: str, arguments: tuple, outputs, jitted):
+  def _get(self, key: str, arguments: tuple, outputs, build: Callable):
+    """The program `key`, compiled from `build()` (a jitted function) the first time only."""
     if key not in self._compiled:
       start = time.perf_counter()
-      compile_fn = lambda: compile_for(jitted, self._mesh, *arguments)
+      compile_fn = lambda: compile_for(build(), self._mesh, *arguments)
       self._compiled[key] = (self._store.load_or_compile(key, arguments, outputs, compile_fn)
                              if self._store else compile_fn())
       self.compile_seconds += time.perf_counter() - start
@@ -139,7 +140,7 @@ class Programs:
     arguments = (state, data.train_images, data.train_labels, data_key, step, step, step,
                  data.mean, data.std)
     outputs = (state, dict.fromkeys(steps_lib.STEP_METRICS, step))
-    return self._get("train", arguments, outputs, jitted_train_steps(
+    return self._get("train", arguments, outputs, lambda: jitted_train_steps(
         self._config, self._mesh, self._budget, self._config.num_replicas > 1))
 
   def evaluation_program(self, test_time_augmentation: str = "none") -> Callable:
@@ -147,6 +148,7 @@ class Programs:
     state, data, _ = self._arguments
     arguments = (state.params, data.test_images, data.test_labels, data.mean, data.std)
     outputs = (data.test_labels, dict.fromkeys(steps_lib.STEP_METRICS, data.mean))
-    return self._get(f"evaluate-{test_time_augmentation}", arguments, outputs, jitted_evaluate(
-        self._config, self._model.apply, self._mesh, test_time_augmentation,
-        self._config.num_replicas > 1))
+    return self._get(f"evaluate-{test_time_augmentation}", arguments, outputs,
+                     lambda: jitted_evaluate(self._config, self._model.apply, self._mesh,
+                                             test_time_augmentation,
+                                             self._config.num_replicas > 1))
