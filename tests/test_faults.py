@@ -178,6 +178,31 @@ def test_tensorboard_events_that_cannot_be_written_are_one_write_failure(tmp_pat
   assert "Traceback" not in capsys.readouterr().err
 
 
+def test_tensorboard_writes_queue_behind_a_stuck_writer_instead_of_blocking(tmp_path):
+  # tensorboardX's queue held 10 events: with its writer thread stuck (or dead before the run
+  # saw its failure), the next epochs' scalars blocked the run forever.
+  config = default_config.get_config()
+  reporter = reporting.Reporter(config, workdir_lib.RunFiles(tmp_path))
+  reporter.start([], {})
+  released = threading.Event()
+
+  def stuck_then_full(event):
+    released.wait()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  reporter._tensorboard._get_file_writer().event_writer._ev_writer.write_event = stuck_then_full
+  record = {"epoch": 0, "train_loss": 0.7, "train_acc": 0.5, "test_loss": 0.7, "test_acc": 0.5,
+            "learning_rate": 0.1}
+  for epoch in range(3):  # 3 x 7 scalars queued behind the stuck writer
+    reporter.epoch(dict(record, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
+  released.set()
+  with pytest.raises(WriteFailed, match="^no space left on device writing .*tensorboard$"):
+    for epoch in range(3, 200):
+      reporter.epoch(dict(record, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
+      time.sleep(0.05)
+  reporter.close()
+
+
 class _FullDisk(io.StringIO):
   def write(self, text):
     raise OSError(errno.ENOSPC, "No space left on device")

@@ -67,7 +67,11 @@ class Reporter:
       import tensorboardX  # imported here: writes event files without TensorFlow
 
       with writing(self.files.tensorboard):
-        self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard))
+        # An unbounded queue (0): once a write fails, tensorboardX's writer thread is gone, and a
+        # full queue of 10 would block the run's next add_scalar forever instead of letting it
+        # report the failure (seen on a loaded machine, and sure with replicas' many scalars).
+        self._tensorboard = tensorboardX.SummaryWriter(str(self.files.tensorboard),
+                                                       max_queue=0)
       self._thread_hook = threading.excepthook
       threading.excepthook = self._tensorboard_thread_failed
     self._progress_range = (total_steps, steps_done)
