@@ -155,23 +155,34 @@ def test_metrics_preds_and_config_that_cannot_be_written_name_their_file(tmp_pat
     reporter.start([], {})
 
 
-def test_tensorboard_events_that_cannot_be_written_are_one_write_failure(tmp_path, capsys):
-  config = default_config.get_config()
-  reporter = reporting.Reporter(config, workdir_lib.RunFiles(tmp_path))
-  hook = threading.excepthook
+_EPOCH_RECORD = {"epoch": 0, "train_loss": 0.7, "train_acc": 0.5, "test_loss": 0.7,
+                 "test_acc": 0.5, "learning_rate": 0.1}
+
+
+def _reporter_whose_tensorboard_writes(tmp_path, write_event) -> reporting.Reporter:
+  """A started reporter whose tensorboardX writer thread (each event is written from a thread
+  of its own) calls `write_event` for every event."""
+  reporter = reporting.Reporter(default_config.get_config(), workdir_lib.RunFiles(tmp_path))
   reporter.start([], {})
+  reporter._tensorboard._get_file_writer().event_writer._ev_writer.write_event = write_event
+  return reporter
 
-  def full_disk(event):
-    raise OSError(errno.ENOSPC, "No space left on device")
 
-  # tensorboardX writes each event from a thread of its own.
-  reporter._tensorboard._get_file_writer().event_writer._ev_writer.write_event = full_disk
-  record = {"epoch": 0, "train_loss": 0.7, "train_acc": 0.5, "test_loss": 0.7, "test_acc": 0.5,
-            "learning_rate": 0.1}
+def _report_epochs(reporter, epochs, pause_seconds: float = 0.0) -> None:
+  for epoch in epochs:
+    reporter.epoch(dict(_EPOCH_RECORD, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
+    time.sleep(pause_seconds)
+
+
+def _full_disk(event):
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_tensorboard_events_that_cannot_be_written_are_one_write_failure(tmp_path, capsys):
+  hook = threading.excepthook
+  reporter = _reporter_whose_tensorboard_writes(tmp_path, _full_disk)
   with pytest.raises(WriteFailed) as raised:  # at the epoch that finds the thread's failure
-    for epoch in range(200):
-      reporter.epoch(dict(record, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
-      time.sleep(0.05)
+    _report_epochs(reporter, range(200), pause_seconds=0.05)
   assert str(raised.value) == f"no space left on device writing {tmp_path / 'tensorboard'}"
   reporter.close()
   assert threading.excepthook is hook
@@ -181,25 +192,17 @@ def test_tensorboard_events_that_cannot_be_written_are_one_write_failure(tmp_pat
 def test_tensorboard_writes_queue_behind_a_stuck_writer_instead_of_blocking(tmp_path):
   # tensorboardX's queue held 10 events: with its writer thread stuck (or dead before the run
   # saw its failure), the next epochs' scalars blocked the run forever.
-  config = default_config.get_config()
-  reporter = reporting.Reporter(config, workdir_lib.RunFiles(tmp_path))
-  reporter.start([], {})
   released = threading.Event()
 
   def stuck_then_full(event):
     released.wait()
-    raise OSError(errno.ENOSPC, "No space left on device")
+    _full_disk(event)
 
-  reporter._tensorboard._get_file_writer().event_writer._ev_writer.write_event = stuck_then_full
-  record = {"epoch": 0, "train_loss": 0.7, "train_acc": 0.5, "test_loss": 0.7, "test_acc": 0.5,
-            "learning_rate": 0.1}
-  for epoch in range(3):  # 3 x 7 scalars queued behind the stuck writer
-    reporter.epoch(dict(record, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
+  reporter = _reporter_whose_tensorboard_writes(tmp_path, stuck_then_full)
+  _report_epochs(reporter, range(3))  # 3 x 7 scalars queued behind the stuck writer
   released.set()
   with pytest.raises(WriteFailed, match="^no space left on device writing .*tensorboard$"):
-    for epoch in range(3, 200):
-      reporter.epoch(dict(record, epoch=epoch), step_time_ms=1.0, images_per_second=1.0)
-      time.sleep(0.05)
+    _report_epochs(reporter, range(3, 200), pause_seconds=0.05)
   reporter.close()
 
 
