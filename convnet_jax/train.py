@@ -27,6 +27,7 @@ from convnet_jax import programs as programs_lib
 from convnet_jax import steps as steps_lib
 from convnet_jax.parallel import data_parallel
 from convnet_jax.parallel import replicas
+from convnet_jax.runs import allocator
 from convnet_jax.runs import checkpoints
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import epoch_calls
@@ -299,6 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     reporter = reporting.Reporter(config, files, is_writer=is_writer)
     conv_choice = run_setup.choose_convolutions(config, mesh)
     reporter.note(conv_choice.describe())
+    # The CPU runtime's temporaries are what the allocator settings are for (`allocator`).
+    if jax.default_backend() == "cpu" and allocator.untuned():
+      reporter.note(allocator.describe())
+    logging.info(allocator.describe())
     run_setup.create_workdir(files, reporter.is_writer)
     model = models.create_model(config, data.num_classes, conv_choice.implementation)
     run_setup.check_model(config, model)

@@ -97,6 +97,61 @@ def test_network_shapes_and_parameter_count_are_airbench94s():
   assert models.count_parameters(params) + offsets == 1_972_792
 
 
+def _numpy_group(x, kernel1, offset1, kernel2, offset2):
+  """airbench's ConvGroup as PyTorch defines it, in float64: Conv2d(3, padding=1), then
+  MaxPool2d(2) (an odd last row and column dropped), BatchNorm of the batch's statistics plus
+  the offset, exact GELU, and again without the pool."""
+  from scipy.special import erf
+
+  def conv_same(x, kernel):
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    size = x.shape[1]
+    return sum(np.einsum("nijc,co->nijo", padded[:, a:a + size, b:b + size], kernel[a, b])
+               for a in range(3) for b in range(3))
+
+  def norm_gelu(y, offset):
+    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + airbench.BATCH_NORM_EPSILON)
+    y = y + offset
+    return y * (1 + erf(y / np.sqrt(2))) / 2
+
+  y = conv_same(x, kernel1)
+  half = y.shape[1] // 2
+  y = y[:, :2 * half, :2 * half].reshape(len(y), half, 2, half, 2, -1).max(axis=(2, 4))
+  return norm_gelu(conv_same(norm_gelu(y, offset1), kernel2), offset2)
+
+
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])
+@pytest.mark.parametrize("size", [7, 8])
+def test_conv_group_on_odd_and_even_maps_is_pytorchs(implementation, size):
+  # Odd maps run the first convolution padded (1, 0) (no crop before the pool): the same numbers.
+  rng = np.random.default_rng(size)
+  x = rng.standard_normal((4, size, size, 5)).astype(np.float32)
+  group = airbench.ConvGroup(6, conv_implementation=implementation)
+  params = group.init(jax.random.key(0), jnp.asarray(x))["params"]
+  params = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.3, jnp.float32), params)
+  got = group.apply({"params": params}, jnp.asarray(x))
+  expected = _numpy_group(*(np.asarray(a, np.float64) for a in (
+      x, params["conv1"]["kernel"], params["norm1"]["offset"], params["conv2"]["kernel"],
+      params["norm2"]["offset"])))
+  assert got.shape == (4, size // 2, size // 2, 6)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+
+  # The gradient of the padded-(1, 0) convolution is the gradient of PyTorch's crop.
+  def cropped_loss(kernel, x):
+    y = conv.conv_xla(x, kernel)[:, :size // 2 * 2, :size // 2 * 2]
+    return jnp.sum(jnp.sin(y))
+
+  def loss(kernel, x):
+    return jnp.sum(jnp.sin(conv.CONV_IMPLEMENTATIONS[implementation](
+        x, kernel, 1, (1, 0) if size % 2 else None)))
+
+  kernel = params["conv1"]["kernel"]
+  for g, e in zip(jax.grad(loss, (0, 1))(kernel, jnp.asarray(x)),
+                  jax.grad(cropped_loss, (0, 1))(kernel, jnp.asarray(x))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
 def test_convolutions_start_with_identity_filters():
   init = models.dirac_then_fan_in_uniform()
   kernel = np.asarray(init(jax.random.key(0), (3, 3, 24, 64)))

@@ -178,7 +178,7 @@ _max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 class Conv(nn.Module):
   """Bias-free convolution, by default with the specification's uniform initialisation: square
   kernel, `padding` zeros on each side (None: kernel_size // 2, i.e. 'SAME' for an odd kernel at
-  stride 1), stride `strides`.
+  stride 1) or a pair (before, after) for rows and columns alike, stride `strides`.
 
   The kernel is an HWIO array named `kernel`, as in `nn.Conv`; `implementation` only changes how
   the same convolution is computed.
@@ -187,7 +187,7 @@ class Conv(nn.Module):
   features: int
   kernel_size: int
   strides: int = 1
-  padding: int | None = None
+  padding: conv_lib.Padding = None
   dtype: Any = jnp.float32
   implementation: str = "im2col"
   kernel_init: nn.initializers.Initializer = fan_in_uniform()

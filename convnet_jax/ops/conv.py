@@ -1,9 +1,10 @@
 """The convolution paths: one convolution, several ways to compute it.
 
 Every function here computes the same bias-free convolution of an NHWC input with an HWIO
-kernel (square kernel, `padding` zeros on each side, kernel_size // 2 when None, the same
-stride on both axes; for an odd kernel with the default padding, output pixel i is centred on
-input pixel stride * i as in PyTorch). They differ only in
+kernel (square kernel, `padding` zeros on each side, kernel_size // 2 when None, or a pair
+(before, after) for the rows and the columns alike; the same stride on both axes; for an odd
+kernel with the default padding, output pixel i is centred on input pixel stride * i as in
+PyTorch). They differ only in
 speed on each backend and in the last digits of float sums:
 
 * "onednn": XLA FFI custom calls into oneDNN (forward, input gradient and kernel gradient), the
@@ -32,19 +33,33 @@ from convnet_jax.parallel import data_parallel
 from convnet_jax.runs.errors import UserError
 
 
+Padding = int | tuple[int, int] | None
+
+
+def padding_pair(kernel_size: int, padding: Padding) -> tuple[int, int]:
+  """The zeros (before, after) of `padding`: kernel_size // 2 on each side for None
+  (PyTorch's `padding=k // 2`), p on each side for an int p, a pair as it is."""
+  if padding is None:
+    return kernel_size // 2, kernel_size // 2
+  if isinstance(padding, (tuple, list)):
+    before, after = padding
+    return int(before), int(after)
+  return int(padding), int(padding)
+
+
 def conv_output_size(size: int, strides: int, kernel_size: int = 1,
-                     padding: int | None = None) -> int:
-  """Output height (or width) of a convolution with `padding` zeros on each side (None:
-  kernel_size // 2, PyTorch's `padding=k // 2`): for an odd kernel that is `size` at stride 1
-  and 16 for 32 at stride 2; 31 for a 2x2 kernel without padding on 32."""
-  padding = kernel_size // 2 if padding is None else padding
-  return (size + 2 * padding - kernel_size) // strides + 1
+                     padding: Padding = None) -> int:
+  """Output height (or width) of a convolution with `padding` (`padding_pair`): for an odd
+  kernel with the default that is `size` at stride 1 and 16 for 32 at stride 2; 31 for a 2x2
+  kernel without padding on 32; 30 for a 3x3 kernel padded (1, 0) on 31."""
+  before, after = padding_pair(kernel_size, padding)
+  return (size + before + after - kernel_size) // strides + 1
 
 
 def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1,
-                padding: int | None = None) -> jax.Array:
-  """Convolution (NHWC input, HWIO kernel, `padding` zeros on each side, kernel_size // 2 when
-  None, the same stride along height and width) as one matrix product over patches.
+                padding: Padding = None) -> jax.Array:
+  """Convolution (NHWC input, HWIO kernel, `padding` as `padding_pair` reads it, the same
+  stride along height and width) as one matrix product over patches.
 
   XLA's CPU convolution gradients are slow (and slower still inside `lax.scan`); the patches are
   plain slices, so forward and backward become dots that run at matmul speed. With a stride the
@@ -53,15 +68,15 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1,
   only after the image for stride 2 and shift the windows by one pixel).
   """
   kh, kw, cin, cout = kernel.shape
-  padding = kh // 2 if padding is None else padding
-  if kh == kw == 1 and padding == 0:
+  padding = padding_pair(kh, padding)
+  if kh == kw == 1 and padding == (0, 0):
     if strides > 1:
       x = x[:, ::strides, ::strides, :]
     return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
   _, height, width, _ = x.shape
   out_height = conv_output_size(height, strides, kh, padding)
   out_width = conv_output_size(width, strides, kw, padding)
-  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  padded = jnp.pad(x, ((0, 0), padding, padding, (0, 0)))
   row_span, column_span = strides * (out_height - 1) + 1, strides * (out_width - 1) + 1
   patches = jnp.concatenate([padded[:, i:i + row_span:strides, j:j + column_span:strides, :]
                              for i in range(kh) for j in range(kw)], axis=-1)
@@ -69,15 +84,14 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: int = 1,
 
 
 def conv_xla(x: jax.Array, kernel: jax.Array, strides: int = 1,
-             padding: int | None = None) -> jax.Array:
+             padding: Padding = None) -> jax.Array:
   """The same convolution as `conv_im2col` with XLA's native convolution (cuDNN on GPU, MXU on
   TPU); for an odd kernel at stride 1 with the default padding this is 'SAME' padding."""
-  kh, _, _, _ = kernel.shape
-  padding = kh // 2 if padding is None else padding
+  padding = padding_pair(kernel.shape[0], padding)
   # The kernel is passed as OHWI: on XLA's CPU backend that layout ran the forward and input
   # gradient convolutions fastest of the six orders measured (18 ms against 34 ms for HWIO).
   return jax.lax.conv_general_dilated(x, kernel.transpose(3, 0, 1, 2), (strides, strides),
-                                      ((padding, padding), (padding, padding)),
+                                      (padding, padding),
                                       dimension_numbers=("NHWC", "OHWI", "NHWC"))
 
 
@@ -94,11 +108,12 @@ def _kernel_gradient_by_shifts(x: jax.Array, output_gradient: jax.Array, kernel_
 
 
 def conv_hybrid(x: jax.Array, kernel: jax.Array, strides: int = 1,
-                padding: int | None = None) -> jax.Array:
+                padding: Padding = None) -> jax.Array:
   """XLA's convolution for the forward pass and the input gradient, matrix products for the
   kernel gradient (stride 1 'SAME'; strided convolutions, only in ResNet stage openings, and
   other paddings use im2col)."""
-  if strides != 1 or padding not in (None, kernel.shape[0] // 2) or kernel.shape[0] % 2 == 0:
+  size = kernel.shape[0]
+  if strides != 1 or padding_pair(size, padding) != padding_pair(size, None) or size % 2 == 0:
     return conv_im2col(x, kernel, strides, padding)
   return _conv_hybrid_stride1(x, kernel)
 
@@ -133,7 +148,7 @@ _conv_hybrid_stride1.defvjp(_conv_hybrid_forward, _conv_hybrid_backward)
 
 
 def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1,
-                padding: int | None = None) -> jax.Array:
+                padding: Padding = None) -> jax.Array:
   """The convolution as oneDNN custom calls, in float32 or bfloat16 (other dtypes, or mixed
   ones, run `conv_im2col`).
 
@@ -153,18 +168,21 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides: int = 1,
   status = onednn.load()  # registers the custom-call targets on first use
   if not status.available:
     raise ConvUnavailable(f"the oneDNN extension is not available: {status.detail}")
-  padding = kernel.shape[0] // 2 if padding is None else padding
+  padding = padding_pair(kernel.shape[0], padding)
   if dtype == jnp.bfloat16 and not status.bf16_native:
     return _conv_onednn(x.astype(jnp.float32), kernel.astype(jnp.float32), strides,
                         padding).astype(dtype)
   return _conv_onednn(x, kernel, strides, padding)
 
 
-def _onednn_call(target: str, shape, *operands, strides: int, padding: int) -> jax.Array:
+def _onednn_call(target: str, shape, *operands, strides: int,
+                 padding: tuple[int, int]) -> jax.Array:
   # "sequential": under vmap (replicas), one call per replica; each has its own kernel.
   return jax.ffi.ffi_call(onednn.TARGETS[target], jax.ShapeDtypeStruct(shape, operands[0].dtype),
-                          vmap_method="sequential")(*operands, stride=np.int64(strides),
-                                                    padding=np.int64(padding))
+                          vmap_method="sequential")(
+                              *operands, stride=np.int64(strides),
+                              padding_low=np.int64(padding[0]),
+                              padding_high=np.int64(padding[1]))
 
 
 def _split_mesh(batch: int):
@@ -189,7 +207,8 @@ _SPLIT, _WHOLE = P(data_parallel.DATA_AXIS), P()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_onednn(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
+def _conv_onednn(x: jax.Array, kernel: jax.Array, strides: int,
+                 padding: tuple[int, int]) -> jax.Array:
   size = kernel.shape[0]
 
   def forward(x, kernel):

@@ -17,6 +17,7 @@ import ml_collections
 from absl import app
 from absl import flags
 
+from convnet_jax.runs import allocator
 from convnet_jax.runs import logs
 from convnet_jax.runs.errors import one_line
 from convnet_jax.runs.errors import RunStopped
@@ -152,7 +153,10 @@ def run(main) -> None:
   """`app.run(main)` with `parse_flags` and a quiet stderr (`logs.quiet_stderr`); a `UserError`
   from `main` is one line and exit status 2, a `TrainingDiverged` one line and status 1, a
   `RunStopped` its line and the signal's status (143, 130), a `WriteFailed` (or a full disk met
-  anywhere) one line and status 74, all without a traceback."""
+  anywhere) one line and status 74, all without a traceback. First of all, the process
+  restarts itself with glibc's malloc set to keep the memory it frees
+  (`allocator.restart_with_tunables`)."""
+  allocator.restart_with_tunables()
 
   def main_reporting_errors(argv):
     logs.quiet_stderr()

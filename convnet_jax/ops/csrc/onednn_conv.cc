@@ -1,8 +1,10 @@
 // XLA FFI custom calls into oneDNN for the trainer's convolutions on x86-64 CPUs.
 //
 // Three handlers, one per pass of a convolution with NHWC activations and an HWIO kernel, square
-// kernel, `padding` zeros on each side and the same stride on both axes (the trainer passes
-// PyTorch's `padding=k // 2` for its odd kernels, and 0 for airbench's 2x2 whitening):
+// kernel, `padding_low` zeros before and `padding_high` after the rows and the columns, and the
+// same stride on both axes (the trainer passes PyTorch's `padding=k // 2` on both sides for its
+// odd kernels, 0 for airbench's 2x2 whitening, and (1, 0) for a 3x3 convolution whose odd-sized
+// output a 2x2 max-pool would crop: that computes its first rows and columns only):
 //   convnet_onednn_conv_forward           x[N,H,W,C], w[KH,KW,C,K]   -> y[N,OH,OW,K]
 //   convnet_onednn_conv_backward_data     dy[N,OH,OW,K], w[KH,KW,C,K] -> dx[N,H,W,C]
 //   convnet_onednn_conv_backward_weights  x[N,H,W,C], dy[N,OH,OW,K]  -> dw[KH,KW,C,K]
@@ -11,7 +13,7 @@
 // Every operand of a call is float32, or every one bfloat16 (oneDNN accumulates bfloat16 in
 // float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively.
 //
-// Primitives are built once per (pass, shape, stride, padding) and kept in a mutex-guarded cache; each
+// Primitives are built once per (pass, shape, stride, paddings) and kept in a mutex-guarded cache; each
 // executing thread has its own stream and its own scratch buffers (scratchpad and reordered
 // kernel), so XLA may run several of these calls at once.
 
@@ -36,16 +38,16 @@ namespace {
 
 enum class Pass : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// N, H, W, C (input), K (output channels), kernel size, stride, zeros of padding on each side,
-// and the element type of every operand.
+// N, H, W, C (input), K (output channels), kernel size, stride, zeros of padding before and
+// after (rows and columns alike), and the element type of every operand.
 struct ConvShape {
-  int64_t n, h, w, c, k, kernel, stride, padding;
+  int64_t n, h, w, c, k, kernel, stride, padding_low, padding_high;
   memory::data_type type = memory::data_type::f32;
-  int64_t out_h() const { return (h + 2 * padding - kernel) / stride + 1; }
-  int64_t out_w() const { return (w + 2 * padding - kernel) / stride + 1; }
+  int64_t out_h() const { return (h + padding_low + padding_high - kernel) / stride + 1; }
+  int64_t out_w() const { return (w + padding_low + padding_high - kernel) / stride + 1; }
 };
 
-using CacheKey = std::array<int64_t, 10>;
+using CacheKey = std::array<int64_t, 11>;
 
 dnnl::engine& cpu_engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -67,7 +69,7 @@ struct Prepared {
 
 struct Descs {
   memory::desc src, weights_user, weights_any, dst;
-  memory::dims strides, padding;
+  memory::dims strides, padding_low, padding_high;
 };
 
 Descs make_descs(const ConvShape& s) {
@@ -78,14 +80,15 @@ Descs make_descs(const ConvShape& s) {
   d.weights_any = memory::desc({s.k, s.c, s.kernel, s.kernel}, type, tag::any);
   d.dst = memory::desc({s.n, s.k, s.out_h(), s.out_w()}, type, tag::nhwc);
   d.strides = {s.stride, s.stride};
-  d.padding = {s.padding, s.padding};
+  d.padding_low = {s.padding_low, s.padding_low};
+  d.padding_high = {s.padding_high, s.padding_high};
   return d;
 }
 
 dnnl::convolution_forward::primitive_desc forward_desc(const Descs& d, const dnnl::primitive_attr& attr) {
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
-      d.weights_any, d.dst, d.strides, d.padding, d.padding, attr);
+      d.weights_any, d.dst, d.strides, d.padding_low, d.padding_high, attr);
 }
 
 Prepared prepare(Pass pass, const ConvShape& s) {
@@ -106,14 +109,14 @@ Prepared prepare(Pass pass, const ConvShape& s) {
   } else if (pass == Pass::kBackwardData) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
-        d.padding, d.padding, hint, attr);
+        d.padding_low, d.padding_high, hint, attr);
     p.primitive = dnnl::convolution_backward_data(pd);
     p.primitive_weights = pd.weights_desc();
     p.scratchpad_bytes = pd.scratchpad_desc().get_size();
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
-        d.padding, d.padding, hint, attr);
+        d.padding_low, d.padding_high, hint, attr);
     p.primitive = dnnl::convolution_backward_weights(pd);
     p.primitive_weights = pd.diff_weights_desc();
     p.scratchpad_bytes = pd.scratchpad_desc().get_size();
@@ -134,7 +137,7 @@ const Prepared& cached(Pass pass, const ConvShape& s) {
   static std::mutex mutex;
   static std::map<CacheKey, std::unique_ptr<Prepared>> cache;
   CacheKey key = {static_cast<int64_t>(pass), s.n, s.h, s.w, s.c, s.k, s.kernel, s.stride,
-                  s.padding, static_cast<int64_t>(s.type)};
+                  s.padding_low, s.padding_high, static_cast<int64_t>(s.type)};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
@@ -201,10 +204,11 @@ void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
 }
 
 ffi::Error check_shape(const ConvShape& s) {
-  if (s.kernel < 1 || s.stride < 1 || s.padding < 0 || s.padding >= s.kernel || s.n < 1 ||
+  if (s.kernel < 1 || s.stride < 1 || s.padding_low < 0 || s.padding_low >= s.kernel ||
+      s.padding_high < 0 || s.padding_high >= s.kernel || s.n < 1 ||
       s.h < 1 || s.w < 1 || s.c < 1 || s.k < 1 || s.out_h() < 1 || s.out_w() < 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "convnet_onednn_conv: expected a square kernel, stride >= 1, padding in "
+                      "convnet_onednn_conv: expected a square kernel, stride >= 1, paddings in "
                       "[0, kernel) and non-empty NHWC/HWIO shapes");
   }
   return ffi::Error::Success();
@@ -240,7 +244,7 @@ ffi::Error element_type(ffi::DataType type, memory::data_type* out) {
 // be 4-D and of one element type.
 ffi::Error call_shape(const ffi::AnyBuffer& activations, const ffi::AnyBuffer& kernel,
                       std::initializer_list<ffi::DataType> others, int64_t stride,
-                      int64_t padding, ConvShape* s) {
+                      int64_t padding_low, int64_t padding_high, ConvShape* s) {
   auto xd = activations.dimensions(), wd = kernel.dimensions();
   if (xd.size() != 4 || wd.size() != 4) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -252,14 +256,15 @@ ffi::Error call_shape(const ffi::AnyBuffer& activations, const ffi::AnyBuffer& k
                         "convnet_onednn_conv: every operand must have the same element type");
     }
   }
-  *s = ConvShape{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding};
+  *s = ConvShape{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding_low, padding_high};
   return element_type(activations.element_type(), &s->type);
 }
 
 ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                       int64_t stride, int64_t padding) {
+                       int64_t stride, int64_t padding_low, int64_t padding_high) {
   ConvShape s;
-  if (ffi::Error e = call_shape(x, w, {w.element_type(), y->element_type()}, stride, padding, &s);
+  if (ffi::Error e = call_shape(x, w, {w.element_type(), y->element_type()}, stride, padding_low,
+                                padding_high, &s);
       e.failure()) {
     return e;
   }
@@ -267,10 +272,10 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
 }
 
 ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                            int64_t stride, int64_t padding) {
+                            int64_t stride, int64_t padding_low, int64_t padding_high) {
   ConvShape s;
-  if (ffi::Error e = call_shape(*dx, w, {w.element_type(), dy.element_type()}, stride, padding,
-                                &s);
+  if (ffi::Error e = call_shape(*dx, w, {w.element_type(), dy.element_type()}, stride, padding_low,
+                                padding_high, &s);
       e.failure()) {
     return e;
   }
@@ -280,10 +285,10 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
 }
 
 ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                               int64_t stride, int64_t padding) {
+                               int64_t stride, int64_t padding_low, int64_t padding_high) {
   ConvShape s;
-  if (ffi::Error e = call_shape(x, *dw, {dw->element_type(), dy.element_type()}, stride, padding,
-                                &s);
+  if (ffi::Error e = call_shape(x, *dw, {dw->element_type(), dy.element_type()}, stride, padding_low,
+                                padding_high, &s);
       e.failure()) {
     return e;
   }
@@ -294,8 +299,9 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
 
 }  // namespace
 
-#define CONVNET_ONEDNN_BINDING \
-  ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("stride").Attr<int64_t>("padding")
+#define CONVNET_ONEDNN_BINDING                                                               \
+  ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()        \
+      .Attr<int64_t>("stride").Attr<int64_t>("padding_low").Attr<int64_t>("padding_high")
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_forward, ConvForward, CONVNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_data, ConvBackwardData,
                               CONVNET_ONEDNN_BINDING);
