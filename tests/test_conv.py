@@ -216,7 +216,8 @@ def _as_float64(values):
 
 @pytest.mark.parametrize("cin,cout,k,s,size,p", [
     (3, 16, 3, 1, 32, None), (64, 128, 3, 2, 16, None), (64, 128, 1, 2, 16, None),
-    (128, 128, 3, 1, 8, None), (3, 24, 2, 1, 32, 0), (5, 6, 3, 2, 7, None)])
+    (128, 128, 3, 1, 8, None), (3, 24, 2, 1, 32, 0), (5, 6, 3, 2, 7, None),
+    (24, 64, 3, 1, 31, (1, 0)), (256, 256, 3, 1, 7, (1, 0))])
 def test_bfloat16_matches_the_exact_convolution_of_its_values_rounded_once(cin, cout, k, s, size,
                                                                            p):
   """bfloat16 in, bfloat16 out, sums in float32: each output, input gradient and kernel
