@@ -44,7 +44,9 @@ def restart_with_tunables() -> None:
   """Restarts this process once, in place (`os.execv`: same pid, arguments and environment),
   with `TUNABLES` in its environment, when it runs on glibc and neither `GLIBC_TUNABLES` (the
   user's own choice, kept as it is) nor `CONVNET_JAX_MALLOC=default` is set. Processes it
-  starts inherit the setting, so they do not restart. Call it first thing in a command."""
+  starts inherit the setting, so they do not restart. Call it first thing in a command: the
+  new process inherits the file descriptors as they are (a stdout moved by
+  `cli.native_output_to_stderr` would stay moved)."""
   if not _applies() or not getattr(sys, "orig_argv", None):
     return
   sys.stdout.flush()

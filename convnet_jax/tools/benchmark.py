@@ -40,6 +40,7 @@ from convnet_jax import programs as programs_lib
 from convnet_jax import steps
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
+from convnet_jax.runs import allocator
 from convnet_jax.runs import cli
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import setup as run_setup
@@ -310,6 +311,8 @@ def run_benchmark(config) -> dict:
       "model": config.model,
       "data": "synthetic uint8 images of CIFAR shape",
       "compilation_cache": str(cache.folder) if cache.folder else None,
+      # What the C allocator does with each call's freed temporaries (`runs.allocator`).
+      "malloc": allocator.describe(),
       "results": [],
   }
   num_classes = len(config.classes)
