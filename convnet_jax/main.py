@@ -13,7 +13,6 @@ from ml_collections import config_flags
 
 from convnet_jax import train
 from convnet_jax.parallel import processes
-from convnet_jax.runs import allocator
 from convnet_jax.runs import cli
 from convnet_jax.runs import validation
 from convnet_jax.runs.errors import UserError
@@ -55,8 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # The restart (which `cli.run` would do too) keeps the file descriptors, so it comes before
-  # descriptor 1 is pointed at stderr.
-  allocator.restart_with_tunables()
-  cli.native_output_to_stderr()
-  cli.run(main)
+  cli.run(main, native_output_to_stderr=True)

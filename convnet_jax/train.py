@@ -301,9 +301,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     conv_choice = run_setup.choose_convolutions(config, mesh)
     reporter.note(conv_choice.describe())
     # The CPU runtime's temporaries are what the allocator settings are for (`allocator`).
+    malloc = allocator.describe()
     if jax.default_backend() == "cpu" and allocator.untuned():
-      reporter.note(allocator.describe())
-    logging.info(allocator.describe())
+      reporter.note(malloc)
+    logging.info(malloc)
     run_setup.create_workdir(files, reporter.is_writer)
     model = models.create_model(config, data.num_classes, conv_choice.implementation)
     run_setup.check_model(config, model)

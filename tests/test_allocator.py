@@ -5,11 +5,9 @@ instead of an mmap of its own, which is what lets XLA's next call reuse its temp
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+from conftest import REPO_ROOT
 from convnet_jax.runs import allocator
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Prints its pid and GLIBC_TUNABLES before and after the restart, then where glibc put a 64 MiB
 # malloc: glibc's default mmap threshold is at most 32 MiB, so by default such a block is an

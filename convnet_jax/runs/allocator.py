@@ -34,20 +34,14 @@ def _glibc() -> bool:
     return False
 
 
-def _applies() -> bool:
-  return (_glibc()
-          and "GLIBC_TUNABLES" not in os.environ
-          and os.environ.get(OPT_OUT_VARIABLE, "") != "default")
-
-
 def restart_with_tunables() -> None:
   """Restarts this process once, in place (`os.execv`: same pid, arguments and environment),
   with `TUNABLES` in its environment, when it runs on glibc and neither `GLIBC_TUNABLES` (the
   user's own choice, kept as it is) nor `CONVNET_JAX_MALLOC=default` is set. Processes it
-  starts inherit the setting, so they do not restart. Call it first thing in a command: the
-  new process inherits the file descriptors as they are (a stdout moved by
-  `cli.native_output_to_stderr` would stay moved)."""
-  if not _applies() or not getattr(sys, "orig_argv", None):
+  starts inherit the setting, so they do not restart. `cli.run` calls it first thing: the new
+  process inherits the file descriptors as they are (a stdout moved before would stay moved)."""
+  if (not untuned() or os.environ.get(OPT_OUT_VARIABLE, "") == "default"
+      or not getattr(sys, "orig_argv", None)):
     return
   sys.stdout.flush()
   sys.stderr.flush()

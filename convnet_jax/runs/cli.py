@@ -137,7 +137,7 @@ def skip_absent_tpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
-def native_output_to_stderr() -> None:
+def _native_output_to_stderr() -> None:
   """Keeps stdout for what Python prints (the epoch lines) by pointing the process's file
   descriptor 1 at stderr, with `sys.stdout` on a copy of the original: native libraries print
   there directly (gloo's "[Gloo] Rank 0 is connected to 1 peer ranks" in a multi-process run,
@@ -149,14 +149,18 @@ def native_output_to_stderr() -> None:
                          encoding=sys.stdout.encoding, errors=sys.stdout.errors)
 
 
-def run(main) -> None:
+def run(main, native_output_to_stderr: bool = False) -> None:
   """`app.run(main)` with `parse_flags` and a quiet stderr (`logs.quiet_stderr`); a `UserError`
   from `main` is one line and exit status 2, a `TrainingDiverged` one line and status 1, a
   `RunStopped` its line and the signal's status (143, 130), a `WriteFailed` (or a full disk met
   anywhere) one line and status 74, all without a traceback. First of all, the process
   restarts itself with glibc's malloc set to keep the memory it frees
-  (`allocator.restart_with_tunables`)."""
+  (`allocator.restart_with_tunables`), then, with `native_output_to_stderr`, points what native
+  libraries print at stderr (`_native_output_to_stderr`): in that order, as the restart keeps
+  the file descriptors as they are."""
   allocator.restart_with_tunables()
+  if native_output_to_stderr:
+    _native_output_to_stderr()
 
   def main_reporting_errors(argv):
     logs.quiet_stderr()
