@@ -22,6 +22,12 @@ def get_config():
   # the head's initial weights to standard deviation 1 (airbench94_muon).
   config.airbench_output_scale = 1 / 9
   config.airbench_head_unit_std = False
+  # airbench94 only: the activation after every BatchNorm, "gelu" (airbench's exact erf GELU)
+  # or "silu" (hiverge/cifar10-speedrun's, cheaper; the whitening's stays GELU); and how many
+  # of the first training images the whitening kernel is computed from (airbench: 5,000;
+  # hiverge: 960).
+  config.airbench_activation = "gelu"
+  config.airbench_whitening_examples = 5000
   # Compute dtype for convolutions and matmuls ("float32" or "bfloat16"); parameters,
   # BatchNorm (statistics, scale and offset), GELU and the loss stay float32.
   config.dtype = "float32"
@@ -69,6 +75,12 @@ def get_config():
   config.augment_translate = 4
   config.augment_padding = "zeros"
   config.augment_flip = "random"
+  # Then, in normalised units, each image shifted by b and scaled by c, drawn uniformly per
+  # image and step from [-augment_brightness, augment_brightness] and
+  # [1 - augment_contrast, 1 + augment_contrast] (hiverge/cifar10-speedrun's colour jitter);
+  # 0 and 0: none.
+  config.augment_brightness = 0.0
+  config.augment_contrast = 0.0
   # After the last epoch, also evaluate with test-time augmentation, reported as tta_test_acc
   # in the last JSON line: "mirror" (mean of the image's and its mirror image's logits) or
   # "mirror_translate" (airbench94's six views: that pair weighted 1/2, and the pairs of the
@@ -111,14 +123,15 @@ def get_config():
   # ("linear_to_zero", airbench94_muon's whitening bias).
   config.frozen_parameters = ()
   config.late_frozen_parameters = ()
-  config.late_freeze_epochs = 0
+  config.late_freeze_epochs = 0.0
   config.late_freeze_schedule = "main"
   # Muon (airbench94_muon's form, see optim.airbench_muon) for the 4-D convolution kernels under
   # these paths (e.g. ("group1", "group2", "group3")); empty: SGD trains everything. Its
-  # learning rate follows `schedule`'s shape from muon.learning_rate; no weight decay. Each
-  # step re-normalises a kernel to Frobenius norm sqrt(output channels) (normalize_filters),
-  # then moves it by the Newton-Schulz orthogonalisation (newton_schulz_steps, in bfloat16) of
-  # its Nesterov (or plain) momentum direction.
+  # learning rate lr(t) follows `schedule`'s shape from muon.learning_rate. A step re-normalises
+  # a kernel to Frobenius norm sqrt(output channels) (normalize_filters), then moves it by the
+  # Newton-Schulz orthogonalisation (newton_schulz_steps, in bfloat16, with the quintic's
+  # coefficients newton_schulz_coefficients) of its Nesterov (or plain) momentum direction,
+  # then multiplies it by 1 - lr(t) weight_decay (0: no decay, airbench's).
   config.muon = ml_collections.ConfigDict()
   config.muon.parameters = ()
   config.muon.learning_rate = 0.24
@@ -126,6 +139,14 @@ def get_config():
   config.muon.nesterov = True
   config.muon.newton_schulz_steps = 3
   config.muon.normalize_filters = True
+  config.muon.newton_schulz_coefficients = (3.4445, -4.7750, 2.0315)
+  config.muon.weight_decay = 0.0
+  # How often the kernels are re-normalised: at step t (counted from 1) of T when at least
+  # normalize_period + floor(normalize_period_growth t / T) steps have passed since the last
+  # time (from 0): 1 and 0 every step (airbench's); hiverge's 2 and 15 start every other step
+  # and end every 17th.
+  config.muon.normalize_period = 1
+  config.muon.normalize_period_growth = 0
   # Lookahead (airbench's): every lookahead_every_steps steps (0: never) a slow copy of the
   # parameters moves towards them, slow += (1 - d) (params - slow) with
   # d = lookahead_decay * (step / total_steps) ** lookahead_power, and the parameters become

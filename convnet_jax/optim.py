@@ -188,7 +188,7 @@ def create_optimizer(config, budget: StepBudget, learning_rate=None,
   peak to 0 at the step they freeze; `decoupled_hyperparameters`: see `sgd_hyperparameters`.
 
   With `muon.parameters`, the 4-D kernels under those paths train with `airbench_muon`
-  instead (its own learning rate on the same schedule's shape, its own momentum, no weight
+  instead (its own learning rate on the same schedule's shape, its own momentum and weight
   decay), as airbench94_muon splits its parameters between two optimisers.
   """
   shape = create_learning_rate_fn(config, budget, peak=1.0)
@@ -219,24 +219,27 @@ def create_optimizer(config, budget: StepBudget, learning_rate=None,
           lambda count: -step_size * shape(count)))
     else:
       parts.append(optax.scale_by_schedule(lambda count: -step_size * shape(count)))
-    return with_muon(config.muon, optax.chain(*parts), shape)
+    return with_muon(config.muon, optax.chain(*parts), shape, budget.total_steps)
 
   return optax.inject_hyperparams(sgd)(
       learning_rate=config.learning_rate if learning_rate is None else learning_rate,
       momentum=config.momentum if momentum is None else momentum)
 
 
-def with_muon(muon, sgd: optax.GradientTransformation, shape: optax.Schedule
-              ) -> optax.GradientTransformation:
+def with_muon(muon, sgd: optax.GradientTransformation, shape: optax.Schedule,
+              total_steps: int) -> optax.GradientTransformation:
   """`sgd` for every parameter but the 4-D kernels under `muon.parameters` (the config's `muon`
-  group), which `airbench_muon` trains at muon.learning_rate times the schedule's `shape`;
-  `sgd` alone without any."""
+  group), which `airbench_muon` trains at muon.learning_rate times the schedule's `shape`
+  (over a run of `total_steps`); `sgd` alone without any."""
   if not muon.parameters:
     return sgd
-  muon_transform = airbench_muon(lambda count: muon.learning_rate * shape(count),
-                                 muon.momentum, nesterov=muon.nesterov,
-                                 normalize_filters=muon.normalize_filters,
-                                 newton_schulz_steps=muon.newton_schulz_steps, dtype=MUON_DTYPE)
+  muon_transform = airbench_muon(
+      lambda count: muon.learning_rate * shape(count), muon.momentum, nesterov=muon.nesterov,
+      normalize_filters=muon.normalize_filters, newton_schulz_steps=muon.newton_schulz_steps,
+      coefficients=tuple(muon.newton_schulz_coefficients), weight_decay=muon.weight_decay,
+      normalize_steps=normalization_steps(total_steps, muon.normalize_period,
+                                          muon.normalize_period_growth),
+      dtype=MUON_DTYPE)
   return optax.multi_transform({"sgd": sgd, "muon": muon_transform},
                                functools.partial(muon_labels, tuple(muon.parameters)))
 
@@ -315,17 +318,36 @@ class MuonState(NamedTuple):
   momentum: Any  # one buffer per parameter
 
 
+def normalization_steps(total_steps: int, period: int = 1, growth: int = 0) -> np.ndarray | None:
+  """Whether `airbench_muon` re-normalises the kernels at each of `total_steps` steps (index:
+  the optimiser's count, from 0); None for every step. hiverge/cifar10-speedrun's rule: at step
+  t (from 1) when at least period + floor(growth t / total_steps) steps have passed since the
+  last one (0 before the first), so (2, 15) starts every other step and ends every 17th."""
+  if period == 1 and growth == 0:
+    return None
+  table = np.zeros(total_steps, bool)
+  last = 0
+  for step in range(1, total_steps + 1):
+    if step - last >= period + growth * step // total_steps:
+      table[step - 1], last = True, step
+  return table
+
+
 def airbench_muon(learning_rate: optax.ScalarOrSchedule, momentum: float, *,
                   nesterov: bool = True, normalize_filters: bool = True,
-                  newton_schulz_steps: int = 3, dtype=jnp.bfloat16
-                  ) -> optax.GradientTransformation:
+                  newton_schulz_steps: int = 3,
+                  coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
+                  weight_decay: float = 0.0, normalize_steps: np.ndarray | None = None,
+                  dtype=jnp.bfloat16) -> optax.GradientTransformation:
   """Muon on convolution kernels (HWIO, 4-D), as airbench94_muon's `Muon.step`: the momentum
   buffer v = m v + g; the direction g + m v (Nesterov) or v; each kernel first re-normalised
-  to Frobenius norm sqrt(output channels) (`normalize_filters`), then moved by -lr(t) times the
-  Newton-Schulz orthogonalisation of the direction as an (output channels) x (the rest)
-  matrix. The updates it returns are the whole change of each parameter, normalisation
-  included."""
+  to Frobenius norm sqrt(output channels) (`normalize_filters`; with `normalize_steps`, a
+  `normalization_steps` table, only at the steps it marks), then moved by -lr(t) times the
+  Newton-Schulz orthogonalisation (`coefficients`) of the direction as an (output channels) x
+  (the rest) matrix, then multiplied by 1 - lr(t) weight_decay (hiverge's). The updates it
+  returns are the whole change of each parameter, normalisation included."""
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+  table = None if normalize_steps is None else jnp.asarray(normalize_steps)
 
   def init(params):
     return MuonState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.zeros_like, params))
@@ -337,6 +359,8 @@ def airbench_muon(learning_rate: optax.ScalarOrSchedule, momentum: float, *,
     directions = (jax.tree_util.tree_map(lambda g, v: g + momentum * v, grads, buffers)
                   if nesterov else buffers)
     step_size = schedule(state.count)
+    normalize_now = (None if table is None
+                     else table[jnp.minimum(state.count, table.shape[0] - 1)])
 
     def change(kernel, direction):
       if kernel.ndim != 4:
@@ -344,12 +368,17 @@ def airbench_muon(learning_rate: optax.ScalarOrSchedule, momentum: float, *,
                          f"{kernel.shape}")
       outputs = kernel.shape[-1]
       matrix = direction.reshape(-1, outputs).T  # (out, kh kw in): a column order of PyTorch's
-      orthogonal = newton_schulz(matrix, newton_schulz_steps, dtype=dtype)
+      orthogonal = newton_schulz(matrix, newton_schulz_steps, coefficients, dtype=dtype)
       orthogonal = orthogonal.T.reshape(kernel.shape).astype(kernel.dtype)
       start = kernel
       if normalize_filters:
-        start = kernel * (math.sqrt(outputs) / jnp.linalg.norm(kernel))
-      return start - step_size * orthogonal - kernel
+        normalized = kernel * (math.sqrt(outputs) / jnp.linalg.norm(kernel))
+        start = normalized if normalize_now is None else jnp.where(normalize_now, normalized,
+                                                                   kernel)
+      moved = start - step_size * orthogonal
+      if weight_decay:
+        moved = moved * (1 - step_size * weight_decay)
+      return moved - kernel
 
     updates = jax.tree_util.tree_map(change, params, directions)
     return updates, MuonState(optax.safe_increment(state.count), buffers)

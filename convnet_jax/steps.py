@@ -11,6 +11,7 @@ the epoch, over the short last batch; the host never waits inside a call, and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -41,11 +42,15 @@ class StepOptions:
   frozen_parameters: parameter paths (or their prefixes) that get no gradient at all.
   lookahead_every_steps: every k steps, slow = slow + (1 - d) (params - slow) and params = slow,
   with d = lookahead_decay * (step / total_steps) ** lookahead_power; at step total_steps the
-  parameters become the slow copy (0: no lookahead).
+  parameters become the slow copy (0: no lookahead). late_frozen_parameters: from step
+  late_freeze_step on (counted over the run), `train_steps` treats them as frozen too (the
+  optimiser already stops updating them there; this stops computing their gradient).
   """
   label_smoothing: float = 0.0
   loss_reduction: str = "mean"
   frozen_parameters: tuple[str, ...] = ()
+  late_frozen_parameters: tuple[str, ...] = ()
+  late_freeze_step: int = 0
   lookahead_every_steps: int = 0
   lookahead_decay: float = 0.0
   lookahead_power: float = 0.0
@@ -57,6 +62,8 @@ def step_options(config, budget: StepBudget) -> StepOptions:
   return StepOptions(
       label_smoothing=config.label_smoothing, loss_reduction=config.loss_reduction,
       frozen_parameters=tuple(config.frozen_parameters),
+      late_frozen_parameters=tuple(config.late_frozen_parameters),
+      late_freeze_step=budget.late_freeze_step,
       lookahead_every_steps=config.lookahead_every_steps,
       lookahead_decay=config.lookahead_decay, lookahead_power=config.lookahead_power,
       total_steps=budget.total_steps)
@@ -162,6 +169,9 @@ def _sum_metrics(a, b):
 # Folded into each epoch's key to give the augmentation its own stream of keys, so that the
 # shuffle keeps using the epoch key itself (and the runs without augmentation stay as they were).
 AUGMENT_KEY_STREAM = 1
+# Folded into a step's augmentation key for the colour jitter's own draws, so the crops and flips
+# stay those of the same run without it.
+JITTER_KEY_STREAM = 1
 # Folded into the run's data key (with a value no epoch number takes) for the flips of
 # `augment_flip="alternate"`, drawn once per run.
 ALTERNATE_FLIPS_KEY = 2**32 - 1
@@ -176,13 +186,17 @@ class AugmentOptions:
   translate: int = input_pipeline.AUGMENT_PADDING
   padding: str = "zeros"
   flip: str = "random"
+  # Colour jitter after normalisation (hiverge/cifar10-speedrun's): see `input_pipeline.jitter`.
+  brightness: float = 0.0
+  contrast: float = 0.0
 
 
 def augment_options(config) -> AugmentOptions | None:
   """The config's augmentation, None without it."""
   if not config.augment:
     return None
-  return AugmentOptions(config.augment_translate, config.augment_padding, config.augment_flip)
+  return AugmentOptions(config.augment_translate, config.augment_padding, config.augment_flip,
+                        config.augment_brightness, config.augment_contrast)
 
 
 def epoch_flips(data_key: jax.Array, epoch, num_examples: int) -> jax.Array:
@@ -222,8 +236,11 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   trains on its i-th full batch, and step `num_examples // batch_size` on the short last batch
   (unless `drop_last_batch`). With `augment`, each gathered uint8 batch is augmented
   (`input_pipeline.augment`) before normalisation, under the key fold_in(fold_in(epoch key,
-  AUGMENT_KEY_STREAM), step), so every image gets a fresh augmentation every epoch. With
-  `batch_sharding`, each batch is split over its devices (`data_parallel.split_batch`).
+  AUGMENT_KEY_STREAM), step), so every image gets a fresh augmentation every epoch, and then,
+  normalised, colour-jittered (`input_pipeline.jitter`) under that key folded with
+  JITTER_KEY_STREAM. With `batch_sharding`, each batch is split over its devices
+  (`data_parallel.split_batch`). From the run's step `options.late_freeze_step` on, the
+  `options.late_frozen_parameters` get no gradient.
 
   `first_step` and `end_step` are traced: one compiled program runs any part of any epoch, and
   an epoch run in several calls computes exactly what one call computes. Returns the new state
@@ -236,7 +253,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   augment_key = jax.random.fold_in(key, AUGMENT_KEY_STREAM)
   flips = _flips_of_the_epoch(augment, data_key, epoch, num_examples)
 
-  def step(state, indices, step_index):
+  def step(state, indices, step_index, options=options):
     # Sharding the indices makes each device gather only its own part of the batch.
     indices = data_parallel.split_batch(indices, batch_sharding)
     batch_images = images[indices]
@@ -244,28 +261,56 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
       batch_images = input_pipeline.augment(
           jax.random.fold_in(augment_key, step_index), batch_images, augment.translate,
           augment.padding, None if flips is None else flips[indices])
-    batch_images = data_parallel.split_batch(input_pipeline.normalize(batch_images, mean, std),
-                                        batch_sharding)
+    batch_images = input_pipeline.normalize(batch_images, mean, std)
+    if augment is not None and (augment.brightness or augment.contrast):
+      jitter_key = jax.random.fold_in(jax.random.fold_in(augment_key, step_index),
+                                      JITTER_KEY_STREAM)
+      batch_images = input_pipeline.jitter(jitter_key, batch_images, augment.brightness,
+                                           augment.contrast)
+    batch_images = data_parallel.split_batch(batch_images, batch_sharding)
     return train_step(state, batch_images,
                       data_parallel.split_batch(labels[indices], batch_sharding), options)
 
-  def full_step(step_index, carry):
+  # Once the late-frozen parameters stop training, the steps run without their gradient (and,
+  # for airbench's whitening bias, without the first convolution's input gradient and the
+  # whitening's activation gradient): PyTorch's `b.detach()`. Two loops, not a conditional
+  # step, so that replicas under vmap (whose bounds are never batched) run one body a step.
+  frozen_options = dataclasses.replace(
+      options, frozen_parameters=options.frozen_parameters + options.late_frozen_parameters)
+  steps_in_epoch = num_full + has_short_batch
+
+  def full_step(step_index, carry, options=options):
     state, per_step = carry
     indices = jax.lax.dynamic_slice_in_dim(order, step_index * batch_size, batch_size)
-    state, metrics = step(state, indices, step_index)
+    state, metrics = step(state, indices, step_index, options)
     return state, _record(per_step, metrics, step_index)
 
   def short_step(carry):
     state, per_step = carry
-    state, metrics = step(state, order[num_full * batch_size:], num_full)
+    run = lambda options: lambda state: step(state, order[num_full * batch_size:], num_full,
+                                             options)
+    if options.late_frozen_parameters:
+      state, metrics = jax.lax.cond(
+          epoch * steps_in_epoch + num_full < options.late_freeze_step, run(options),
+          run(frozen_options), state)
+    else:
+      state, metrics = run(options)(state)
     return state, _record(per_step, metrics, num_full)
 
   # The metrics of `train_step` are float32 scalars: known without tracing a step for them
   # (a trace costs ~0.3 s of a warm start).
   per_step = {name: jnp.zeros((num_full + has_short_batch,), jnp.float32)
               for name in STEP_METRICS}
-  carry = jax.lax.fori_loop(first_step, jnp.minimum(end_step, num_full), full_step,
-                            (state, per_step))
+  carry = (state, per_step)
+  full_end = jnp.minimum(end_step, num_full)
+  if options.late_frozen_parameters:
+    # This epoch's steps before the freeze, then the rest.
+    boundary = jnp.clip(options.late_freeze_step - epoch * steps_in_epoch, first_step, full_end)
+    carry = jax.lax.fori_loop(first_step, boundary, full_step, carry)
+    carry = jax.lax.fori_loop(boundary, full_end, functools.partial(
+        full_step, options=frozen_options), carry)
+  else:
+    carry = jax.lax.fori_loop(first_step, full_end, full_step, carry)
   if has_short_batch:
     # A real conditional (the bounds are never batched, even under vmap): only the call that
     # ends the epoch runs the short batch.
@@ -328,6 +373,11 @@ def epochs_run(num_epochs: float) -> int:
   return math.ceil(num_epochs)
 
 
+def _whole_steps(steps: float) -> int:
+  """ceil(steps), but a product such as 0.07 x 100 = 7.000000000000001 counts as 7 steps."""
+  return math.ceil(round(steps, 9))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepBudget:
   """A run's steps: `steps_per_epoch` steps in every epoch but a fractional last one, over
@@ -336,7 +386,7 @@ class StepBudget:
   loop, the call planner and the checkpoints all count steps through it."""
   steps_per_epoch: int
   num_epochs: float
-  late_freeze_epochs: int = 0
+  late_freeze_epochs: float = 0
 
   @classmethod
   def of(cls, config, steps_in_an_epoch: int) -> StepBudget:
@@ -353,7 +403,7 @@ class StepBudget:
   def total_steps(self) -> int:
     """ceil(steps_per_epoch * num_epochs): 395 for 5 epochs of 79 steps, 476 for airbench's 9.9
     epochs of 48 (the last epoch then stops after 44 of its steps)."""
-    return math.ceil(self.steps_per_epoch * self.num_epochs)
+    return _whole_steps(self.steps_per_epoch * self.num_epochs)
 
   @property
   def epochs_run(self) -> int:
@@ -362,8 +412,10 @@ class StepBudget:
 
   @property
   def late_freeze_step(self) -> int:
-    """The first step at which `late_frozen_parameters` no longer train."""
-    return self.late_freeze_epochs * self.steps_per_epoch
+    """The first step at which `late_frozen_parameters` no longer train:
+    ceil(late_freeze_epochs * steps_per_epoch), 144 for 3 epochs of 48 steps, 7 for hiverge's
+    0.19 epochs of 32."""
+    return _whole_steps(self.late_freeze_epochs * self.steps_per_epoch)
 
   def epoch_steps(self, epoch: int) -> int:
     """How many steps epoch `epoch` runs: all of them, but fewer in a fractional last epoch."""

@@ -2,6 +2,8 @@
 expectation: numpy's eigendecomposition, the formulas, PyTorch's SGD update rule written out by
 hand, airbench's own counts; and a few real steps on real CIFAR-10."""
 
+import dataclasses
+import functools
 import json
 import math
 
@@ -441,3 +443,48 @@ def test_real_steps_on_real_cifar10_lower_the_loss(cifar10_dir, tmp_path):
   assert records[1]["test_acc"] > 0.2  # chance is 0.1
   assert last == records[1] and 0.2 < last["tta_test_acc"] <= 1
   assert "tta_test_acc" not in records[0]
+
+
+def test_late_frozen_parameters_get_no_gradient_after_they_freeze():
+  """From the freeze on, the whitening bias's momentum buffer only decays (no gradient is
+  added, PyTorch's `b.detach()`), while every other parameter trains as before."""
+  import whole_epochs
+
+  config = _config(schedule="step", momentum=0.5, learning_rate=0.1, num_epochs=3.0,
+                   late_frozen_parameters=("whiten/bias",), late_freeze_epochs=1)
+  budget = steps.StepBudget.of(config, 2)  # 8 images in batches of 4: frozen from step 2
+  rng = np.random.default_rng(12)
+  images = rng.integers(0, 256, (8, 2, 2, 3), dtype=np.uint8)
+  labels = rng.integers(0, 3, 8).astype(np.int32)
+
+  def apply_fn(variables, x):
+    params = variables["params"]
+    return x.reshape(len(x), -1) @ params["head"] + params["whiten"]["bias"]
+
+  params = {"whiten": {"bias": jnp.zeros(3)},
+            "head": jnp.asarray(rng.normal(size=(12, 3)) * 0.1, jnp.float32)}
+  start = steps.TrainState.create(apply_fn=apply_fn, params=params,
+                                  tx=optim.create_optimizer(config, budget))
+  zeros, ones = jnp.zeros(3), jnp.ones(3)
+
+  def train(options):
+    epoch = jax.jit(functools.partial(whole_epochs.train_epoch, batch_size=4,
+                                      drop_last_batch=True, options=options))
+    state, buffers = start, []
+    for index in range(3):
+      state, _ = epoch(state, images, labels, jax.random.key(13), index, zeros, ones)
+      buffers.append(np.asarray(optax.tree_utils.tree_get(state.opt_state, "trace")["whiten"]
+                                ["bias"]))
+    return state, buffers
+
+  options = steps.step_options(config, budget)
+  assert (options.late_frozen_parameters, options.late_freeze_step) == (("whiten/bias",), 2)
+  state, buffers = train(options)
+  assert np.all(buffers[0] != 0)
+  np.testing.assert_allclose(buffers[1], 0.5**2 * buffers[0], rtol=1e-6)
+  np.testing.assert_allclose(buffers[2], 0.5**4 * buffers[0], rtol=1e-6)
+  # With the gradient still computed (and masked by the optimiser) the rest is the same.
+  masked, masked_buffers = train(dataclasses.replace(options, late_frozen_parameters=()))
+  assert not np.allclose(masked_buffers[2], buffers[2])
+  np.testing.assert_allclose(state.params["head"], masked.params["head"], rtol=1e-6)
+  np.testing.assert_array_equal(state.params["whiten"]["bias"], masked.params["whiten"]["bias"])

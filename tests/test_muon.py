@@ -211,3 +211,78 @@ def test_the_muon_recipes_optimiser_is_airbench94_muons(monkeypatch):
                                         jax.tree_util.tree_leaves_with_path(want)):
       np.testing.assert_allclose(np.asarray(got), np.asarray(wanted), rtol=2e-5, atol=2e-5,
                                  err_msg=f"{optim.parameter_name(path)} after step {step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# hiverge/cifar10-speedrun's Muon (configs/cifar10_speedrun.py): other coefficients, a weight
+# decay after the update, and the kernels re-normalised on a schedule that thins out.
+
+HIVERGE_COEFFICIENTS = (3.4576, -4.7391, 2.0843)  # copied from cifar10_speedrun.py
+
+
+def _hiverge_normalised_steps(total, period=2, growth=15):
+  """The steps (from 1) at which cifar10_speedrun.py's Muon.step re-normalises, transcribed
+  with its float arithmetic: norm_freq = 2 + int(15 * step_count / total_train_steps)."""
+  last, marked = 0, []
+  for step_count in range(1, total + 1):
+    if step_count - last >= period + int(growth * (step_count / total)):
+      last = step_count
+      marked.append(step_count)
+  return marked
+
+
+@pytest.mark.parametrize("total", [20, 200, 243, 476])
+def test_the_normalisation_schedule_is_hiverges(total):
+  table = optim.normalization_steps(total, 2, 15)
+  assert list(np.flatnonzero(table) + 1) == _hiverge_normalised_steps(total)
+  if total >= 200:  # every other step at first
+    assert list(np.flatnonzero(table[:8]) + 1) == [2, 4, 6, 8]
+  assert np.all(np.diff(np.flatnonzero(table)) <= 17)
+  assert optim.normalization_steps(total, 1, 0) is None  # every step: no table
+
+
+def _hiverge_muon_steps(p, grads, learning_rates, total, momentum, weight_decay):
+  """cifar10_speedrun.py's Muon.step (Nesterov) on one (out, in, kh, kw) parameter,
+  transcribed in float64: the parameter after each step."""
+  a, b, c = HIVERGE_COEFFICIENTS
+  buf, last_norm_step, out = np.zeros_like(p), 0, []
+  for step_count, (g, lr) in enumerate(zip(grads, learning_rates), start=1):
+    norm_freq = 2 + int(15 * (step_count / total))
+    buf = momentum * buf + g
+    g = g + momentum * buf
+    x = g.reshape(len(g), -1)
+    x = x / (np.linalg.norm(x) + 1e-5)
+    for _ in range(3):  # 8 x 36: never transposed
+      gram = x @ x.T
+      x = a * x + (b * gram + c * gram @ gram) @ x
+    if step_count - last_norm_step >= norm_freq:
+      last_norm_step = step_count
+      p = p * (len(p) ** 0.5 / (np.linalg.norm(p) + 1e-7))
+    p = p - lr * x.reshape(p.shape)
+    p = p * (1 - lr * weight_decay)
+    out.append(p)
+  return out
+
+
+def test_muon_steps_match_hiverges_muon_step():
+  rng = np.random.default_rng(4)
+  kernel = rng.normal(size=(8, 4, 3, 3))
+  total, peak, momentum, wd = 12, 0.205, 0.655, 0.05  # a large decay, to be seen in 12 steps
+  grads = [rng.normal(size=kernel.shape) for _ in range(total)]
+  learning_rates = [peak * (1 - step / total) for step in range(total)]
+  expected = _hiverge_muon_steps(kernel, grads, learning_rates, total, momentum, wd)
+  tx = optim.airbench_muon(lambda count: peak * (1 - count / total), momentum,
+                           coefficients=HIVERGE_COEFFICIENTS, weight_decay=wd,
+                           normalize_steps=optim.normalization_steps(total, 2, 15),
+                           dtype=jnp.float32)
+  params = jnp.asarray(_to_hwio(kernel), jnp.float32)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step, (grad, want) in enumerate(zip(grads, expected)):
+    updates, state = update(jnp.asarray(_to_hwio(grad), jnp.float32), state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params), _to_hwio(want), rtol=1e-4, atol=2e-5,
+                               err_msg=f"after step {step}")
+  # Not normalised at step 1 (as it would be every step): the schedule matters.
+  every_step = _numpy_muon_steps(kernel, grads[:1], learning_rates[:1], momentum, True)
+  assert not np.allclose(expected[0], every_step[0] * (1 - learning_rates[0] * wd), atol=1e-3)

@@ -196,6 +196,17 @@ def normalize(images, mean, std):
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def jitter(key: jax.Array, images: jax.Array, brightness: float, contrast: float) -> jax.Array:
+  """hiverge/cifar10-speedrun's colour jitter of a normalised NHWC batch: each image becomes
+  (x + b) c, with b uniform in [-brightness, brightness] and c in [1 - contrast, 1 + contrast],
+  drawn independently per image from `key`."""
+  shift_key, scale_key = jax.random.split(key)
+  shape = (images.shape[0], 1, 1, 1)
+  shift = jax.random.uniform(shift_key, shape, images.dtype, -brightness, brightness)
+  scale = jax.random.uniform(scale_key, shape, images.dtype, 1 - contrast, 1 + contrast)
+  return (images + shift) * scale
+
+
 def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING,
             pad_mode: str = "zeros", flips: jax.Array | None = None) -> jax.Array:
   """Random crop and horizontal flip of a batch of NHWC images, independently per image.

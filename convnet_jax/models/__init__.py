@@ -62,12 +62,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": _resnet((3, 4, 6, 3), BottleneckBlock),
     "airbench94": lambda config, num_classes, **settings: Airbench94(
         num_classes=num_classes, scale=config.airbench_output_scale,
-        head_unit_std=config.airbench_head_unit_std, **settings),
+        head_unit_std=config.airbench_head_unit_std, activation=config.airbench_activation,
+        **settings),
 }
 
 # Models whose initial parameters also depend on the training data: (parameters, uint8 training
 # images, channel mean, channel std) -> parameters, applied after `init`.
-DATA_INITIALISERS: dict[str, Callable] = {"airbench94": airbench.initialise_from_data}
+DATA_INITIALISERS: dict[str, Callable] = {
+    "airbench94": lambda config, *data: airbench.initialise_from_data(
+        *data, num_examples=config.airbench_whitening_examples)}
 
 
 def initialise_from_data(config, params, data):
@@ -76,7 +79,7 @@ def initialise_from_data(config, params, data):
   initialise = DATA_INITIALISERS.get(config.model)
   if initialise is None:
     return params
-  return initialise(params, data.train_images, data.mean, data.std)
+  return initialise(config, params, data.train_images, data.mean, data.std)
 
 
 def create_model(config, num_classes: int, conv_implementation: str | None = None) -> nn.Module:

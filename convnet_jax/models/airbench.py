@@ -40,13 +40,25 @@ def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
+def silu(x: jax.Array) -> jax.Array:
+  """PyTorch's `nn.SiLU()`, x sigmoid(x) (hiverge/cifar10-speedrun's activation: one
+  exponential where the erf GELU takes a polynomial), in float32 as `gelu`."""
+  return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# `config.airbench_activation`: the activation after every BatchNorm (the whitening's is GELU).
+ACTIVATIONS = {"gelu": gelu, "silu": silu}
+
+
 class ConvGroup(nn.Module):
   """conv3x3 -> 2x2 max-pool -> BN -> GELU -> conv3x3 -> BN -> GELU, bias-free convolutions with
-  identity-initialised first filters, BatchNorm with a learnable offset only."""
+  identity-initialised first filters, BatchNorm with a learnable offset only (`activation`: a
+  key of `ACTIVATIONS` in place of GELU)."""
 
   features: int
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,16 +75,18 @@ class ConvGroup(nn.Module):
     # without the crop's copy (and its gradient's padded copy) and up to a quarter fewer FLOPs.
     _, height, width, _ = x.shape
     odd_square = height == width and height % 2 == 1
+    activation = ACTIVATIONS[self.activation]
     x = max_pool_2x2(conv("conv1", padding=(1, 0) if odd_square else None)(x))
-    x = gelu(norm("norm1")(x))
-    return gelu(norm("norm2")(conv("conv2")(x)))
+    x = activation(norm("norm1")(x))
+    return activation(norm("norm2")(conv("conv2")(x)))
 
 
 class Airbench94(nn.Module):
   """whiten (2x2 conv 3 -> 24 with bias, no padding) -> GELU -> conv groups of `widths` ->
   3x3 max-pool -> bias-free linear -> times `scale`. Returns logits. `head_unit_std`: the
   linear head's initial weights divided by their standard deviation (airbench94_muon's
-  `w *= 1 / w.std()`)."""
+  `w *= 1 / w.std()`). `activation`: the conv groups' activation, a key of `ACTIVATIONS` (GELU
+  or hiverge's SiLU)."""
 
   global_pool_name: ClassVar[str] = "3x3 max-pool"
 
@@ -81,6 +95,7 @@ class Airbench94(nn.Module):
   whitening_kernel_size: int = 2
   scale: float = 1 / 9
   head_unit_std: bool = False
+  activation: str = "gelu"
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
 
@@ -92,10 +107,10 @@ class Airbench94(nn.Module):
     x = Conv(2 * images.shape[-1] * size**2, size, padding=0, dtype=self.dtype,
              implementation=self.conv_implementation, kernel_init=nn.initializers.zeros,
              use_bias=True, name="whiten")(x)
-    x = gelu(x)
+    x = gelu(x)  # hiverge's SiLU recipe keeps this one GELU
     for index, features in enumerate(self.widths):
       x = ConvGroup(features, dtype=self.dtype, conv_implementation=self.conv_implementation,
-                    name=f"group{index + 1}")(x)
+                    activation=self.activation, name=f"group{index + 1}")(x)
     if x.shape[1:3] == (3, 3):
       # MaxPool2d(3) on the 3x3 map that three halvings leave of 31x31 is one window: a plain
       # max, whose gradient is cheaper on the CPU than reduce_window's select-and-scatter.
@@ -147,11 +162,12 @@ def whitening_kernel(images: np.ndarray, size: int = 2,
   return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
-def initialise_from_data(params, train_images: np.ndarray, mean: np.ndarray, std: np.ndarray):
-  """The parameters with the whitening kernel computed from the first `WHITENING_EXAMPLES`
-  training images (uint8 NHWC, normalised with `mean` and `std` as training normalises them);
-  a leading replica axis of the parameters is kept."""
-  images = (np.asarray(train_images[:WHITENING_EXAMPLES], np.float32) / 255.0 - mean) / std
+def initialise_from_data(params, train_images: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                         num_examples: int = WHITENING_EXAMPLES):
+  """The parameters with the whitening kernel computed from the first `num_examples` training
+  images (uint8 NHWC, normalised with `mean` and `std` as training normalises them); a leading
+  replica axis of the parameters is kept."""
+  images = (np.asarray(train_images[:num_examples], np.float32) / 255.0 - mean) / std
   current = params["whiten"]["kernel"]
   size = current.shape[-4]
   kernel = whitening_kernel(images, size)

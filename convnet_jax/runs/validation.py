@@ -11,6 +11,7 @@ import math
 import jax
 
 from convnet_jax import models
+from convnet_jax.models import airbench
 from convnet_jax import optim
 from convnet_jax.data import input_pipeline
 from convnet_jax.data import tta
@@ -207,6 +208,9 @@ def _validate_recipe(config) -> None:
           f"one of {AUGMENT_PADDINGS}", config.augment_padding)
   require(config.augment_flip in AUGMENT_FLIPS, "augment_flip", f"one of {AUGMENT_FLIPS}",
           config.augment_flip)
+  for key in ("augment_brightness", "augment_contrast"):
+    require(is_number(config[key]) and 0 <= config[key] < 1, key, "a number in [0, 1)",
+            config[key])
   require(config.test_time_augmentation in tta.LEVELS,
           "test_time_augmentation", f"one of {tta.LEVELS}",
           config.test_time_augmentation)
@@ -221,8 +225,8 @@ def _validate_recipe(config) -> None:
     require(isinstance(config[key], (tuple, list)) and all(
         isinstance(name, str) and name for name in config[key]), key,
             'a tuple of parameter paths such as "whiten/kernel"', config[key])
-  require(is_int(config.late_freeze_epochs) and config.late_freeze_epochs >= 0,
-          "late_freeze_epochs", "a non-negative integer", config.late_freeze_epochs)
+  require(is_number(config.late_freeze_epochs) and config.late_freeze_epochs >= 0,
+          "late_freeze_epochs", "a non-negative number of epochs", config.late_freeze_epochs)
   require(config.late_freeze_schedule in LATE_FREEZE_SCHEDULES, "late_freeze_schedule",
           f"one of {LATE_FREEZE_SCHEDULES}", config.late_freeze_schedule)
   require(config.late_freeze_schedule == "main" or config.late_freeze_epochs > 0,
@@ -239,6 +243,11 @@ def _validate_recipe(config) -> None:
           "airbench_output_scale", "a positive number", config.airbench_output_scale)
   require(isinstance(config.airbench_head_unit_std, bool), "airbench_head_unit_std",
           "True or False", config.airbench_head_unit_std)
+  require(config.airbench_activation in airbench.ACTIVATIONS, "airbench_activation",
+          f"one of {tuple(airbench.ACTIVATIONS)}", config.airbench_activation)
+  require(is_int(config.airbench_whitening_examples) and config.airbench_whitening_examples > 0,
+          "airbench_whitening_examples", "a positive number of training images",
+          config.airbench_whitening_examples)
   require(is_int(config.lookahead_every_steps) and config.lookahead_every_steps >= 0,
           "lookahead_every_steps", "0 (no lookahead) or a positive integer",
           config.lookahead_every_steps)
@@ -264,6 +273,17 @@ def _validate_muon(config) -> None:
           "False when config.muon.momentum is 0 (Nesterov needs momentum)", muon.nesterov)
   require(is_int(muon.newton_schulz_steps) and muon.newton_schulz_steps > 0,
           "muon.newton_schulz_steps", "a positive integer", muon.newton_schulz_steps)
+  coefficients = muon.newton_schulz_coefficients
+  require(isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
+          and all(is_number(c) for c in coefficients), "muon.newton_schulz_coefficients",
+          "three numbers (a, b, c) of x -> a x + b x^3 + c x^5", coefficients)
+  require(is_number(muon.weight_decay) and muon.weight_decay >= 0, "muon.weight_decay",
+          "a non-negative number", muon.weight_decay)
+  require(is_int(muon.normalize_period) and muon.normalize_period >= 1,
+          "muon.normalize_period", "a positive integer number of steps", muon.normalize_period)
+  require(is_int(muon.normalize_period_growth) and muon.normalize_period_growth >= 0,
+          "muon.normalize_period_growth", "a non-negative integer number of steps",
+          muon.normalize_period_growth)
 
 
 def check_parameter_paths(config, params) -> None:

@@ -67,15 +67,26 @@ ADDED_KEYS = {
     "lr_multipliers": [],
     "late_freeze_schedule": "main",
     "muon": {"parameters": [], "learning_rate": 0.24, "momentum": 0.6, "nesterov": True,
-             "newton_schulz_steps": 3, "normalize_filters": True},
+             "newton_schulz_steps": 3, "normalize_filters": True,
+             "newton_schulz_coefficients": [3.4445, -4.7750, 2.0315], "weight_decay": 0.0,
+             "normalize_period": 1, "normalize_period_growth": 0},
     "airbench_output_scale": 1 / 9,
     "airbench_head_unit_std": False,
+    "airbench_activation": "gelu",
+    "airbench_whitening_examples": 5000,
+    "augment_brightness": 0.0,
+    "augment_contrast": 0.0,
 }
 
 
 def with_added_keys(values: dict) -> dict:
-  """A saved config (as JSON data) with each of `ADDED_KEYS` it lacks at its old value."""
-  return {**ADDED_KEYS, **values}
+  """A saved config (as JSON data) with each of `ADDED_KEYS` it lacks at its old value (inside
+  a group too: a saved `muon` group lacking a later key gets it)."""
+  merged = {**ADDED_KEYS, **values}
+  for key, added in ADDED_KEYS.items():
+    if isinstance(added, dict) and isinstance(values.get(key), dict):
+      merged[key] = {**added, **values[key]}
+  return merged
 
 
 def _identity(values: dict) -> dict:

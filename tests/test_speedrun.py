@@ -1,0 +1,251 @@
+"""hiverge/cifar10-speedrun's recipe (configs/cifar10_speedrun.py) and the knobs it added, each
+against cifar10_speedrun.py's own numbers and forms: SiLU, the whitening from 960 images, the
+colour jitter, a fractional whitening-bias epoch, and saved configs from before the knobs.
+Its Muon is checked against a transcription of the script's `Muon.step` in test_muon.py."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import whole_epochs
+from configs import cifar10_airbench94_muon
+from configs import cifar10_speedrun
+from configs import default as default_config
+from convnet_jax import models
+from convnet_jax import optim
+from convnet_jax import steps
+from convnet_jax import train
+from convnet_jax.data import input_pipeline
+from convnet_jax.models import airbench
+from convnet_jax.runs import validation
+from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import UserError
+
+
+def test_the_recipe_is_hiverges():
+  config = cifar10_speedrun.get_config()
+  validation.validate_config(config)
+  # 50,000 // 1,536 = 32 steps an epoch (the short batch dropped); ceil(7.59 x 32) = 243
+  # steps, the whitening bias for ceil(0.19 x 32) = 7 of them.
+  budget = steps.StepBudget.for_examples(config, 50_000)
+  assert (budget.steps_per_epoch, budget.total_steps, budget.late_freeze_step) == (32, 243, 7)
+  assert budget.epochs_run == 8 and budget.epoch_steps(7) == 19
+  wd = 1.0418e-6 * 1536
+  multiplier = optim.learning_rate_multipliers(config)
+  for name, lr in (("head/kernel", 0.5415), ("group3/norm2/offset", 0.0573),
+                   ("whiten/bias", 0.0573)):
+    assert config.learning_rate * multiplier(name) == pytest.approx(lr)
+    assert config.weight_decay / multiplier(name) == pytest.approx(wd / lr)
+  assert (config.momentum, config.nesterov, config.label_smoothing) == (0.825, True, 0.09)
+  muon = config.muon
+  assert (muon.learning_rate, muon.momentum, muon.nesterov) == (0.205, 0.655, True)
+  assert tuple(muon.newton_schulz_coefficients) == (3.4576, -4.7391, 2.0843)
+  assert muon.weight_decay == pytest.approx(wd)
+  assert (muon.normalize_period, muon.normalize_period_growth) == (2, 15)
+  assert (config.augment_translate, config.augment_padding, config.augment_flip) == (
+      2, "reflect", "alternate")
+  assert (config.augment_brightness, config.augment_contrast) == (0.1399, 0.1308)
+  assert (config.airbench_activation, config.airbench_whitening_examples) == ("silu", 960)
+  assert config.airbench_output_scale == 1 / 256 and config.airbench_head_unit_std
+
+
+def test_silu_is_x_times_its_sigmoid_in_float32():
+  x = np.linspace(-8, 8, 101, dtype=np.float32)
+  np.testing.assert_allclose(np.asarray(airbench.silu(jnp.asarray(x))), x / (1 + np.exp(-x)),
+                             rtol=1e-6, atol=1e-7)
+  rough = airbench.silu(jnp.asarray(x, jnp.bfloat16))
+  assert rough.dtype == jnp.bfloat16
+
+
+def _silu_group(x, kernel1, offset1, kernel2, offset2):
+  """The ConvGroup of cifar10_speedrun.py in float64: conv3x3 (padding 1), MaxPool2d(2),
+  batch-statistics BatchNorm plus the offset, SiLU, conv3x3, BatchNorm, SiLU."""
+
+  def conv_same(x, kernel):
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    size = x.shape[1]
+    return sum(np.einsum("nijc,co->nijo", padded[:, a:a + size, b:b + size], kernel[a, b])
+               for a in range(3) for b in range(3))
+
+  def norm_silu(y, offset):
+    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + airbench.BATCH_NORM_EPSILON)
+    y = y + offset
+    return y / (1 + np.exp(-y))
+
+  y = conv_same(x, kernel1)
+  half = y.shape[1] // 2
+  y = y.reshape(len(y), half, 2, half, 2, -1).max(axis=(2, 4))
+  return norm_silu(conv_same(norm_silu(y, offset1), kernel2), offset2)
+
+
+def test_a_silu_conv_group_is_hiverges():
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((4, 8, 8, 5)).astype(np.float32)
+  group = airbench.ConvGroup(6, conv_implementation="im2col", activation="silu")
+  params = group.init(jax.random.key(0), jnp.asarray(x))["params"]
+  params = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.3, jnp.float32), params)
+  got = group.apply({"params": params}, jnp.asarray(x))
+  expected = _silu_group(*(np.asarray(a, np.float64) for a in (
+      x, params["conv1"]["kernel"], params["norm1"]["offset"], params["conv2"]["kernel"],
+      params["norm2"]["offset"])))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_whitening_keeps_gelu_under_silu():
+  """cifar10_speedrun.py's CifarNet: nn.GELU() after the whitening, SiLU in the groups only:
+  the first group's output is a SiLU group applied to GELU(whitening(images)), computed here
+  from the whitening's 2x2 patches by hand."""
+  from scipy.special import erf
+
+  images = np.random.default_rng(6).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  model = models.Airbench94(conv_implementation="im2col", activation="silu")
+  params = model.init(jax.random.key(0), jnp.asarray(images))["params"]
+  whiten = dict(params["whiten"], kernel=jax.random.normal(jax.random.key(1),
+                                                           params["whiten"]["kernel"].shape))
+  params = dict(params, whiten=whiten)
+  _, state = model.apply({"params": params}, jnp.asarray(images), mutable=["intermediates"],
+                         capture_intermediates=lambda module, _: module.name == "group1")
+  got = state["intermediates"]["group1"]["__call__"][0]
+  kernel = np.asarray(params["whiten"]["kernel"], np.float64).reshape(4, 3, -1)  # (dy dx), c, o
+  patches = np.stack([images[:, i:i + 31, j:j + 31] for i in (0, 1) for j in (0, 1)], axis=3)
+  whitened = np.einsum("nhwpc,pco->nhwo", patches, kernel) + np.asarray(params["whiten"]["bias"])
+  after_gelu = whitened * (1 + erf(whitened / np.sqrt(2))) / 2
+  group = airbench.ConvGroup(64, conv_implementation="im2col", activation="silu")
+  want = group.apply({"params": params["group1"]}, jnp.asarray(after_gelu, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+
+
+def test_the_whitening_comes_from_the_first_960_images():
+  config = cifar10_speedrun.get_config()
+  rng = np.random.default_rng(7)
+  images = rng.integers(0, 256, (1000, 4, 4, 3), dtype=np.uint8)
+  images[960:] = 255  # images after the first 960 must not count
+  mean, std = np.array([.4, .5, .6], np.float32), np.array([.2, .25, .3], np.float32)
+  params = {"whiten": {"kernel": jnp.zeros((2, 2, 3, 24)), "bias": jnp.ones(24)}}
+  data = input_pipeline.Dataset(images, np.zeros(1000, np.int32), images[:1],
+                                np.zeros(1, np.int32), mean, std, ("a", "b"))
+  got = models.initialise_from_data(config, params, data)
+  normalised = (images[:960].astype(np.float64) / 255 - mean) / std
+  np.testing.assert_allclose(got["whiten"]["kernel"], airbench.whitening_kernel(normalised),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_colour_jitter_shifts_then_scales_each_image_within_its_ranges():
+  """(x + b) c with one b in [-0.1399, 0.1399] and one c in [0.8692, 1.1308] an image, uniform:
+  recovered from two pixels of each image, checked on every other pixel."""
+  n = 4000
+  x = jnp.broadcast_to(jnp.linspace(-2, 2, 4 * 4 * 3).reshape(1, 4, 4, 3), (n, 4, 4, 3))
+  y = np.asarray(input_pipeline.jitter(jax.random.key(8), x, 0.1399, 0.1308), np.float64)
+  x = np.asarray(x, np.float64)
+  first, last = (0, 0, 0, 0), (0, 3, 3, 2)
+  c = (y[:, 3, 3, 2] - y[:, 0, 0, 0]) / (x[0][last[1:]] - x[0][first[1:]])
+  b = y[:, 0, 0, 0] / c - x[0][first[1:]]
+  np.testing.assert_allclose(y, (x + b[:, None, None, None]) * c[:, None, None, None],
+                             rtol=1e-5, atol=1e-5)
+  assert np.all(np.abs(b) <= 0.1399 + 1e-6) and np.all(np.abs(c - 1) <= 0.1308 + 1e-6)
+  # Uniform: mean 0 and std range / sqrt(3), within 4 standard errors; b and c independent.
+  for draws, width in ((b, 0.1399), (c - 1, 0.1308)):
+    assert abs(draws.mean()) < 4 * width / np.sqrt(3 * n)
+    assert draws.std() == pytest.approx(width / np.sqrt(3), rel=0.05)
+  assert abs(np.corrcoef(b, c)[0, 1]) < 4 / np.sqrt(n)
+
+
+def _linear_state():
+  from flax.training import train_state
+  import optax
+
+  def apply_fn(variables, images):
+    return images.reshape(len(images), -1) @ variables["params"]["w"]
+
+  w = jnp.asarray(np.random.default_rng(9).normal(size=(4 * 4 * 3, 3)) * 0.1, jnp.float32)
+  return steps.TrainState.create(apply_fn=apply_fn, params={"w": w}, tx=optax.sgd(0.0))
+
+
+def test_the_training_epoch_jitters_only_when_asked_and_keeps_the_crops():
+  images = np.random.default_rng(10).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+  labels = np.arange(8, dtype=np.int32) % 3
+  state, zeros, ones = _linear_state(), jnp.zeros(3), jnp.ones(3)
+  epoch = jax.jit(functools.partial(whole_epochs.train_epoch, batch_size=4,
+                                    drop_last_batch=True), static_argnames="augment")
+  run = functools.partial(epoch, state, images, labels, jax.random.key(11), 0, zeros, ones)
+  plain = run(augment=steps.AugmentOptions(translate=1, padding="reflect"))[1]
+  still = run(augment=steps.AugmentOptions(translate=1, padding="reflect", brightness=0.0,
+                                           contrast=0.0))[1]
+  jittered = run(augment=steps.AugmentOptions(translate=1, padding="reflect", brightness=0.1,
+                                              contrast=0.1))[1]
+  assert float(still["loss_sum"]) == float(plain["loss_sum"])
+  assert abs(float(jittered["loss_sum"]) - float(plain["loss_sum"])) > 1e-4
+  # A tiny jitter moves the loss by a tiny amount: the same crops and flips underneath.
+  tiny = run(augment=steps.AugmentOptions(translate=1, padding="reflect", brightness=1e-5,
+                                          contrast=1e-5))[1]
+  assert float(tiny["loss_sum"]) == pytest.approx(float(plain["loss_sum"]), rel=1e-3)
+
+
+def test_a_fractional_late_freeze_counts_whole_steps():
+  assert steps.StepBudget(32, 7.59, 0.19).late_freeze_step == 7  # ceil(6.08)
+  assert steps.StepBudget(100, 1, 0.07).late_freeze_step == 7  # 7.000000000000001 is 7 steps
+  assert steps.StepBudget(48, 9.9, 3).late_freeze_step == 144
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("augment_brightness", 1.0, "expected a number in [0, 1)"),
+    ("augment_contrast", -0.1, "expected a number in [0, 1)"),
+    ("airbench_activation", "relu", "expected one of ('gelu', 'silu')"),
+    ("airbench_whitening_examples", 0, "expected a positive number of training images"),
+    ("late_freeze_epochs", -0.5, "expected a non-negative number of epochs"),
+    ("muon.newton_schulz_coefficients", (3.4, -4.7), "expected three numbers (a, b, c)"),
+    ("muon.weight_decay", -1.0, "expected a non-negative number"),
+    ("muon.normalize_period", 0, "expected a positive integer number of steps"),
+    ("muon.normalize_period_growth", -1, "expected a non-negative integer number of steps"),
+])
+def test_bad_speedrun_keys_are_named(key, value, message):
+  config = cifar10_speedrun.get_config()
+  group, _, leaf = key.rpartition(".")
+  (config[group] if group else config)[leaf] = value
+  with pytest.raises(UserError) as error:
+    validation.validate_config(config)
+  assert str(error.value).startswith(f"config.{key}=") and message in str(error.value)
+
+
+def test_a_muon_workdir_saved_before_the_speedrun_keys_still_resumes(tmp_path):
+  """A config.json written before the knobs: its muon group lacks four keys, the top level
+  four; both get the values that run had (the defaults', airbench94_muon's)."""
+  config = cifar10_airbench94_muon.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  for key in ("airbench_activation", "airbench_whitening_examples", "augment_brightness",
+              "augment_contrast"):
+    del saved[key]
+  for key in ("newton_schulz_coefficients", "weight_decay", "normalize_period",
+              "normalize_period_growth"):
+    del saved["muon"][key]
+  files = workdir_lib.RunFiles(tmp_path)
+  files.config.write_text(json.dumps(saved))
+  assert workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+  config.muon.normalize_period = 2
+  with pytest.raises(UserError, match=r"muon.normalize_period: 2 here, 1 there"):
+    workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+  # The defaults still hold what such a run computed.
+  current = json.loads(default_config.get_config().to_json_best_effort())
+  assert current["muon"]["newton_schulz_coefficients"] == [3.4445, -4.7750, 2.0315]
+
+
+@pytest.mark.slow
+def test_the_speedrun_recipe_learns_on_real_cifar10(cifar10_dir, tmp_path):
+  """Two epochs of 4 steps of the recipe at batch 500 on 2,000 real training images."""
+  config = cifar10_speedrun.get_config()
+  config.data_dir = str(cifar10_dir)
+  config.max_train_examples, config.max_test_examples = 2000, 1000
+  config.batch_size, config.eval_batch_size = 500, 500
+  config.num_epochs = 2
+  config.operations.tensorboard = False
+  last = train.train_and_evaluate(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert [r["epoch"] for r in records] == [0, 1]
+  assert records[1]["train_loss"] < records[0]["train_loss"]
+  assert records[1]["test_acc"] > 0.25  # chance is 0.1
+  assert last == records[1] and 0.25 < last["tta_test_acc"] <= 1
