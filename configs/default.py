@@ -179,6 +179,10 @@ def get_config():
   # Also every N steps (0: only per epoch), named by the global step in WORKDIR/checkpoints. A
   # run resumes from the middle of an epoch exactly as if it had not stopped.
   config.operations.checkpoint_every_steps = 0
+  # The test set is evaluated after every N epochs and always after the last (0: only after
+  # the last, as airbench times its runs); the other epochs' records have no test_loss and
+  # test_acc. Training is the same either way (evaluation draws no random numbers).
+  config.operations.eval_every_epochs = 1
   # An epoch runs as calls of one compiled program; between calls the run can checkpoint, stop
   # on SIGTERM or Ctrl-C and move the progress bar. steps_per_call=0 sizes each call to take
   # about seconds_per_call at the measured step time (short epochs: one call per epoch, the

@@ -109,30 +109,43 @@ def check_divergence(step_losses: np.ndarray, diverged: np.ndarray, *, epoch: in
   return diverged | (bad_steps >= 0)
 
 
-def epoch_record(epoch: int, train_totals: dict, test_totals: dict, learning_rate: np.ndarray,
+def epoch_record(epoch: int, train_totals: dict, test_totals: dict | None,
+                 learning_rate: np.ndarray,
                  diverged: np.ndarray, *, num_trained: int, num_test: int, seconds: float,
                  compile_seconds: float, seeds: list[int] | None = None) -> dict[str, Any]:
   """The epoch's JSON record: mean losses and accuracies over the `num_trained` examples seen
-  and the `num_test` test examples, the learning rate the epoch started with, the seconds since
-  the loop started and the compile time. Replicas (`seeds` given): each metric one value per
-  replica (null once diverged), the test accuracy summary, the diverged ones and the seeds."""
+  and the `num_test` test examples (no test metrics without `test_totals`: an epoch not
+  evaluated), the learning rate the epoch started with, the seconds since the loop started and
+  the compile time. Replicas (`seeds` given): each metric one value per replica (null once
+  diverged), the test accuracy summary, the diverged ones and the seeds."""
   def values(metric):
     return replicas.metric_values(metric, diverged)
 
-  record = {
-      "epoch": epoch,
-      "test_acc": values(test_totals["correct"] / num_test),
+  record = {"epoch": epoch}
+  if test_totals is not None:
+    record["test_acc"] = values(test_totals["correct"] / num_test)
+  record.update({
       "time": round(seconds, 3),
       "train_loss": values(train_totals["loss_sum"] / num_trained),
       "train_acc": values(train_totals["correct"] / num_trained),
-      "test_loss": values(test_totals["loss_sum"] / num_test),
+  })
+  if test_totals is not None:
+    record["test_loss"] = values(test_totals["loss_sum"] / num_test)
+  record.update({
       "learning_rate": replicas.metric_values(learning_rate, np.zeros_like(diverged)),
       "compile_time": round(compile_seconds, 3),
-  }
+  })
   if seeds is not None:
-    record.update(replicas.replica_summary(record["test_acc"]),
-                  diverged=np.flatnonzero(diverged).tolist(), seeds=seeds)
+    if test_totals is not None:
+      record.update(replicas.replica_summary(record["test_acc"]))
+    record.update(diverged=np.flatnonzero(diverged).tolist(), seeds=seeds)
   return record
+
+
+def evaluation_is_due(config, epoch: int, epochs_run: int) -> bool:
+  """Every `operations.eval_every_epochs` epochs (0: never), and after the last."""
+  every = config.operations.eval_every_epochs
+  return epoch + 1 == epochs_run or (every > 0 and (epoch + 1) % every == 0)
 
 
 def checkpoint_is_due(config, epoch: int) -> bool:
@@ -187,9 +200,11 @@ class TrainingLoop:
           config.num_replicas)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
-      with errors.naming_the_batch_size(config, "eval_batch_size"):
-        predictions, test_totals = run_evaluation(self.programs, state, self.data)
-        test_totals = _host_totals(test_totals)
+      test_totals = None
+      if evaluation_is_due(config, epoch, self.budget.epochs_run):
+        with errors.naming_the_batch_size(config, "eval_batch_size"):
+          predictions, test_totals = run_evaluation(self.programs, state, self.data)
+          test_totals = _host_totals(test_totals)
       epoch_steps = progress.steps_done
       num_trained = examples_trained(config, self.num_train, self.budget.steps_per_epoch,
                                      epoch_steps)

@@ -93,6 +93,69 @@ def test_checkpoints_every_n_epochs_and_after_the_last():
   assert [e for e in range(5) if train.checkpoint_is_due(config, e)] == [1, 3, 4]
 
 
+def test_evaluations_every_n_epochs_and_after_the_last():
+  config = default_config.get_config()
+  expected = {1: [0, 1, 2, 3, 4], 2: [1, 3, 4], 0: [4]}  # 0: only after the last
+  for every, epochs in expected.items():
+    config.operations.eval_every_epochs = every
+    assert [e for e in range(5) if train.evaluation_is_due(config, e, 5)] == epochs
+
+
+def test_a_negative_evaluation_period_is_named():
+  from convnet_jax.runs import validation
+
+  config = default_config.get_config()
+  config.operations.eval_every_epochs = -1
+  with pytest.raises(UserError, match=r"^config.operations.eval_every_epochs=-1: expected 0 "
+                                      r"\(only after the last epoch\) or a positive integer"):
+    validation.validate_config(config)
+
+
+def test_an_epoch_not_evaluated_has_no_test_metrics():
+  train_totals = {"loss_sum": np.float64(30.0), "correct": np.float64(90.0)}
+  record = train.epoch_record(2, train_totals, None, np.float64(0.05), np.zeros((), bool),
+                              num_trained=120, num_test=50, seconds=12.34567,
+                              compile_seconds=1.23456)
+  assert record == {"epoch": 2, "time": 12.346, "train_loss": 0.25, "train_acc": 0.75,
+                    "learning_rate": 0.05, "compile_time": 1.235}
+  replicated = train.epoch_record(
+      0, {"loss_sum": np.array([30.0, 60.0]), "correct": np.array([90.0, 60.0])}, None,
+      np.array([0.1, 0.2]), np.zeros(2, bool), num_trained=120, num_test=50, seconds=1.0,
+      compile_seconds=1.0, seeds=[0, 1])
+  assert "test_acc" not in replicated and "test_acc_mean" not in replicated
+  assert replicated["train_loss"] == [0.25, 0.5] and replicated["seeds"] == [0, 1]
+
+
+def test_a_run_evaluated_only_at_the_end_trains_the_same(tiny_cifar_dir, tmp_path):
+  """Three epochs evaluated only after the last: the same training (train metrics, final test
+  accuracy and predictions) as evaluating after each; curves and TensorBoard take the gaps."""
+  from convnet_jax.tools import plot
+
+  def run(every, workdir):
+    config = default_config.get_config()
+    config.data_dir = str(tiny_cifar_dir)
+    config.num_epochs, config.batch_size, config.eval_batch_size = 3, 4, 4
+    config.operations.eval_every_epochs = every
+    config.operations.progress_bar = False
+    last = train.train_and_evaluate(config, workdir)
+    return last, [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+
+  every_last, every = run(1, tmp_path / "every")
+  only_last, only = run(0, tmp_path / "only")
+  assert [("test_acc" in r, "test_loss" in r) for r in only] == [(False, False)] * 2 + [(True,
+                                                                                         True)]
+  assert all("test_acc" in r for r in every)
+  for a, b in zip(every, only):
+    assert (a["train_loss"], a["train_acc"]) == (b["train_loss"], b["train_acc"])
+  assert only_last["test_acc"] == every_last["test_acc"]
+  assert (tmp_path / "only" / "preds").read_text() == (tmp_path / "every" / "preds").read_text()
+  figure = plot.plot_curves(plot.read_history(tmp_path / "only"))
+  loss_axes = figure.axes[0]
+  test_line = [line for line in loss_axes.get_lines() if line.get_label() == "test"][0]
+  assert list(test_line.get_xdata()) == [3]
+  assert list((tmp_path / "only" / "tensorboard").iterdir())  # the writer took the records
+
+
 def _quiet_config():
   config = default_config.get_config()
   config.num_epochs = 2

@@ -180,8 +180,11 @@ def finished_run_line(record: dict, workdir) -> str:
 
 
 def write_tensorboard(writer, record: dict, step: int) -> None:
-  """One epoch's scalars; for replicas, one curve per replica and the test accuracy summary."""
+  """One epoch's scalars (the test ones only in evaluated epochs); for replicas, one curve per
+  replica and the test accuracy summary."""
   for name in TENSORBOARD_SCALARS:
+    if name not in record:
+      continue
     value = record[name]
     if not isinstance(value, list):
       writer.add_scalar(name, value, step)
@@ -189,7 +192,7 @@ def write_tensorboard(writer, record: dict, step: int) -> None:
     for replica, replica_value in enumerate(value):
       if replica_value is not None:
         writer.add_scalar(f"{name}/replica_{replica}", replica_value, step)
-  if isinstance(record["test_acc"], list):
+  if isinstance(record.get("test_acc"), list):
     for name, value in replicas.replica_summary(record["test_acc"]).items():
       writer.add_scalar(name, value, step)
   writer.flush()

@@ -128,6 +128,9 @@ def _validate_operations(operations) -> None:
   require(is_int(operations.checkpoint_every_steps) and operations.checkpoint_every_steps >= 0,
           "operations.checkpoint_every_steps", "0 (only per epoch) or a positive integer",
           operations.checkpoint_every_steps)
+  require(is_int(operations.eval_every_epochs) and operations.eval_every_epochs >= 0,
+          "operations.eval_every_epochs", "0 (only after the last epoch) or a positive integer",
+          operations.eval_every_epochs)
   require(is_int(operations.steps_per_call) and operations.steps_per_call >= 0,
           "operations.steps_per_call", "0 (sized by operations.seconds_per_call) or a positive "
           "integer", operations.steps_per_call)

@@ -25,7 +25,9 @@ from convnet_jax.runs.errors import UserError
 # epoch's after being flat: step decays (x0.1) qualify, while linear and cosine decays, which
 # fall every epoch, never are flat before falling.
 DROP_RATIO = 0.5
-REQUIRED_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+REQUIRED_KEYS = ("epoch", "train_loss", "train_acc")
+# Only in the epochs that were evaluated (`operations.eval_every_epochs`).
+TEST_KEYS = ("test_loss", "test_acc")
 
 
 def read_history(workdir: str | Path) -> list[dict]:
@@ -43,6 +45,8 @@ def read_history(workdir: str | Path) -> list[dict]:
     except json.JSONDecodeError as error:
       raise UserError(f"{path}: line {number} is not JSON ({error.msg})") from error
     missing = [key for key in REQUIRED_KEYS if key not in record]
+    missing += [key for key in TEST_KEYS if key not in record] if any(
+        key in record for key in TEST_KEYS) else []
     if missing:
       raise UserError(f"{path}: line {number} lacks {', '.join(missing)}")
     records.append(record)
@@ -75,15 +79,20 @@ def _series(records: Sequence[dict], key: str, transform=lambda v: v):
 def plot_curves(records: Sequence[dict], title: str = "") -> Figure:
   """A figure with two panels, loss and error (1 - accuracy), train and test, against epochs
   trained (epoch e's record is plotted at e + 1), and a vertical line where the lr drops. For a
-  replicated run: the replicas' mean, with their min-max range shaded."""
-  epochs_trained = [record["epoch"] + 1 for record in records]
+  replicated run: the replicas' mean, with their min-max range shaded. Epochs without test
+  metrics (not evaluated) are left out of the test curves."""
   figure = Figure(figsize=(10, 4), layout="constrained")
   FigureCanvasAgg(figure)
   loss_axes, error_axes = figure.subplots(1, 2)
   for split, style in (("train", "-"), ("test", "--")):
+    # The test curves join the evaluated epochs only (`operations.eval_every_epochs`).
+    split_records = [record for record in records if f"{split}_loss" in record]
+    if not split_records:
+      continue
+    epochs_trained = [record["epoch"] + 1 for record in split_records]
     for axes, key, transform in ((loss_axes, f"{split}_loss", lambda v: v),
                                  (error_axes, f"{split}_acc", lambda v: 1 - v)):
-      middle, low, high = _series(records, key, transform)
+      middle, low, high = _series(split_records, key, transform)
       line, = axes.plot(epochs_trained, middle, style, marker=".",
                         label=split if low is None else f"{split} (replica mean, min-max)")
       if low is not None:
