@@ -13,7 +13,9 @@ first and every 17th at the end.
 What it leaves out: the momentum buffer in float16 (a GPU's memory traffic), and the selective
 test-time augmentation (six views of only the 25% least confident test images): with batch
 statistics in evaluation (this project's BatchNorm, see docs/resnets.md) that subset would be
-normalised by its own statistics, so every test image gets airbench94's weighted six views."""
+normalised by its own statistics, so every test image gets airbench94's weighted six views.
+Timed as airbench times its runs, with the test set evaluated only after the last epoch:
+`--config.operations.eval_every_epochs=0` (the same training)."""
 
 from configs import cifar10_airbench94_muon
 
