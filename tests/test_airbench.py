@@ -4,7 +4,6 @@ hand, airbench's own counts; and a few real steps on real CIFAR-10."""
 
 import dataclasses
 import functools
-import json
 import math
 
 import jax
@@ -13,12 +12,12 @@ import numpy as np
 import optax
 import pytest
 
+import real_runs
 from configs import cifar10_airbench94
 from configs import default as default_config
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import steps
-from convnet_jax import train
 from convnet_jax.data import input_pipeline
 from convnet_jax.data import tta
 from convnet_jax.models import airbench
@@ -99,10 +98,10 @@ def test_network_shapes_and_parameter_count_are_airbench94s():
   assert models.count_parameters(params) + offsets == 1_972_792
 
 
-def _numpy_group(x, kernel1, offset1, kernel2, offset2):
+def _numpy_group(x, kernel1, offset1, kernel2, offset2, activation="gelu"):
   """airbench's ConvGroup as PyTorch defines it, in float64: Conv2d(3, padding=1), then
   MaxPool2d(2) (an odd last row and column dropped), BatchNorm of the batch's statistics plus
-  the offset, exact GELU, and again without the pool."""
+  the offset, exact GELU (or hiverge's SiLU, x sigmoid(x)), and again without the pool."""
   from scipy.special import erf
 
   def conv_same(x, kernel):
@@ -114,6 +113,8 @@ def _numpy_group(x, kernel1, offset1, kernel2, offset2):
   def norm_gelu(y, offset):
     y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + airbench.BATCH_NORM_EPSILON)
     y = y + offset
+    if activation == "silu":
+      return y / (1 + np.exp(-y))
     return y * (1 + erf(y / np.sqrt(2))) / 2
 
   y = conv_same(x, kernel1)
@@ -122,20 +123,27 @@ def _numpy_group(x, kernel1, offset1, kernel2, offset2):
   return norm_gelu(conv_same(norm_gelu(y, offset1), kernel2), offset2)
 
 
-@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])
-@pytest.mark.parametrize("size", [7, 8])
-def test_conv_group_on_odd_and_even_maps_is_pytorchs(implementation, size):
-  # Odd maps run the first convolution padded (1, 0) (no crop before the pool): the same numbers.
+def _group_and_its_numpy_form(size, implementation, activation="gelu"):
+  """A ConvGroup of 5 -> 6 channels with random parameters on a random (4, size, size, 5)
+  batch: (its output, `_numpy_group`'s, the parameters, the batch)."""
   rng = np.random.default_rng(size)
   x = rng.standard_normal((4, size, size, 5)).astype(np.float32)
-  group = airbench.ConvGroup(6, conv_implementation=implementation)
+  group = airbench.ConvGroup(6, conv_implementation=implementation, activation=activation)
   params = group.init(jax.random.key(0), jnp.asarray(x))["params"]
   params = jax.tree_util.tree_map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.3, jnp.float32), params)
   got = group.apply({"params": params}, jnp.asarray(x))
   expected = _numpy_group(*(np.asarray(a, np.float64) for a in (
       x, params["conv1"]["kernel"], params["norm1"]["offset"], params["conv2"]["kernel"],
-      params["norm2"]["offset"])))
+      params["norm2"]["offset"])), activation=activation)
+  return got, expected, params, x
+
+
+@pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])
+@pytest.mark.parametrize("size", [7, 8])
+def test_conv_group_on_odd_and_even_maps_is_pytorchs(implementation, size):
+  # Odd maps run the first convolution padded (1, 0) (no crop before the pool): the same numbers.
+  got, expected, params, x = _group_and_its_numpy_form(size, implementation)
   assert got.shape == (4, size // 2, size // 2, 6)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
@@ -152,6 +160,12 @@ def test_conv_group_on_odd_and_even_maps_is_pytorchs(implementation, size):
   for g, e in zip(jax.grad(loss, (0, 1))(kernel, jnp.asarray(x)),
                   jax.grad(cropped_loss, (0, 1))(kernel, jnp.asarray(x))):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
+def test_a_silu_conv_group_is_hiverges():
+  """cifar10_speedrun.py's ConvGroup: airbench's, with nn.SiLU() after both BatchNorms."""
+  got, expected, _, _ = _group_and_its_numpy_form(8, "im2col", activation="silu")
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_convolutions_start_with_identity_filters():
@@ -430,14 +444,9 @@ def test_parameter_paths_that_name_nothing_are_refused():
 def test_real_steps_on_real_cifar10_lower_the_loss(cifar10_dir, tmp_path):
   """Twelve steps of the recipe at batch 256 on 2,048 real training images (a fractional
   second epoch of 4 of its 8 steps), the whitening from those images."""
-  config = cifar10_airbench94.get_config()
-  config.data_dir = str(cifar10_dir)
-  config.max_train_examples, config.max_test_examples = 2048, 1000
-  config.batch_size, config.eval_batch_size = 256, 500
-  config.num_epochs = 1.5
-  config.operations.tensorboard = False
-  last = train.train_and_evaluate(config, tmp_path)
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  last, records = real_runs.short_real_run(cifar10_airbench94.get_config(), cifar10_dir,
+                                           tmp_path, train_examples=2048, batch_size=256,
+                                           num_epochs=1.5)
   assert [r["epoch"] for r in records] == [0, 1]
   assert records[1]["train_loss"] < records[0]["train_loss"]
   assert records[1]["test_acc"] > 0.2  # chance is 0.1

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import real_runs
 from configs import cifar10_airbench94
 from configs import cifar10_airbench94_muon
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import steps
-from convnet_jax import train
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
 from convnet_jax.runs.errors import UserError
@@ -90,6 +90,16 @@ def test_the_logits_are_the_head_over_its_width_and_the_head_starts_at_unit_std(
     ("muon.newton_schulz_steps", 0, "expected a positive integer"),
     ("muon.parameters", ("",), "expected a tuple of parameter paths"),
     ("airbench_output_scale", 0, "expected a positive number"),
+    # hiverge's (configs/cifar10_speedrun.py):
+    ("augment_brightness", 1.0, "expected a number in [0, 1)"),
+    ("augment_contrast", -0.1, "expected a number in [0, 1)"),
+    ("airbench_activation", "relu", "expected one of ('gelu', 'silu')"),
+    ("airbench_whitening_examples", 0, "expected a positive number of training images"),
+    ("late_freeze_epochs", -0.5, "expected a non-negative number of epochs"),
+    ("muon.newton_schulz_coefficients", (3.4, -4.7), "expected three numbers (a, b, c)"),
+    ("muon.weight_decay", -1.0, "expected a non-negative number"),
+    ("muon.normalize_period", 0, "expected a positive integer number of steps"),
+    ("muon.normalize_period_growth", -1, "expected a non-negative integer number of steps"),
 ])
 def test_bad_muon_recipe_keys_are_named(key, value, message):
   # (ml_collections itself refuses values of another type, such as 1 for a bool key.)
@@ -154,14 +164,9 @@ def test_added_keys_hold_the_defaults_values():
 def test_the_muon_recipe_learns_on_real_cifar10(cifar10_dir, tmp_path):
   """Two epochs of 4 steps of the recipe at batch 500 on 2,000 real training images."""
   config = cifar10_airbench94_muon.get_config()
-  config.data_dir = str(cifar10_dir)
-  config.max_train_examples, config.max_test_examples = 2000, 1000
-  config.batch_size, config.eval_batch_size = 500, 500
-  config.num_epochs = 2
   config.late_freeze_epochs = 1
-  config.operations.tensorboard = False
-  last = train.train_and_evaluate(config, tmp_path)
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  last, records = real_runs.short_real_run(config, cifar10_dir, tmp_path, train_examples=2000,
+                                           batch_size=500, num_epochs=2)
   assert [r["epoch"] for r in records] == [0, 1]
   assert records[1]["train_loss"] < records[0]["train_loss"]
   assert records[1]["test_acc"] > 0.25  # chance is 0.1

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import real_runs
 import whole_epochs
 from configs import cifar10_airbench94_muon
 from configs import cifar10_speedrun
@@ -18,7 +19,6 @@ from configs import default as default_config
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import steps
-from convnet_jax import train
 from convnet_jax.data import input_pipeline
 from convnet_jax.models import airbench
 from convnet_jax.runs import validation
@@ -59,41 +59,6 @@ def test_silu_is_x_times_its_sigmoid_in_float32():
                              rtol=1e-6, atol=1e-7)
   rough = airbench.silu(jnp.asarray(x, jnp.bfloat16))
   assert rough.dtype == jnp.bfloat16
-
-
-def _silu_group(x, kernel1, offset1, kernel2, offset2):
-  """The ConvGroup of cifar10_speedrun.py in float64: conv3x3 (padding 1), MaxPool2d(2),
-  batch-statistics BatchNorm plus the offset, SiLU, conv3x3, BatchNorm, SiLU."""
-
-  def conv_same(x, kernel):
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    size = x.shape[1]
-    return sum(np.einsum("nijc,co->nijo", padded[:, a:a + size, b:b + size], kernel[a, b])
-               for a in range(3) for b in range(3))
-
-  def norm_silu(y, offset):
-    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + airbench.BATCH_NORM_EPSILON)
-    y = y + offset
-    return y / (1 + np.exp(-y))
-
-  y = conv_same(x, kernel1)
-  half = y.shape[1] // 2
-  y = y.reshape(len(y), half, 2, half, 2, -1).max(axis=(2, 4))
-  return norm_silu(conv_same(norm_silu(y, offset1), kernel2), offset2)
-
-
-def test_a_silu_conv_group_is_hiverges():
-  rng = np.random.default_rng(5)
-  x = rng.standard_normal((4, 8, 8, 5)).astype(np.float32)
-  group = airbench.ConvGroup(6, conv_implementation="im2col", activation="silu")
-  params = group.init(jax.random.key(0), jnp.asarray(x))["params"]
-  params = jax.tree_util.tree_map(
-      lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.3, jnp.float32), params)
-  got = group.apply({"params": params}, jnp.asarray(x))
-  expected = _silu_group(*(np.asarray(a, np.float64) for a in (
-      x, params["conv1"]["kernel"], params["norm1"]["offset"], params["conv2"]["kernel"],
-      params["norm2"]["offset"])))
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_whitening_keeps_gelu_under_silu():
@@ -192,26 +157,6 @@ def test_a_fractional_late_freeze_counts_whole_steps():
   assert steps.StepBudget(48, 9.9, 3).late_freeze_step == 144
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("augment_brightness", 1.0, "expected a number in [0, 1)"),
-    ("augment_contrast", -0.1, "expected a number in [0, 1)"),
-    ("airbench_activation", "relu", "expected one of ('gelu', 'silu')"),
-    ("airbench_whitening_examples", 0, "expected a positive number of training images"),
-    ("late_freeze_epochs", -0.5, "expected a non-negative number of epochs"),
-    ("muon.newton_schulz_coefficients", (3.4, -4.7), "expected three numbers (a, b, c)"),
-    ("muon.weight_decay", -1.0, "expected a non-negative number"),
-    ("muon.normalize_period", 0, "expected a positive integer number of steps"),
-    ("muon.normalize_period_growth", -1, "expected a non-negative integer number of steps"),
-])
-def test_bad_speedrun_keys_are_named(key, value, message):
-  config = cifar10_speedrun.get_config()
-  group, _, leaf = key.rpartition(".")
-  (config[group] if group else config)[leaf] = value
-  with pytest.raises(UserError) as error:
-    validation.validate_config(config)
-  assert str(error.value).startswith(f"config.{key}=") and message in str(error.value)
-
-
 def test_a_muon_workdir_saved_before_the_speedrun_keys_still_resumes(tmp_path):
   """A config.json written before the knobs: its muon group lacks four keys, the top level
   four; both get the values that run had (the defaults', airbench94_muon's)."""
@@ -237,14 +182,8 @@ def test_a_muon_workdir_saved_before_the_speedrun_keys_still_resumes(tmp_path):
 @pytest.mark.slow
 def test_the_speedrun_recipe_learns_on_real_cifar10(cifar10_dir, tmp_path):
   """Two epochs of 4 steps of the recipe at batch 500 on 2,000 real training images."""
-  config = cifar10_speedrun.get_config()
-  config.data_dir = str(cifar10_dir)
-  config.max_train_examples, config.max_test_examples = 2000, 1000
-  config.batch_size, config.eval_batch_size = 500, 500
-  config.num_epochs = 2
-  config.operations.tensorboard = False
-  last = train.train_and_evaluate(config, tmp_path)
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  last, records = real_runs.short_real_run(cifar10_speedrun.get_config(), cifar10_dir, tmp_path,
+                                           train_examples=2000, batch_size=500, num_epochs=2)
   assert [r["epoch"] for r in records] == [0, 1]
   assert records[1]["train_loss"] < records[0]["train_loss"]
   assert records[1]["test_acc"] > 0.25  # chance is 0.1
