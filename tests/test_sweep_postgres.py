@@ -350,10 +350,11 @@ def test_a_database_restarted_mid_trial_is_waited_for_and_every_trial_ends_once(
 def test_a_database_gone_past_the_retry_limit_stops_the_worker_and_a_restart_finishes(
     postgres_cluster, database, env, cifar10_dir, tmp_path):
   workdir, log = tmp_path / "sweep", tmp_path / "worker.log"
-  # Two trials of 40 epochs (~20 s here), so the worker gives up well inside the trial in
-  # flight.
+  # Two trials of 120 epochs (~25 s on a 2-core Zen 5, more elsewhere), so the worker gives up
+  # well inside the trial in flight: at 40 epochs a fast host under the parallel test load
+  # once finished it first.
   command = worker_command(workdir, database, cifar10_dir, {
-      "storage_retry_seconds": 3, "base.num_epochs": 40, "num_trials": 2})
+      "storage_retry_seconds": 3, "base.num_epochs": 120, "num_trials": 2})
   worker = start_worker(command, env, log)
   in_flight = _wait_for_a_trial_past_its_first_checkpoint(database, workdir, worker, log)
   postgres_cluster.stop()
