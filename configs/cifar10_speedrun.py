@@ -8,7 +8,7 @@ smoothing 0.09; Nesterov SGD with momentum 0.825 (head 0.5415, BatchNorm offsets
 bias 0.0573, weight decay 1.0418e-6 x 1,536 / each group's learning rate); Muon at 0.205 with
 Nesterov momentum 0.655, the Newton-Schulz coefficients (3.4576, -4.7391, 2.0843), a weight
 decay of 1 - lr(t) 1.0418e-6 x 1,536 a step, and the kernels re-normalised every other step at
-first and every 17th at the end.
+first and about every 17th at the end.
 
 What it leaves out: the momentum buffer in float16 (a GPU's memory traffic), and the selective
 test-time augmentation (six views of only the 25% least confident test images): with batch

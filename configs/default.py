@@ -144,7 +144,7 @@ def get_config():
   # How often the kernels are re-normalised: at step t (counted from 1) of T when at least
   # normalize_period + floor(normalize_period_growth t / T) steps have passed since the last
   # time (from 0): 1 and 0 every step (airbench's); hiverge's 2 and 15 start every other step
-  # and end every 17th.
+  # and end about every 17th.
   config.muon.normalize_period = 1
   config.muon.normalize_period_growth = 0
   # Lookahead (airbench's): every lookahead_every_steps steps (0: never) a slow copy of the

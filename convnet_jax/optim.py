@@ -322,7 +322,8 @@ def normalization_steps(total_steps: int, period: int = 1, growth: int = 0) -> n
   """Whether `airbench_muon` re-normalises the kernels at each of `total_steps` steps (index:
   the optimiser's count, from 0); None for every step. hiverge/cifar10-speedrun's rule: at step
   t (from 1) when at least period + floor(growth t / total_steps) steps have passed since the
-  last one (0 before the first), so (2, 15) starts every other step and ends every 17th."""
+  last one (0 before the first), so (2, 15) starts every other step and ends about every
+  17th."""
   if period == 1 and growth == 0:
     return None
   table = np.zeros(total_steps, bool)

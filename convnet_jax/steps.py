@@ -257,16 +257,15 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
     # Sharding the indices makes each device gather only its own part of the batch.
     indices = data_parallel.split_batch(indices, batch_sharding)
     batch_images = images[indices]
+    step_key = jax.random.fold_in(augment_key, step_index)
     if augment is not None:
       batch_images = input_pipeline.augment(
-          jax.random.fold_in(augment_key, step_index), batch_images, augment.translate,
-          augment.padding, None if flips is None else flips[indices])
+          step_key, batch_images, augment.translate, augment.padding,
+          None if flips is None else flips[indices])
     batch_images = input_pipeline.normalize(batch_images, mean, std)
     if augment is not None and (augment.brightness or augment.contrast):
-      jitter_key = jax.random.fold_in(jax.random.fold_in(augment_key, step_index),
-                                      JITTER_KEY_STREAM)
-      batch_images = input_pipeline.jitter(jitter_key, batch_images, augment.brightness,
-                                           augment.contrast)
+      batch_images = input_pipeline.jitter(jax.random.fold_in(step_key, JITTER_KEY_STREAM),
+                                           batch_images, augment.brightness, augment.contrast)
     batch_images = data_parallel.split_batch(batch_images, batch_sharding)
     return train_step(state, batch_images,
                       data_parallel.split_batch(labels[indices], batch_sharding), options)
@@ -287,20 +286,19 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
 
   def short_step(carry):
     state, per_step = carry
-    run = lambda options: lambda state: step(state, order[num_full * batch_size:], num_full,
-                                             options)
+    indices = order[num_full * batch_size:]
     if options.late_frozen_parameters:
       state, metrics = jax.lax.cond(
-          epoch * steps_in_epoch + num_full < options.late_freeze_step, run(options),
-          run(frozen_options), state)
+          epoch * steps_in_epoch + num_full < options.late_freeze_step,
+          lambda state: step(state, indices, num_full),
+          lambda state: step(state, indices, num_full, frozen_options), state)
     else:
-      state, metrics = run(options)(state)
+      state, metrics = step(state, indices, num_full)
     return state, _record(per_step, metrics, num_full)
 
   # The metrics of `train_step` are float32 scalars: known without tracing a step for them
   # (a trace costs ~0.3 s of a warm start).
-  per_step = {name: jnp.zeros((num_full + has_short_batch,), jnp.float32)
-              for name in STEP_METRICS}
+  per_step = {name: jnp.zeros((steps_in_epoch,), jnp.float32) for name in STEP_METRICS}
   carry = (state, per_step)
   full_end = jnp.minimum(end_step, num_full)
   if options.late_frozen_parameters:

@@ -121,20 +121,21 @@ def epoch_record(epoch: int, train_totals: dict, test_totals: dict | None,
   def values(metric):
     return replicas.metric_values(metric, diverged)
 
-  record = {"epoch": epoch}
-  if test_totals is not None:
-    record["test_acc"] = values(test_totals["correct"] / num_test)
-  record.update({
+  record = {
+      "epoch": epoch,
+      "test_acc": None,
       "time": round(seconds, 3),
       "train_loss": values(train_totals["loss_sum"] / num_trained),
       "train_acc": values(train_totals["correct"] / num_trained),
-  })
-  if test_totals is not None:
-    record["test_loss"] = values(test_totals["loss_sum"] / num_test)
-  record.update({
+      "test_loss": None,
       "learning_rate": replicas.metric_values(learning_rate, np.zeros_like(diverged)),
       "compile_time": round(compile_seconds, 3),
-  })
+  }
+  if test_totals is None:
+    del record["test_acc"], record["test_loss"]
+  else:  # in place, keeping the keys' order
+    record.update(test_acc=values(test_totals["correct"] / num_test),
+                  test_loss=values(test_totals["loss_sum"] / num_test))
   if seeds is not None:
     if test_totals is not None:
       record.update(replicas.replica_summary(record["test_acc"]))

@@ -66,8 +66,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         **settings),
 }
 
-# Models whose initial parameters also depend on the training data: (parameters, uint8 training
-# images, channel mean, channel std) -> parameters, applied after `init`.
+# Models whose initial parameters also depend on the training data: (config, parameters, uint8
+# training images, channel mean, channel std) -> parameters, applied after `init`.
 DATA_INITIALISERS: dict[str, Callable] = {
     "airbench94": lambda config, *data: airbench.initialise_from_data(
         *data, num_examples=config.airbench_whitening_examples)}
