@@ -138,12 +138,15 @@ def test_a_killed_process_stops_the_other_in_one_line_and_both_resume_identicall
                                      + "\n".join(stderr.splitlines()[:40]))
   assert time.monotonic() - killed_at < 90
   assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+  # What the user sees (gloo's own "[Gloo] Rank ..." lines aside): the three start-up lines,
+  # then one line naming the lost process; the whole stderr where it is not so.
   lines = [line for line in stderr.splitlines() if not line.startswith("[Gloo] ")]
+  assert [line.split(" ")[0] for line in lines] == [
+      "convolutions:", "model", "compile", "error:"], stderr
   assert lines[-1] == (
       f"error: process 1 of this 2-process run was lost (no sign of life for 10 s); process 0 "
       f"stops too. The checkpoints in {workdir} are intact: start every process again with the "
       f"same command to resume")
-  assert len(lines) == 4, lines  # the three start-up lines, then that one
   assert all(line.startswith("{") for line in stdout.splitlines())
 
   again = _two_processes(workdir, *args)

@@ -77,6 +77,57 @@ def _tiny_state():
   return {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "step": jnp.asarray(4, jnp.int32)}
 
 
+def _read_only_file_system(monkeypatch):
+  """os.access and os.statvfs as a read-only mount answers them."""
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  monkeypatch.setattr(os, "statvfs", lambda path: type("Stat", (), {"f_flag": os.ST_RDONLY}))
+
+
+def test_a_folder_that_cannot_be_created_is_named_with_the_reason(tmp_path, monkeypatch):
+  _read_only_file_system(monkeypatch)
+  with pytest.raises(errors.FolderUnwritable) as raised:
+    errors.check_writable_folder(tmp_path / "a" / "run", "--workdir")
+  assert str(raised.value) == (f"--workdir {tmp_path / 'a' / 'run'}: cannot write there "
+                               f"(read-only file system); choose a folder that can be written")
+  assert raised.value.EXIT_STATUS == 74 and not (tmp_path / "a").exists()
+
+
+def test_a_folder_whose_write_fails_after_the_check_is_the_same_line(tmp_path, monkeypatch):
+  # The check passes (a writable parent), then the file system refuses: the lock's own mkdir.
+  def refuse(self, *args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+  monkeypatch.setattr(Path, "mkdir", refuse)
+  with pytest.raises(errors.FolderUnwritable, match=r"^--workdir .*/run: cannot write there "
+                     r"\(read-only file system\); choose a folder that can be written$"):
+    with workdir_lib.FolderLock(tmp_path / "run", workdir_lib.RUN_LOCK):
+      pass
+
+
+def test_a_lock_file_that_cannot_be_created_in_an_existing_folder_is_one_line(tmp_path,
+                                                                              monkeypatch):
+  real_open = os.open
+
+  def refuse(path, *args, **kwargs):
+    if str(path).endswith(workdir_lib.RUN_LOCK):
+      raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", refuse)
+  with pytest.raises(errors.FolderUnwritable, match=r"cannot write there \(permission denied\)"):
+    with workdir_lib.FolderLock(tmp_path, workdir_lib.RUN_LOCK):
+      pass
+
+
+def test_a_path_through_a_file_is_bad_input_not_a_write_failure(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(errors.UserError) as raised:
+    errors.check_writable_folder(tmp_path / "file" / "run", "--workdir")
+  assert not isinstance(raised.value, WriteFailed)
+  assert str(raised.value) == (f"--workdir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is "
+                               f"not a folder")
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_write_failure(tmp_path, monkeypatch):
   store = checkpoints.CheckpointStore(tmp_path / "checkpoints", max_to_keep=3)
   store.save(4, _tiny_state(), {"position": "after epoch 0"})
@@ -369,8 +420,10 @@ def test_a_peer_that_finished_is_not_lost_and_a_counting_one_neither(two_process
   _run_watch(processes.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05), 0.6, ended)
   assert ended == []
 
+  # A peer counting every 50 ms, watched for 3 s against a 1 s timeout: only a stall of a
+  # whole second (not a loaded machine's scheduling) could make it look lost.
   store, ended = two_processes(me=1)
-  watch = processes.PeerWatch(timeout_seconds=0.2, workdir="/w", interval=0.05)
+  watch = processes.PeerWatch(timeout_seconds=1.0, workdir="/w", interval=0.05)
   alive = threading.Event()
 
   def peer_counts():  # process 0, alive: counts up every 50 ms
@@ -381,7 +434,7 @@ def test_a_peer_that_finished_is_not_lost_and_a_counting_one_neither(two_process
 
   peer = threading.Thread(target=peer_counts)
   peer.start()
-  _run_watch(watch, 0.8, ended)
+  _run_watch(watch, 3.0, ended)
   alive.set()
   peer.join()
   assert ended == []
@@ -423,6 +476,31 @@ def test_a_peer_that_failed_is_named_after_a_grace_for_this_processs_own_error(t
   assert time.monotonic() - start >= 0.3  # the grace: min(timeout, 5 s)
   assert capsys.readouterr().err.startswith(
       "error: process 1 of this 2-process run was lost (it stopped with an error of its own)")
+
+
+def test_the_watch_and_the_main_thread_never_both_print_a_line(two_processes, capsys,
+                                                                 monkeypatch):
+  """The main thread's fallback (a collective that failed, a slow watch) and the watch can call
+  `lost` at once: the first one's line ends the process, the second never prints."""
+  two_processes(me=0)
+  process_ended = threading.Event()
+
+  def end_the_process(status):  # as os._exit: never returns while the process still runs
+    print(f"exit {status}", file=sys.stderr, flush=True)
+    process_ended.wait()
+
+  monkeypatch.setattr(os, "_exit", end_the_process)
+  watch = processes.PeerWatch(timeout_seconds=10, workdir="/w")
+  callers = [threading.Thread(target=watch.lost, args=(who, "why"))
+             for who in ("process 1", "a peer process")]
+  for caller in callers:
+    caller.start()
+  time.sleep(0.5)  # long enough for the second caller to print, were it not held back
+  lines = capsys.readouterr().err.splitlines()
+  process_ended.set()
+  for caller in callers:
+    caller.join()
+  assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1] == "exit 75", lines
 
 
 def test_one_process_watches_nothing(monkeypatch):
@@ -539,14 +617,66 @@ def test_a_finished_run_started_again_says_so_and_repeats_its_last_line(cifar10_
   assert _files(tmp_path / "run") == before  # not a byte or a time stamp changed
 
 
-def _mount_tmpfs(folder: Path, size: str) -> str | None:
-  """Mounts a tmpfs of `size` at `folder`; the reason when this machine does not allow it."""
+def _mount_tmpfs(folder: Path, size: str, read_only: bool = False) -> str | None:
+  """Mounts a tmpfs of `size` at `folder` (`read_only`: mounted read-only); the reason when this
+  machine does not allow it."""
   folder.mkdir(parents=True)
   if shutil.which("mount") is None:
     return "no mount command"
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+  options = f"size={size}" + (",ro" if read_only else "")
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                           capture_output=True, text=True)
   return None if result.returncode == 0 else f"mount refused: {result.stderr.strip()}"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+  """A folder on a read-only tmpfs, unmounted after the test."""
+  folder = tmp_path / "read-only"
+  refused = _mount_tmpfs(folder, "1m", read_only=True)
+  if refused:
+    pytest.skip(f"a real read-only folder needs a tmpfs, and {refused}; the unit tests of "
+                f"errors.check_writable_folder inject the error instead")
+  yield folder
+  subprocess.run(["umount", str(folder)], check=False)
+
+
+READ_ONLY_LINE = ("error: {who} {folder}: cannot write there (read-only file system); {advice}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["convnet_jax.main", "convnet_jax.benchmark",
+                                     "convnet_jax.sweep"])
+def test_a_workdir_on_a_read_only_file_system_is_one_line_before_any_work(
+    command, cifar10_dir, read_only_folder):
+  config = "configs/sweep_lr.py" if command == "convnet_jax.sweep" else "configs/smoke.py"
+  data_key = "base.data_dir" if command == "convnet_jax.sweep" else "data_dir"
+  workdir = read_only_folder / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", command, "--config", config, f"--config.{data_key}={cifar10_dir}",
+       f"--workdir={workdir}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == WriteFailed.EXIT_STATUS, result.stderr[-3000:]
+  # Nothing before it: no data loaded, nothing compiled, no start-up line.
+  assert result.stderr.splitlines() == [READ_ONLY_LINE.format(
+      who="--workdir", folder=workdir, advice="choose a folder that can be written")]
+  assert result.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_data_cache_on_a_read_only_file_system_is_one_line_before_any_download(
+    read_only_folder, tmp_path):
+  env = {key: value for key, value in os.environ.items() if key != "CONVNET_JAX_DATA_DIR"}
+  result = subprocess.run(
+      [sys.executable, "-m", "convnet_jax.main", "--config", "configs/smoke.py",
+       "--config.data_url=http://127.0.0.1:9/never-asked", f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO_ROOT, env=dict(env, XDG_CACHE_HOME=str(read_only_folder)), capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == WriteFailed.EXIT_STATUS, result.stderr[-3000:]
+  assert result.stderr.splitlines() == [READ_ONLY_LINE.format(
+      who="the data cache", folder=read_only_folder / "convnet_jax" / "cifar10",
+      advice="set config.data_dir (or $CONVNET_JAX_DATA_DIR) to a folder with the CIFAR-10 "
+             "binary files, or XDG_CACHE_HOME to a folder that can be written")]
+  assert not (tmp_path / "run").exists()  # the empty workdir the run locked is removed again
 
 
 @pytest.mark.slow

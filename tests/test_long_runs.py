@@ -313,6 +313,21 @@ def test_sigkill_after_a_mid_epoch_checkpoint_resumes_identically_and_takes_over
   assert read_run(workdir) == uninterrupted
 
 
+def _lock_holder(lock, processes, timeout=300) -> int:
+  """The pid that the lock file names once one of `processes` holds it."""
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      pid = json.loads(lock.read_text())["pid"]
+      if pid in [process.pid for process in processes]:
+        return pid
+    except (OSError, ValueError, KeyError):  # not there yet, or its holder not written yet
+      pass
+    assert all(process.poll() is None for process in processes), "a run ended before locking"
+    assert time.monotonic() < deadline
+    time.sleep(0.005)
+
+
 @pytest.mark.slow
 def test_two_runs_started_together_on_one_workdir_one_trains_the_other_stops(cifar10_dir,
                                                                             tmp_path):
@@ -322,6 +337,15 @@ def test_two_runs_started_together_on_one_workdir_one_trains_the_other_stops(cif
              "--config.num_epochs=2"]
   processes = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  # Whichever locks the workdir first is paused while it holds the lock, so that the other
+  # meets the lock however far behind a loaded machine started it (and not a finished run).
+  holder = _lock_holder(workdir / workdir_lib.RUN_LOCK, processes)
+  os.kill(holder, signal.SIGSTOP)
+  try:
+    other = next(process for process in processes if process.pid != holder)
+    other.wait(timeout=300)
+  finally:
+    os.kill(holder, signal.SIGCONT)
   outputs = [process.communicate(timeout=600) for process in processes]
   codes = [process.returncode for process in processes]
   assert sorted(codes) == [0, 2], [stderr[-2000:] for _, stderr in outputs]

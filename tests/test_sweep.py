@@ -224,7 +224,9 @@ def test_shared_storage_requeues_only_dead_workers_trials(tmp_path):
   above plus optuna's heartbeat.)"""
   config = sweep_tiny.get_config()
   config.storage = f"sqlite:///{tmp_path}/shared.db"
-  config.heartbeat_interval = config.grace_period = 1
+  # A grace of 3 s: the live trial's heartbeat below must still count when the third worker
+  # opens the study, however long a loaded machine takes to get there.
+  config.heartbeat_interval, config.grace_period = 1, 3
   identity = sweep_config_lib.sweep_identity(config, sweep_config_lib.validate_sweep_config(config, sweep_tiny.sweep))
   storage = optuna.storages.RDBStorage(config.storage)
 
@@ -242,7 +244,7 @@ def test_shared_storage_requeues_only_dead_workers_trials(tmp_path):
 
   dead = start_trial(sweep_study.open_study(config, tmp_path / "a", identity), "trials/0000")
   live = start_trial(sweep_study.open_study(config, tmp_path / "b", identity), "trials/0001")
-  time.sleep(2.1)  # SQLite's clock counts whole seconds: 2 s > grace_period
+  time.sleep(4.1)  # SQLite's clock counts whole seconds: 4 s > grace_period
   heartbeat(live)  # what the live worker's heartbeat thread does every heartbeat_interval
   study = sweep_study.open_study(config, tmp_path / "c", identity)  # a worker starting now
   states = {t.number: t.state for t in study.trials}

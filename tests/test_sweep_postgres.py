@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("postgres")]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Every trial is 6 epochs of 2 steps (a checkpoint after each), so that a worker can be caught
 # and killed between its trial's first checkpoint and its end; workers beat every second and
-# are taken for dead after 3 s without a beat.
+# are taken for dead after 8 s without a beat: a live worker on a machine loaded by the rest of
+# the suite must never miss that many beats in a row (3 s was close under a CPU hog).
 EPOCHS = 6
-BASE = {"base.num_epochs": EPOCHS, "heartbeat_interval": 1, "grace_period": 3}
+BASE = {"base.num_epochs": EPOCHS, "heartbeat_interval": 1, "grace_period": 8}
 GRID = {"grid.learning_rate": (0.05, 0.2), "grid.momentum": (0.5, 0.9), "num_trials": 4}
 POINTS = sorted((lr, m) for lr in (0.05, 0.2) for m in (0.5, 0.9))
 
@@ -278,8 +279,9 @@ def test_two_workers_started_at_the_same_instant_run_each_trial_once(
               for index in range(2)]
   workers = [start_worker(command, env, tmp_path / f"worker{index}.log")
              for index, command in enumerate(commands)]
+  tables = []
   for index, worker in enumerate(workers):
-    worker.communicate(timeout=600)
+    tables.append(worker.communicate(timeout=600)[0])
     assert worker.returncode == 0, (tmp_path / f"worker{index}.log").read_text()[-3000:]
   trials = trials_in_database(database)
   # Trained: finished, or (random learning rates reach 1e38) diverged.
@@ -293,9 +295,13 @@ def test_two_workers_started_at_the_same_instant_run_each_trial_once(
   # Any trial beyond num_trials (both workers taking the last place) ended untrained.
   assert all(trial["state"] == "PRUNED" and trial["attrs"]["surplus"] for trial in others)
   assert all("workdir" not in trial["attrs"] for trial in others)
-  # Each worker trained some of them: the study was shared, not run twice.
+  # The study was shared, not run twice: both workers report the same finished study, and
+  # every trained trial is one of theirs. (How the trials split between them depends on which
+  # one started faster, so a loaded machine may give one worker all of them.)
+  complete = sum(trial["state"] == "COMPLETE" for trial in trials)
+  assert all(table.count("| COMPLETE |") == complete for table in tables), tables
   workers_seen = {trial["attrs"]["worker"] for trial in trained}
-  assert len(workers_seen) == 2, workers_seen
+  assert workers_seen <= {f"{socket.gethostname()}:{worker.pid}" for worker in workers}
 
 
 # ---------------------------------------------------------------------------------------------

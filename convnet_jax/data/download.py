@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from convnet_jax.runs.errors import create_folder
 from convnet_jax.runs.errors import UserError
 
 # The published archive, as tensorflow-datasets records it (url_checksums/cifar10.txt).
@@ -25,6 +26,9 @@ DATA_DIR_ENV = "CONVNET_JAX_DATA_DIR"
 # Seconds to wait for the host to answer or send more bytes: offline, the error comes at once
 # (refused, no route, no DNS) or after this long.
 NETWORK_TIMEOUT_SECONDS = 5
+# The way out when the cache folder cannot be written.
+CACHE_ADVICE = (f"set config.data_dir (or ${DATA_DIR_ENV}) to a folder with the CIFAR-10 "
+                f"binary files, or XDG_CACHE_HOME to a folder that can be written")
 _CHUNK_BYTES = 1 << 20
 
 
@@ -129,7 +133,7 @@ def ensure_cifar10(folder: Path, names, url: str = CIFAR10_URL,
   folder = Path(folder)
   if all((folder / name).is_file() for name in names):
     return folder
-  folder.mkdir(parents=True, exist_ok=True)
+  create_folder(folder, "the data cache", CACHE_ADVICE)
   archive = folder / ARCHIVE_NAME
   if archive.is_file():
     if file_sha256(archive) != sha256:

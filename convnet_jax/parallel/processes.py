@@ -58,6 +58,9 @@ class PeerWatch:
     self._client = _distributed_client() if jax.process_count() > 1 else None
     self._stop = threading.Event()
     self._thread = None
+    # Held by the one thread that ends the process, so the watch and the main thread never
+    # both print their line (they can meet: the main thread's fallback below, on a slow watch).
+    self._ending = threading.Lock()
 
   def __enter__(self) -> PeerWatch:
     if self._client is not None:
@@ -70,8 +73,9 @@ class PeerWatch:
     if self._thread is None:
       return
     if exc is not None and _lost_connection(exc):
-      # The watch names the lost process within its timeout; failing that, gloo's words do.
-      self._thread.join(self._timeout + 5 * self._interval)
+      # The watch names the lost process about a timeout after it stopped; failing that (a
+      # loaded machine can hold the watch's calls up for seconds), gloo's words do.
+      self._thread.join(2 * self._timeout + 5 * self._interval)
       self.lost("a peer process", one_line(exc, 200))
     self._stop.set()
     self._thread.join()
@@ -124,15 +128,17 @@ class PeerWatch:
                   + ", ".join(map(str, stale)), f"no sign of life for {self._timeout:g} s")
 
   def lost(self, who: str, why: str) -> None:
-    """Ends this process: one line naming the lost process, then `PEER_LOST_EXIT_STATUS`."""
-    print(f"error: {who} of this {jax.process_count()}-process run was lost ({why}); process "
-          f"{jax.process_index()} stops too. The checkpoints in {self._workdir} are intact: "
-          f"start every process again with the same command to resume", file=sys.stderr,
-          flush=True)
-    sys.stdout.flush()
-    # The main thread may be blocked inside a collective, and JAX's exit would wait for the
-    # lost process at its shutdown barrier: end here.
-    os._exit(PEER_LOST_EXIT_STATUS)
+    """Ends this process: one line naming the lost process, then `PEER_LOST_EXIT_STATUS`. A
+    second thread calling it while the first ends the process waits for that end."""
+    with self._ending:
+      print(f"error: {who} of this {jax.process_count()}-process run was lost ({why}); "
+            f"process {jax.process_index()} stops too. The checkpoints in {self._workdir} are "
+            f"intact: start every process again with the same command to resume",
+            file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # The main thread may be blocked inside a collective, and JAX's exit would wait for the
+      # lost process at its shutdown barrier: end here.
+      os._exit(PEER_LOST_EXIT_STATUS)
 
 
 def _distributed_client():

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import re
+from pathlib import Path
 
 import jax
 
@@ -90,6 +91,53 @@ class WriteFailed(Exception):
             f"; no checkpoint was written yet in {directory}; {fix} and run the same command to "
             f"start again")
     return WriteFailed(self.what, self.cause, note)
+
+
+class FolderUnwritable(WriteFailed):
+  """A folder a command must write into cannot be created or written in (a read-only file
+  system, no permission): met before any work, so nothing is lost. The message names the folder,
+  what chose it (`who`: "--workdir", "the data cache", ...), the OS's reason and the way out.
+
+  Exits with `WriteFailed.EXIT_STATUS` (74), as every write that fails.
+  """
+
+  def __init__(self, folder, who: str, cause: BaseException, advice: str):
+    super().__init__(str(folder), cause)
+    self.args = (f"{who} {folder}: cannot write there ({self.reason}); {advice}",)
+
+  def naming_the_checkpoint(self, step, directory) -> FolderUnwritable:
+    return self  # no checkpoint is involved: the message says all
+
+
+def check_writable_folder(folder, who: str, advice: str = "choose a folder that can be written"
+                          ) -> None:
+  """Checks, creating nothing, that `folder` can be written in or created: it, or the nearest of
+  its parents that exists, must be a folder this process may write in. Raises `UserError` when
+  that is a file, and `FolderUnwritable` (exit 74) when it is on a read-only file system or
+  not writable (the folder named as `who` names it)."""
+  folder = Path(folder)
+  existing = folder
+  while not os.path.lexists(existing) and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "exists and is not a folder" if existing == folder else f"{existing} is not a folder"
+    raise UserError(f"{who} {folder}: {where}")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+    raise FolderUnwritable(folder, who, OSError(code, os.strerror(code), str(existing)), advice)
+
+
+def create_folder(folder, who: str, advice: str = "choose a folder that can be written") -> None:
+  """`folder` and its missing parents created (`check_writable_folder`'s errors for a folder that
+  cannot be, whatever the check could not foresee: a file system that turned read-only, a
+  quota)."""
+  check_writable_folder(folder, who, advice)
+  try:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise UserError(f"{who} {folder}: a part of the path is not a folder") from None
+  except OSError as error:
+    raise FolderUnwritable(folder, who, error, advice) from None
 
 
 # The OS error code in the words of tensorstore (orbax's writer) and of Python's OSError.

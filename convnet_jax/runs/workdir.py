@@ -20,6 +20,8 @@ from typing import Callable, Mapping
 from absl import logging
 
 from convnet_jax.runs import validation
+from convnet_jax.runs.errors import create_folder
+from convnet_jax.runs.errors import FolderUnwritable
 from convnet_jax.runs.errors import UserError
 
 # The key of config.json that records the convolution path a run resolved to and why. Not a
@@ -190,9 +192,14 @@ class FolderLock:
     if self.folder.exists() and not self.folder.is_dir():
       raise UserError(f"{self._flag} {self.folder}: exists and is not a folder")
     self._created = not self.folder.exists()
-    self.folder.mkdir(parents=True, exist_ok=True)
+    create_folder(self.folder, self._flag)
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as error:  # a folder that exists on a read-only file system, say
+        self._remove_created_folder()
+        raise FolderUnwritable(self.folder, self._flag, error,
+                               "choose a folder that can be written") from None
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:

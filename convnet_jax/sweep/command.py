@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from convnet_jax import train
 from convnet_jax.runs import cli
 from convnet_jax.runs import workdir as workdir_lib
+from convnet_jax.runs.errors import check_writable_folder
 from convnet_jax.runs.errors import RunStopped
 from convnet_jax.runs.errors import TrainingDiverged
 from convnet_jax.runs.errors import UserError
@@ -108,6 +109,7 @@ def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> li
   space = sweep_config.validate_sweep_config(config, sweep_fn)
   identity = sweep_config.sweep_identity(config, space)
   new = not sweep_config.check_sweep_dir(workdir, identity)
+  check_writable_folder(workdir, "--workdir")  # before the study is opened or created
 
   def record_sweep():
     workdir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ from convnet_jax.runs import cli
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import setup as run_setup
 from convnet_jax.runs import validation
+from convnet_jax.runs.errors import check_writable_folder
+from convnet_jax.runs.errors import WriteFailed
 
 FLAGS = flags.FLAGS
 
@@ -333,12 +335,18 @@ def run_benchmark(config) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.workdir:  # before minutes of timing whose report could not be kept
+    check_writable_folder(FLAGS.workdir, "--workdir")
   report = run_benchmark(FLAGS.config)
   text = json.dumps(report, indent=2)
   print(text)
   if FLAGS.workdir:
-    Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
-    (Path(FLAGS.workdir) / "benchmark.json").write_text(text + "\n")
+    path = Path(FLAGS.workdir) / "benchmark.json"
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(text + "\n")
+    except OSError as error:  # a disk that filled meanwhile: the report is on stdout above
+      raise WriteFailed(f"{path} (the report is printed above)", error) from None
 
 
 if __name__ == "__main__":
