@@ -24,21 +24,21 @@ DECAY_PER_STEP = 2e-6 * 2000
 def get_config():
   # airbench94's network, data, augmentation, loss and test-time augmentation; the rest differs.
   config = cifar10_airbench94.get_config()
-  config.airbench_output_scale = 1 / 256
-  config.airbench_head_unit_std = True
-  config.dtype = "bfloat16"
+  config.model.airbench.output_scale = 1 / 256
+  config.model.airbench.head_unit_std = True
+  config.model.dtype = "bfloat16"
   config.batch_size = 2000
   config.num_epochs = 8
-  config.schedule = "linear"
+  config.schedule.name = "linear"
   # PyTorch's own units (not airbench94's decoupled ones): the head's group sets the base.
-  config.decoupled_hyperparameters = False
-  config.learning_rate = HEAD_LR
-  config.weight_decay = DECAY_PER_STEP / HEAD_LR
-  config.momentum = 0.85
-  config.offset_lr_multiplier = BIAS_LR / HEAD_LR
-  config.lr_multipliers = (("whiten/bias", BIAS_LR / HEAD_LR),)
-  config.late_freeze_schedule = "linear_to_zero"
-  config.lookahead_every_steps = 0
+  config.optim.decoupled_hyperparameters = False
+  config.optim.learning_rate = HEAD_LR
+  config.optim.weight_decay = DECAY_PER_STEP / HEAD_LR
+  config.optim.momentum = 0.85
+  config.optim.offset_lr_multiplier = BIAS_LR / HEAD_LR
+  config.optim.lr_multipliers = (("whiten/bias", BIAS_LR / HEAD_LR),)
+  config.freeze.late_schedule = "linear_to_zero"
+  config.lookahead.every_steps = 0
   config.muon.parameters = ("group1", "group2", "group3")
   config.muon.learning_rate = 0.24
   config.muon.momentum = 0.6

@@ -6,12 +6,12 @@ from configs import default as default_lib
 
 def get_config():
   config = default_lib.get_config()
-  config.model = "resnet18"
-  config.classes = tuple(range(10))
-  config.augment = True
+  config.model.name = "resnet18"
+  config.data.classes = tuple(range(10))
+  config.augment.enabled = True
   config.num_epochs = 200
-  config.schedule = "step"
-  config.lr_boundaries_epochs = (100, 150)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 5e-4
+  config.schedule.name = "step"
+  config.schedule.boundaries_epochs = (100, 150)
+  config.schedule.decay_factor = 0.1
+  config.optim.weight_decay = 5e-4
   return config

@@ -9,13 +9,13 @@ from configs import cifar10_resnet18 as resnet18_lib
 
 def get_config():
   config = resnet18_lib.get_config()
-  config.max_train_examples = 2_560  # 40 full batches of 64: no short last batch to compile
-  config.max_test_examples = 512  # 4 evaluation batches of 128
+  config.data.max_train_examples = 2_560  # 40 full batches of 64: no short last batch to compile
+  config.data.max_test_examples = 512  # 4 evaluation batches of 128
   config.batch_size = 64
   config.num_epochs = 4
-  config.lr_boundaries_epochs = (3,)
+  config.schedule.boundaries_epochs = (3,)
   # The tutorial's 0.1 is for 391-step epochs of 128: at batch 64 it (and 0.05) makes the first
   # tens of steps blow up (losses of 3 to 12, measured), which a 160-step run cannot outlive;
   # 0.02 descends from the first step.
-  config.learning_rate = 0.02
+  config.optim.learning_rate = 0.02
   return config

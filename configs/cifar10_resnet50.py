@@ -7,5 +7,5 @@ from configs import cifar10_resnet18 as resnet18_lib
 
 def get_config():
   config = resnet18_lib.get_config()
-  config.model = "resnet50"
+  config.model.name = "resnet50"
   return config

@@ -8,5 +8,5 @@ from configs import default as default_lib
 
 def get_config():
   config = default_lib.get_config()
-  config.num_replicas = 10
+  config.replicas.count = 10
   return config

@@ -5,10 +5,10 @@ from configs import default as default_lib
 
 def get_config():
   config = default_lib.get_config()
-  config.max_train_examples = 200  # 3 full batches of 64 and a short one of 8
-  config.max_test_examples = 100
+  config.data.max_train_examples = 200  # 3 full batches of 64 and a short one of 8
+  config.data.max_test_examples = 100
   config.batch_size = 64
-  config.eval_batch_size = 64
+  config.eval.batch_size = 64
   config.num_epochs = 1
   config.benchmark.num_examples = 200
   config.benchmark.warmup_steps = 1

@@ -1,7 +1,7 @@
 """Sweep of the seed run's learning rate and momentum: 8 trials on CIFAR-2, one epoch each.
 
 python -m convnet_jax.sweep --config configs/sweep_lr.py --workdir runs/sweep_lr \
-    --config.base.data_dir=../shared/data/cifar10
+    --config.base.data.dir=../shared/data/cifar10
 
 A sweep config holds everything but the search space in `get_config()`, and the search space in
 `sweep(trial)` below: optuna's `trial.suggest_*` calls, whose values it returns as training-config
@@ -59,8 +59,8 @@ def get_config():
 
 
 def sweep(trial):
-  """The training-config values of one trial."""
+  """The training-config values of one trial, by their dotted keys."""
   return {
-      "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1.0, log=True),
-      "momentum": trial.suggest_float("momentum", 0.0, 0.95),
+      "optim.learning_rate": trial.suggest_float("learning_rate", 1e-3, 1.0, log=True),
+      "optim.momentum": trial.suggest_float("momentum", 0.0, 0.95),
   }

@@ -15,7 +15,7 @@ from convnet_jax import train
 from convnet_jax.parallel import processes
 from convnet_jax.runs import cli
 from convnet_jax.runs import validation
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and preds "

@@ -5,48 +5,54 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-if TYPE_CHECKING:  # steps imports this module
-  from convnet_jax.steps import StepBudget
+from convnet_jax.budget import StepBudget
 
 # airbench's decoupled hyperparameters are given per this many examples.
 DECOUPLED_EXAMPLES = 1024
 
 
-def create_learning_rate_fn(config, budget: StepBudget,
-                            peak: float | None = None) -> optax.Schedule:
-  """The learning rate at each step, from `config.schedule`, with `peak` (default
-  `config.learning_rate`) as the largest value and T = `budget.total_steps`:
+def create_learning_rate_fn(schedule: ml_collections.ConfigDict, budget: StepBudget,
+                            peak: float) -> optax.Schedule:
+  """The learning rate at each step of the config's `schedule` group (`schedule.name`), with
+  `peak` as the largest value and T = `budget.total_steps`:
 
   * "linear": from the peak to 0 over all of training (the seed run);
-  * "step": the peak, multiplied by `lr_decay_factor` at each epoch of `lr_boundaries_epochs`,
-    from the first step of that epoch on (PyTorch's MultiStepLR stepped once per epoch);
+  * "step": the peak, multiplied by `decay_factor` at each epoch of `boundaries_epochs`, from
+    the first step of that epoch on (PyTorch's MultiStepLR stepped once per epoch);
   * "cosine": peak * (1 + cos(pi * step / T)) / 2, reaching 0 at the end;
   * "warmup_linear": airbench's triangle: with W = int(T * warmup_fraction) steps of warm-up,
     peak * (s + (1 - s) * step / W) before W (s = warmup_start_factor), then
     peak * (1 + (f - 1) * (step - W) / (T - W)) (f = final_lr_factor), f * peak at step T.
+
+  Args:
+    schedule: the config's `schedule` group.
+    budget: the run's steps.
+    peak: the largest learning rate (1.0 for the schedule's shape).
+
+  Returns:
+    An optax schedule: step count -> learning rate.
   """
-  peak = config.learning_rate if peak is None else peak
   steps = budget.total_steps
-  schedule = config.schedule
-  if schedule == "linear":
+  name = schedule.name
+  if name == "linear":
     return optax.linear_schedule(peak, 0.0, transition_steps=steps)
-  if schedule == "step":
+  if name == "step":
     return optax.piecewise_constant_schedule(
-        peak,
-        {budget.global_step(epoch, 0): config.lr_decay_factor
-         for epoch in config.lr_boundaries_epochs})
-  if schedule == "cosine":
+        peak, {budget.global_step(epoch, 0): schedule.decay_factor
+               for epoch in schedule.boundaries_epochs})
+  if name == "cosine":
     return optax.cosine_decay_schedule(peak, decay_steps=steps)
-  if schedule == "warmup_linear":
-    warmup = int(steps * config.warmup_fraction)
-    start, final = config.warmup_start_factor, config.final_lr_factor
+  if name == "warmup_linear":
+    warmup = int(steps * schedule.warmup_fraction)
+    start, final = schedule.warmup_start_factor, schedule.final_lr_factor
 
     def warmup_linear(count):
       count = jnp.asarray(count, jnp.float32)
@@ -55,7 +61,7 @@ def create_learning_rate_fn(config, budget: StepBudget,
       return peak * jnp.where(count < warmup, rising, falling)
 
     return warmup_linear
-  raise ValueError(f"unknown schedule {schedule!r}")
+  raise ValueError(f"unknown schedule {name!r}")
 
 
 def parameter_name(path) -> str:
@@ -79,11 +85,12 @@ def _map_named(fn, *trees):
                                           *trees)
 
 
-def learning_rate_multipliers(config):
-  """name -> how many times faster parameter `name` learns than the rest: the BatchNorm offsets
-  `offset_lr_multiplier` times, the parameters under a pattern of `lr_multipliers` that pair's
-  multiplier (the first pair that matches), every other parameter 1."""
-  offsets, groups = config.offset_lr_multiplier, tuple(config.lr_multipliers)
+def learning_rate_multipliers(optim: ml_collections.ConfigDict):
+  """name -> how many times faster parameter `name` learns than the rest, from the config's
+  `optim` group: the BatchNorm offsets `offset_lr_multiplier` times, the parameters under a
+  pattern of `lr_multipliers` that pair's multiplier (the first pair that matches), every other
+  parameter 1."""
+  offsets, groups = optim.offset_lr_multiplier, tuple(optim.lr_multipliers)
 
   def multiplier(name: str) -> float:
     for pattern, factor in groups:
@@ -151,63 +158,81 @@ def freeze(frozen: tuple[str, ...], late_frozen: tuple[str, ...],
       lambda params: FreezeState(jnp.zeros([], jnp.int32)), update)
 
 
-def sgd_hyperparameters(config, learning_rate, momentum):
-  """(PyTorch SGD's learning rate, weight-decay coefficient) for multiplier-1 parameters.
+def sgd_hyperparameters(optim: ml_collections.ConfigDict, batch_size: int, learning_rate,
+                        momentum):
+  """(PyTorch SGD's learning rate, weight-decay coefficient) for multiplier-1 parameters, from
+  the config's `optim` group.
 
-  `config.decoupled_hyperparameters` (airbench): `learning_rate` and `weight_decay` are given
+  `optim.decoupled_hyperparameters` (airbench): `learning_rate` and `weight_decay` are given
   per 1,024 examples of a summed loss, decoupled from momentum and from each other: PyTorch's
   learning rate is learning_rate / (1024 (1 + 1 / (1 - momentum))) and its weight decay
   weight_decay * batch_size / learning_rate, so that a step decays the weights by
   weight_decay * batch_size / (1024 (1 + 1 / (1 - momentum))) whatever the learning rate.
   """
-  if not config.decoupled_hyperparameters:
-    return learning_rate, config.weight_decay
+  if not optim.decoupled_hyperparameters:
+    return learning_rate, optim.weight_decay
   kilostep_scale = DECOUPLED_EXAMPLES * (1.0 + 1.0 / (1.0 - momentum))
-  return (learning_rate / kilostep_scale,
-          config.weight_decay * config.batch_size / learning_rate)
+  return (learning_rate / kilostep_scale, optim.weight_decay * batch_size / learning_rate)
 
 
-def create_optimizer(config, budget: StepBudget, learning_rate=None,
+class OptimizerOptions(NamedTuple):
+  """What `create_optimizer` builds from: the config's `optim`, `schedule`, `muon` and `freeze`
+  groups, and the batch size (airbench's decoupled weight decay scales with it)."""
+  optim: ml_collections.ConfigDict
+  schedule: ml_collections.ConfigDict
+  muon: ml_collections.ConfigDict
+  freeze: ml_collections.ConfigDict
+  batch_size: int
+
+
+def create_optimizer(options: OptimizerOptions, budget: StepBudget, learning_rate=None,
                      momentum=None) -> optax.GradientTransformation:
   """SGD with PyTorch's momentum formulation: v = m v + g; w = w - lr(t) v (Nesterov:
-  w = w - lr(t) (g + m v)), lr(t) = learning_rate * the schedule's shape (`config.schedule`
-  with peak 1).
-
-  `learning_rate` (the peak, default `config.learning_rate`) and `momentum` (default
-  `config.momentum`) live in the optimiser state (`optax.inject_hyperparams`), not in the
-  compiled program, so replicas trained together under `vmap` can each have their own and a
-  checkpoint records them.
+  w = w - lr(t) (g + m v)), lr(t) = learning_rate * the schedule's shape (`schedule.name` with
+  peak 1).
 
   Weight decay is PyTorch SGD's: g = g + weight_decay * w before the momentum, on every parameter
   (convolution and linear weights, the linear bias and BatchNorm's scale and offset alike), as the
-  PyTorch CIFAR tutorial applies it to `model.parameters()`. `offset_lr_multiplier` and
-  `lr_multipliers` multiply some parameters' learning rate (not their decay, see
+  PyTorch CIFAR tutorial applies it to `model.parameters()`. `optim.offset_lr_multiplier` and
+  `optim.lr_multipliers` multiply some parameters' learning rate (not their decay, see
   `add_group_decayed_weights`), as PyTorch parameter groups with lr and weight_decay / lr;
-  `frozen_parameters` and `late_frozen_parameters` are not updated (see `freeze`), the latter
-  on the main schedule or, with `late_freeze_schedule="linear_to_zero"`, on their own, from the
-  peak to 0 at the step they freeze; `decoupled_hyperparameters`: see `sgd_hyperparameters`.
+  `freeze.parameters` and `freeze.late_parameters` are not updated (see `freeze`), the latter
+  on the main schedule or, with `freeze.late_schedule="linear_to_zero"`, on their own, from the
+  peak to 0 at the step they freeze; `optim.decoupled_hyperparameters`: see
+  `sgd_hyperparameters`. With `muon.parameters`, the 4-D kernels under those paths train with
+  `airbench_muon` instead (its own learning rate on the same schedule's shape, its own
+  momentum and weight decay), as airbench94_muon splits its parameters between two optimisers.
 
-  With `muon.parameters`, the 4-D kernels under those paths train with `airbench_muon`
-  instead (its own learning rate on the same schedule's shape, its own momentum and weight
-  decay), as airbench94_muon splits its parameters between two optimisers.
+  Args:
+    options: the config's optimiser groups and batch size (`OptimizerOptions`).
+    budget: the run's steps, which the schedules span.
+    learning_rate: the peak learning rate (default `optim.learning_rate`).
+    momentum: the momentum (default `optim.momentum`). Both live in the optimiser state
+      (`optax.inject_hyperparams`), not in the compiled program, so replicas trained together
+      under `vmap` can each have their own, and a checkpoint records them.
+
+  Returns:
+    The optax transformation; its updates are the whole change of each parameter.
   """
-  shape = create_learning_rate_fn(config, budget, peak=1.0)
-  multiplier = learning_rate_multipliers(config)
-  multiplied = config.offset_lr_multiplier != 1 or bool(config.lr_multipliers)
-  frozen = tuple(config.frozen_parameters)
-  late_frozen = tuple(config.late_frozen_parameters)
+  optim, freezing = options.optim, options.freeze
+  shape = create_learning_rate_fn(options.schedule, budget, peak=1.0)
+  multiplier = learning_rate_multipliers(optim)
+  multiplied = optim.offset_lr_multiplier != 1 or bool(optim.lr_multipliers)
+  frozen = tuple(freezing.parameters)
+  late_frozen = tuple(freezing.late_parameters)
   freeze_step = budget.late_freeze_step
-  own_late_schedule = bool(late_frozen) and config.late_freeze_schedule == "linear_to_zero"
+  own_late_schedule = bool(late_frozen) and freezing.late_schedule == "linear_to_zero"
 
   def sgd(learning_rate, momentum):
-    step_size, decay_coefficient = sgd_hyperparameters(config, learning_rate, momentum)
-    if not config.weight_decay:
+    step_size, decay_coefficient = sgd_hyperparameters(optim, options.batch_size, learning_rate,
+                                                       momentum)
+    if not optim.weight_decay:
       decay = optax.identity()
     elif not multiplied:
       decay = optax.add_decayed_weights(decay_coefficient)
     else:
       decay = add_group_decayed_weights(decay_coefficient, multiplier)
-    parts = [decay, optax.trace(decay=momentum, nesterov=config.nesterov)]
+    parts = [decay, optax.trace(decay=momentum, nesterov=optim.nesterov)]
     if multiplied:
       parts.append(scale_learning_rates(multiplier))
     if frozen or late_frozen:
@@ -219,11 +244,11 @@ def create_optimizer(config, budget: StepBudget, learning_rate=None,
           lambda count: -step_size * shape(count)))
     else:
       parts.append(optax.scale_by_schedule(lambda count: -step_size * shape(count)))
-    return with_muon(config.muon, optax.chain(*parts), shape, budget.total_steps)
+    return with_muon(options.muon, optax.chain(*parts), shape, budget.total_steps)
 
   return optax.inject_hyperparams(sgd)(
-      learning_rate=config.learning_rate if learning_rate is None else learning_rate,
-      momentum=config.momentum if momentum is None else momentum)
+      learning_rate=optim.learning_rate if learning_rate is None else learning_rate,
+      momentum=optim.momentum if momentum is None else momentum)
 
 
 def with_muon(muon, sgd: optax.GradientTransformation, shape: optax.Schedule,
@@ -235,11 +260,12 @@ def with_muon(muon, sgd: optax.GradientTransformation, shape: optax.Schedule,
     return sgd
   muon_transform = airbench_muon(
       lambda count: muon.learning_rate * shape(count), muon.momentum, nesterov=muon.nesterov,
-      normalize_filters=muon.normalize_filters, newton_schulz_steps=muon.newton_schulz_steps,
-      coefficients=tuple(muon.newton_schulz_coefficients), weight_decay=muon.weight_decay,
+      normalize_filters=muon.normalize_filters,
+      orthogonalisation=NewtonSchulz(muon.newton_schulz_steps,
+                                     tuple(muon.newton_schulz_coefficients), MUON_DTYPE),
+      weight_decay=muon.weight_decay,
       normalize_steps=normalization_steps(total_steps, muon.normalize_period,
-                                          muon.normalize_period_growth),
-      dtype=MUON_DTYPE)
+                                          muon.normalize_period_growth))
   return optax.multi_transform({"sgd": sgd, "muon": muon_transform},
                                functools.partial(muon_labels, tuple(muon.parameters)))
 
@@ -267,10 +293,12 @@ def _scale_by_two_schedules(chosen, chosen_schedule, other_schedule
       lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)
 
 
-def current_learning_rate(config, budget: StepBudget, state) -> np.ndarray:
+def current_learning_rate(schedule: ml_collections.ConfigDict, budget: StepBudget,
+                          state) -> np.ndarray:
   """The learning rate of the state's next step (one per replica for replicated states), in the
-  config's units (airbench's decoupled ones with `decoupled_hyperparameters`)."""
-  shape = create_learning_rate_fn(config, budget, peak=1.0)
+  config's units (airbench's decoupled ones with `optim.decoupled_hyperparameters`), on the
+  config's `schedule`."""
+  shape = create_learning_rate_fn(schedule, budget, peak=1.0)
   hyperparams = jax.device_get(state.opt_state.hyperparams)
   return np.asarray(hyperparams["learning_rate"]) * np.asarray(
       shape(jax.device_get(state.step)))
@@ -282,11 +310,19 @@ def current_learning_rate(config, budget: StepBudget, state) -> np.ndarray:
 # momentum is a bias-corrected moving average (and its Nesterov term mixes two corrections),
 # and it has no per-step re-normalisation of each filter.
 
+# The quintic Newton-Schulz iteration's coefficients, chosen for the largest slope at zero.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # The dtype of a run's Newton-Schulz iteration: airbench's bfloat16 (tests of the recipe's
 # arithmetic set float32, to compare with a float64 transcription).
 MUON_DTYPE = jnp.bfloat16
-# The quintic Newton-Schulz iteration's coefficients, chosen for the largest slope at zero.
-NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+class NewtonSchulz(NamedTuple):
+  """How `airbench_muon` orthogonalises (`newton_schulz`): `steps` iterations of the quintic
+  with `coefficients`, computed in `dtype`."""
+  steps: int = 3
+  coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS
+  dtype: Any = MUON_DTYPE
 
 
 def newton_schulz(matrix: jax.Array, steps: int = 3,
@@ -336,15 +372,14 @@ def normalization_steps(total_steps: int, period: int = 1, growth: int = 0) -> n
 
 def airbench_muon(learning_rate: optax.ScalarOrSchedule, momentum: float, *,
                   nesterov: bool = True, normalize_filters: bool = True,
-                  newton_schulz_steps: int = 3,
-                  coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
-                  weight_decay: float = 0.0, normalize_steps: np.ndarray | None = None,
-                  dtype=jnp.bfloat16) -> optax.GradientTransformation:
+                  orthogonalisation: NewtonSchulz = NewtonSchulz(),
+                  weight_decay: float = 0.0, normalize_steps: np.ndarray | None = None
+                  ) -> optax.GradientTransformation:
   """Muon on convolution kernels (HWIO, 4-D), as airbench94_muon's `Muon.step`: the momentum
   buffer v = m v + g; the direction g + m v (Nesterov) or v; each kernel first re-normalised
   to Frobenius norm sqrt(output channels) (`normalize_filters`; with `normalize_steps`, a
   `normalization_steps` table, only at the steps it marks), then moved by -lr(t) times the
-  Newton-Schulz orthogonalisation (`coefficients`) of the direction as an (output channels) x
+  Newton-Schulz orthogonalisation (`orthogonalisation`) of the direction as an (output channels) x
   (the rest) matrix, then multiplied by 1 - lr(t) weight_decay (hiverge's). The updates it
   returns are the whole change of each parameter, normalisation included."""
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
@@ -369,7 +404,8 @@ def airbench_muon(learning_rate: optax.ScalarOrSchedule, momentum: float, *,
                          f"{kernel.shape}")
       outputs = kernel.shape[-1]
       matrix = direction.reshape(-1, outputs).T  # (out, kh kw in): a column order of PyTorch's
-      orthogonal = newton_schulz(matrix, newton_schulz_steps, coefficients, dtype=dtype)
+      orthogonal = newton_schulz(matrix, orthogonalisation.steps,
+                                 orthogonalisation.coefficients, dtype=orthogonalisation.dtype)
       orthogonal = orthogonal.T.reshape(kernel.shape).astype(kernel.dtype)
       start = kernel
       if normalize_filters:

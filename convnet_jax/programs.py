@@ -10,12 +10,14 @@ the benchmark (which times `Programs.train_steps` itself) and the ahead-of-time 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from convnet_jax import steps as steps_lib
@@ -34,15 +36,19 @@ def compiler_options(run_once: bool = False) -> dict[str, Any]:
   return {}
 
 
-class DeviceData(NamedTuple):
-  """The data set on the device(s), as uint8 images and int labels, with the channel
-  statistics that normalise it."""
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
-  mean: jax.Array
-  std: jax.Array
+# The data set on the device(s): see `steps.DeviceData`.
+DeviceData = steps_lib.DeviceData
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramOptions:
+  """What a run's programs compute besides the model (static; `runs.prepare.program_options`
+  builds it from a config): how an epoch is trained (`steps.EpochOptions`, its batches split
+  over the mesh when the programs are built), the evaluation's batch size, and whether the
+  state stacks replicas trained together (`vmap`)."""
+  epoch: steps_lib.EpochOptions
+  eval_batch_size: int
+  replicated: bool = False
 
 
 def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
@@ -52,41 +58,38 @@ def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
        data.std), mesh))
 
 
-def jitted_train_steps(config, mesh, budget: steps_lib.StepBudget, replicated: bool = False):
-  """`steps.train_steps` for `config`, jitted: (state, images, labels, data_key, epoch,
-  first_step, end_step, mean, std) -> (state, per-step metrics), the state donated.
+def jitted_train_steps(options: ProgramOptions, mesh):
+  """`steps.train_steps` as `options` say, jitted: (state, data, data_key, epoch, first_step,
+  end_step) -> (state, per-step metrics), the state donated.
 
-  `replicated`: the state and data key have a leading replica axis and one program trains all
-  replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are split over the
-  mesh's devices and the outputs (state, metrics) are mirrored on all of them."""
-  run = functools.partial(
-      steps_lib.train_steps, batch_size=config.batch_size,
-      drop_last_batch=config.drop_last_batch, augment=steps_lib.augment_options(config),
-      batch_sharding=data_parallel.split_sharding(mesh),
-      options=steps_lib.step_options(config, budget))
-  if replicated:
-    run = jax.vmap(run, in_axes=(0, None, None, 0, None, None, None, None, None))
+  `options.replicated`: the state and data key have a leading replica axis and one program
+  trains all replicas (`vmap`) on the same data, each in its own order. `mesh`: batches are
+  split over the mesh's devices and the outputs (state, metrics) are mirrored on all of them."""
+  epoch = dataclasses.replace(options.epoch, batch_sharding=data_parallel.split_sharding(mesh))
+  run = functools.partial(steps_lib.train_steps, options=epoch)
+  if options.replicated:
+    run = jax.vmap(run, in_axes=(0, None, 0, None, None, None))
   # Donating the state lets XLA update parameters and momenta in place.
   return jax.jit(run, donate_argnums=0, out_shardings=data_parallel.mirrored_sharding(mesh))
 
 
-def jitted_evaluate(config, apply_fn: Callable, mesh, test_time_augmentation: str = "none",
-                    replicated: bool = False):
-  """`steps.evaluate` for `config`, jitted: (params, images, labels, mean, std) ->
-  (predictions, totals) (`replicated`, `mesh`: as `jitted_train_steps`)."""
+def jitted_evaluate(options: ProgramOptions, apply_fn: Callable, mesh,
+                    test_time_augmentation: str = "none"):
+  """`steps.evaluate` as `options` say, jitted: (params, data) -> (predictions, totals)
+  (`options.replicated`, `mesh`: as `jitted_train_steps`)."""
   run = functools.partial(steps_lib.evaluate, apply_fn=apply_fn,
-                          batch_size=config.eval_batch_size,
+                          batch_size=options.eval_batch_size,
                           batch_sharding=data_parallel.split_sharding(mesh),
                           test_time_augmentation=test_time_augmentation)
-  if replicated:
-    run = jax.vmap(run, in_axes=(0, None, None, None, None))
+  if options.replicated:
+    run = jax.vmap(run, in_axes=(0, None))
   return jax.jit(run, out_shardings=data_parallel.mirrored_sharding(mesh))
 
 
-def jitted_train_step(config, mesh, budget: steps_lib.StepBudget):
-  """One `steps.train_step` for `config`, jitted: (state, batch, labels) -> (state, metrics)."""
-  return jax.jit(functools.partial(steps_lib.train_step,
-                                   options=steps_lib.step_options(config, budget)),
+def jitted_train_step(options: ProgramOptions, mesh):
+  """One `steps.train_step` as `options` say, jitted: (state, batch, labels) -> (state,
+  metrics)."""
+  return jax.jit(functools.partial(steps_lib.train_step, options=options.epoch.step),
                  donate_argnums=0, out_shardings=data_parallel.mirrored_sharding(mesh))
 
 
@@ -100,21 +103,38 @@ def compile_for(jitted, mesh, *arguments):
 
 class Programs:
   """The run's compiled programs, each compiled once when first needed (the training steps and
-  the plain evaluation at once): `train_steps` -> (state, images, labels, data_key, epoch,
-  first_step, end_step, mean, std) -> (state, per-step metrics); `evaluation_program(level)` ->
-  (params, test images, labels, mean, std) -> (predictions, totals), `level` a test-time
-  augmentation. `compile_seconds` adds up the compile times. With a `store`, each is loaded
-  from it when it holds the program and stored in it when not (`compile_cache.ProgramStore`)."""
+  the plain evaluation at once).
 
-  def __init__(self, config, model, state, data: DeviceData, data_key: jax.Array, mesh,
-               budget: steps_lib.StepBudget, store=None):
-    self._config, self._model, self._mesh, self._store = config, model, mesh, store
+  Args:
+    options: what the programs compute (`ProgramOptions`).
+    model: the Flax module.
+    state: the train state (its shapes and shardings are what the programs are compiled for).
+    data: the data set on the device (`DeviceData`).
+    data_key: the key of the data order.
+    mesh: the data-parallel mesh (None: one device).
+    store: where compiled programs are kept between runs (`compile_cache.ProgramStore`; each is
+      loaded from it when it holds the program and stored in it when not), or None.
+
+  Attributes:
+    train_steps: the program (state, data, data_key, epoch, first_step, end_step) -> (state,
+      per-step metrics); `run_steps` calls it on the run's data.
+    evaluation_program(level): the program (params, data) -> (predictions, totals), `level` a
+      test-time augmentation; `evaluate` calls it on the run's test set.
+    data, data_key: the run's data on the device and its data-order key.
+    compile_seconds: the compile times added up.
+  """
+
+  def __init__(self, options: ProgramOptions, model, state, data: DeviceData,
+               data_key: jax.Array, mesh, store=None):
+    self._options, self._model, self._mesh, self._store = options, model, mesh, store
+    self.data, self.data_key = data, data_key
+    self.num_train = int(data.train_labels.shape[0])
+    self.num_test = int(data.test_labels.shape[0])
     # Shapes only: the state's arrays are donated to the first call, and a program compiled
     # later (test-time augmentation) must not touch them.
     self._arguments = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         (state, data, data_key))
-    self._budget = budget
     self._compiled = {}
     self.compile_seconds = 0.0
     self.train_steps
@@ -137,18 +157,26 @@ class Programs:
     """The program that runs steps first_step to end_step - 1 of an epoch."""
     state, data, data_key = self._arguments
     step = jax.ShapeDtypeStruct((), jnp.int32)
-    arguments = (state, data.train_images, data.train_labels, data_key, step, step, step,
-                 data.mean, data.std)
+    arguments = (state, data, data_key, step, step, step)
     outputs = (state, dict.fromkeys(steps_lib.STEP_METRICS, step))
-    return self._get("train", arguments, outputs, lambda: jitted_train_steps(
-        self._config, self._mesh, self._budget, self._config.num_replicas > 1))
+    return self._get("train", arguments, outputs,
+                     lambda: jitted_train_steps(self._options, self._mesh))
 
   def evaluation_program(self, test_time_augmentation: str = "none") -> Callable:
     """The program that evaluates the test set, with `test_time_augmentation`."""
     state, data, _ = self._arguments
-    arguments = (state.params, data.test_images, data.test_labels, data.mean, data.std)
+    arguments = (state.params, data)
     outputs = (data.test_labels, dict.fromkeys(steps_lib.STEP_METRICS, data.mean))
     return self._get(f"evaluate-{test_time_augmentation}", arguments, outputs,
-                     lambda: jitted_evaluate(self._config, self._model.apply, self._mesh,
-                                             test_time_augmentation,
-                                             self._config.num_replicas > 1))
+                     lambda: jitted_evaluate(self._options, self._model.apply, self._mesh,
+                                             test_time_augmentation))
+
+  def run_steps(self, state, epoch: int, first_step: int, end_step: int):
+    """Steps `first_step` to `end_step` - 1 of epoch `epoch` on the run's data: (state,
+    per-step metrics)."""
+    return self.train_steps(state, self.data, self.data_key, np.int32(epoch),
+                            np.int32(first_step), np.int32(end_step))
+
+  def evaluate(self, params, test_time_augmentation: str = "none"):
+    """The run's test set evaluated with `params`: (predictions, summed metrics)."""
+    return self.evaluation_program(test_time_augmentation)(params, self.data)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ class TrainState(flax_train_state.TrainState):
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
   """What a training step computes beyond plain SGD on the mean cross-entropy (static, hashable;
-  `step_options` builds it from a config).
+  `runs.prepare.step_options` builds it from a config).
 
   label_smoothing: the target is (1 - s) one_hot + s / num_classes (PyTorch's
   `CrossEntropyLoss(label_smoothing=s)`). loss_reduction: "mean" or "sum" over the batch.
@@ -57,32 +56,18 @@ class StepOptions:
   total_steps: int = 0
 
 
-def step_options(config, budget: StepBudget) -> StepOptions:
-  """The step options of a config."""
-  return StepOptions(
-      label_smoothing=config.label_smoothing, loss_reduction=config.loss_reduction,
-      frozen_parameters=tuple(config.frozen_parameters),
-      late_frozen_parameters=tuple(config.late_frozen_parameters),
-      late_freeze_step=budget.late_freeze_step,
-      lookahead_every_steps=config.lookahead_every_steps,
-      lookahead_decay=config.lookahead_decay, lookahead_power=config.lookahead_power,
-      total_steps=budget.total_steps)
-
-
 # ---------------------------------------------------------------------------------------------
 # Steps: pure functions of (state or parameters, batch).
 
-def create_train_state(config, model, key: jax.Array, budget: StepBudget, learning_rate=None,
-                       momentum=None) -> TrainState:
-  """Initialises the parameters from `key` and the optimiser state (see `optim.create_optimizer` for
-  `learning_rate` and `momentum`)."""
+def create_train_state(model, key: jax.Array, tx: optax.GradientTransformation,
+                       with_lookahead: bool = False) -> TrainState:
+  """The parameters of `model` initialised from `key`, the optimiser `tx`'s state, and (with
+  lookahead) a slow copy of the parameters."""
   # lazy_init: the same parameters as `init`, without computing the forward pass on a dummy.
   dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
   params = model.lazy_init(key, dummy)["params"]
-  tx = optim.create_optimizer(config, budget, learning_rate, momentum)
   return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
-                    opt_state=tx.init(params),
-                    lookahead_params=params if config.lookahead_every_steps else None)
+                    opt_state=tx.init(params), lookahead_params=params if with_lookahead else None)
 
 
 def cross_entropy_losses(logits: jax.Array, labels: jax.Array,
@@ -166,14 +151,16 @@ def _sum_metrics(a, b):
 # ---------------------------------------------------------------------------------------------
 # Epochs: every step of an epoch, or the whole test set, in one compiled program.
 
-# Folded into each epoch's key to give the augmentation its own stream of keys, so that the
-# shuffle keeps using the epoch key itself (and the runs without augmentation stay as they were).
-AUGMENT_KEY_STREAM = 1
-# Folded into a step's augmentation key for the colour jitter's own draws, so the crops and flips
-# stay those of the same run without it.
-JITTER_KEY_STREAM = 1
-# Folded into the run's data key (with a value no epoch number takes) for the flips of
-# `augment_flip="alternate"`, drawn once per run.
+# The random streams, each folded into the key of its own level, so each draws apart from the
+# others (both ones are fine: they fold into different keys). Into an epoch's key: the
+# augmentation's stream, so that the shuffle keeps using the epoch key itself (and the runs
+# without augmentation stay as they were).
+EPOCH_KEY_AUGMENT_STREAM = 1
+# Into a step's augmentation key: the colour jitter's draws, so the crops and flips stay those
+# of the same run without it.
+STEP_KEY_JITTER_STREAM = 1
+# Into the run's data key (with a value no epoch number takes): the flips of
+# `augment.flip="alternate"`, drawn once per run.
 ALTERNATE_FLIPS_KEY = 2**32 - 1
 
 
@@ -191,12 +178,12 @@ class AugmentOptions:
   contrast: float = 0.0
 
 
-def augment_options(config) -> AugmentOptions | None:
-  """The config's augmentation, None without it."""
-  if not config.augment:
+def augment_options(augment) -> AugmentOptions | None:
+  """The augmentation of the config's `augment` group, None when it is not enabled."""
+  if not augment.enabled:
     return None
-  return AugmentOptions(config.augment_translate, config.augment_padding, config.augment_flip,
-                        config.augment_brightness, config.augment_contrast)
+  return AugmentOptions(augment.translate, augment.padding, augment.flip, augment.brightness,
+                        augment.contrast)
 
 
 def epoch_flips(data_key: jax.Array, epoch, num_examples: int) -> jax.Array:
@@ -225,35 +212,60 @@ def _record(per_step, metrics, step_index):
                                 per_step, metrics)
 
 
-def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_key: jax.Array,
-                epoch: jax.Array, first_step: jax.Array, end_step: jax.Array, mean: jax.Array,
-                std: jax.Array, *, batch_size: int, drop_last_batch: bool,
-                augment: AugmentOptions | None = None, batch_sharding=None,
-                options: StepOptions = StepOptions()):
-  """Steps `first_step` to `end_step` - 1 of epoch `epoch`: a part of the epoch, or all of it.
+class DeviceData(NamedTuple):
+  """The data set on the device(s), as uint8 images and int labels, with the channel
+  statistics that normalise it (`programs.put_data`)."""
+  train_images: jax.Array
+  train_labels: jax.Array
+  test_images: jax.Array
+  test_labels: jax.Array
+  mean: jax.Array
+  std: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochOptions:
+  """How `train_steps` cuts and trains an epoch (static, hashable): batches of `batch_size`
+  (`drop_last_batch`: the short last one dropped), the augmentation (None: none), what each
+  step computes, and the sharding that splits each batch over the devices (None: one device)."""
+  batch_size: int
+  drop_last_batch: bool = False
+  augment: AugmentOptions | None = None
+  step: StepOptions = StepOptions()
+  batch_sharding: Any = None
+
+
+def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, epoch: jax.Array,
+                first_step: jax.Array, end_step: jax.Array, *, options: EpochOptions):
+  """Steps `first_step` to `end_step` - 1 of epoch `epoch` on the training set of `data`: a
+  part of the epoch, or all of it.
 
   The epoch's order is a permutation drawn from the epoch key fold_in(data_key, epoch); step i
   trains on its i-th full batch, and step `num_examples // batch_size` on the short last batch
-  (unless `drop_last_batch`). With `augment`, each gathered uint8 batch is augmented
-  (`input_pipeline.augment`) before normalisation, under the key fold_in(fold_in(epoch key,
-  AUGMENT_KEY_STREAM), step), so every image gets a fresh augmentation every epoch, and then,
-  normalised, colour-jittered (`input_pipeline.jitter`) under that key folded with
-  JITTER_KEY_STREAM. With `batch_sharding`, each batch is split over its devices
-  (`data_parallel.split_batch`). From the run's step `options.late_freeze_step` on, the
-  `options.late_frozen_parameters` get no gradient.
+  (unless `options.drop_last_batch`). With `options.augment`, each gathered uint8 batch is
+  augmented (`input_pipeline.augment`) before normalisation, under the key
+  fold_in(fold_in(epoch key, EPOCH_KEY_AUGMENT_STREAM), step), so every image gets a fresh
+  augmentation every epoch, and then, normalised, colour-jittered (`input_pipeline.jitter`)
+  under that key folded with STEP_KEY_JITTER_STREAM. With `options.batch_sharding`, each batch
+  is split over its devices (`data_parallel.split_batch`). From the run's step
+  `options.step.late_freeze_step` on, the `options.step.late_frozen_parameters` get no
+  gradient.
 
   `first_step` and `end_step` are traced: one compiled program runs any part of any epoch, and
   an epoch run in several calls computes exactly what one call computes. Returns the new state
   and each step's `train_step` metrics, in arrays of an entry a step, zero outside those run."""
+  images, labels, mean, std = data.train_images, data.train_labels, data.mean, data.std
+  batch_size, drop_last_batch = options.batch_size, options.drop_last_batch
+  augment, batch_sharding, step_options = options.augment, options.batch_sharding, options.step
   key = jax.random.fold_in(data_key, epoch)
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
   has_short_batch = bool(num_examples % batch_size) and not drop_last_batch
   order = jax.random.permutation(key, num_examples)
-  augment_key = jax.random.fold_in(key, AUGMENT_KEY_STREAM)
+  augment_key = jax.random.fold_in(key, EPOCH_KEY_AUGMENT_STREAM)
   flips = _flips_of_the_epoch(augment, data_key, epoch, num_examples)
 
-  def step(state, indices, step_index, options=options):
+  def step(state, indices, step_index, options=step_options):
     # Sharding the indices makes each device gather only its own part of the batch.
     indices = data_parallel.split_batch(indices, batch_sharding)
     batch_images = images[indices]
@@ -264,7 +276,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
           None if flips is None else flips[indices])
     batch_images = input_pipeline.normalize(batch_images, mean, std)
     if augment is not None and (augment.brightness or augment.contrast):
-      batch_images = input_pipeline.jitter(jax.random.fold_in(step_key, JITTER_KEY_STREAM),
+      batch_images = input_pipeline.jitter(jax.random.fold_in(step_key, STEP_KEY_JITTER_STREAM),
                                            batch_images, augment.brightness, augment.contrast)
     batch_images = data_parallel.split_batch(batch_images, batch_sharding)
     return train_step(state, batch_images,
@@ -274,11 +286,11 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   # for airbench's whitening bias, without the first convolution's input gradient and the
   # whitening's activation gradient): PyTorch's `b.detach()`. Two loops, not a conditional
   # step, so that replicas under vmap (whose bounds are never batched) run one body a step.
-  frozen_options = dataclasses.replace(
-      options, frozen_parameters=options.frozen_parameters + options.late_frozen_parameters)
+  frozen_options = dataclasses.replace(step_options, frozen_parameters=(
+      step_options.frozen_parameters + step_options.late_frozen_parameters))
   steps_in_epoch = num_full + has_short_batch
 
-  def full_step(step_index, carry, options=options):
+  def full_step(step_index, carry, options=step_options):
     state, per_step = carry
     indices = jax.lax.dynamic_slice_in_dim(order, step_index * batch_size, batch_size)
     state, metrics = step(state, indices, step_index, options)
@@ -287,9 +299,9 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   def short_step(carry):
     state, per_step = carry
     indices = order[num_full * batch_size:]
-    if options.late_frozen_parameters:
+    if step_options.late_frozen_parameters:
       state, metrics = jax.lax.cond(
-          epoch * steps_in_epoch + num_full < options.late_freeze_step,
+          epoch * steps_in_epoch + num_full < step_options.late_freeze_step,
           lambda state: step(state, indices, num_full),
           lambda state: step(state, indices, num_full, frozen_options), state)
     else:
@@ -301,9 +313,10 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, data_ke
   per_step = {name: jnp.zeros((steps_in_epoch,), jnp.float32) for name in STEP_METRICS}
   carry = (state, per_step)
   full_end = jnp.minimum(end_step, num_full)
-  if options.late_frozen_parameters:
+  if step_options.late_frozen_parameters:
     # This epoch's steps before the freeze, then the rest.
-    boundary = jnp.clip(options.late_freeze_step - epoch * steps_in_epoch, first_step, full_end)
+    boundary = jnp.clip(step_options.late_freeze_step - epoch * steps_in_epoch, first_step,
+                        full_end)
     carry = jax.lax.fori_loop(first_step, boundary, full_step, carry)
     carry = jax.lax.fori_loop(boundary, full_end, functools.partial(
         full_step, options=frozen_options), carry)
@@ -324,13 +337,13 @@ def batch_sizes(num_examples: int, batch_size: int, num_steps: int) -> np.ndarra
   return sizes
 
 
-def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std: jax.Array, *,
-             apply_fn: Callable, batch_size: int, batch_sharding=None,
-             test_time_augmentation: str = "none"):
-  """Evaluates on the whole set in order, in batches of `batch_size` (the last one short), as
-  BatchNorm uses each batch's statistics; with `batch_sharding` each batch is split over its
-  devices; with `test_time_augmentation`, on the weighted views of `tta.views`. Returns
-  predictions and summed metrics."""
+def evaluate(params, data: DeviceData, *, apply_fn: Callable, batch_size: int,
+             batch_sharding=None, test_time_augmentation: str = "none"):
+  """Evaluates on the whole test set of `data` in order, in batches of `batch_size` (the last
+  one short), as BatchNorm uses each batch's statistics; with `batch_sharding` each batch is
+  split over its devices; with `test_time_augmentation`, on the weighted views of `tta.views`.
+  Returns predictions and summed metrics."""
+  images, labels, mean, std = data.test_images, data.test_labels, data.mean, data.std
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
 
@@ -356,78 +369,3 @@ def evaluate(params, images: jax.Array, labels: jax.Array, mean: jax.Array, std:
     predictions = jnp.concatenate([predictions, last_predictions])
     totals = _sum_metrics(totals, last)
   return predictions, totals
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, drop_last_batch: bool) -> int:
-  """79 for 10,000 examples in batches of 128 (the last one 16 long) unless it is dropped."""
-  if drop_last_batch:
-    return num_examples // batch_size
-  return math.ceil(num_examples / batch_size)
-
-
-def epochs_run(num_epochs: float) -> int:
-  """Epochs the loop starts for `config.num_epochs`, a fractional last one included (10 for
-  9.9)."""
-  return math.ceil(num_epochs)
-
-
-def _whole_steps(steps: float) -> int:
-  """ceil(steps), but a product such as 0.07 x 100 = 7.000000000000001 counts as 7 steps."""
-  return math.ceil(round(steps, 9))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepBudget:
-  """A run's steps: `steps_per_epoch` steps in every epoch but a fractional last one, over
-  `num_epochs` epochs (config.num_epochs, e.g. airbench's 9.9), and the steps of the
-  parameters trained for only the first `late_freeze_epochs`. The optimiser's schedules, the
-  loop, the call planner and the checkpoints all count steps through it."""
-  steps_per_epoch: int
-  num_epochs: float
-  late_freeze_epochs: float = 0
-
-  @classmethod
-  def of(cls, config, steps_in_an_epoch: int) -> StepBudget:
-    """The budget of `config` with `steps_in_an_epoch` steps an epoch."""
-    return cls(steps_in_an_epoch, config.num_epochs, config.late_freeze_epochs)
-
-  @classmethod
-  def for_examples(cls, config, num_examples: int) -> StepBudget:
-    """The budget of `config` on a training set of `num_examples`."""
-    return cls.of(config, steps_per_epoch(num_examples, config.batch_size,
-                                          config.drop_last_batch))
-
-  @property
-  def total_steps(self) -> int:
-    """ceil(steps_per_epoch * num_epochs): 395 for 5 epochs of 79 steps, 476 for airbench's 9.9
-    epochs of 48 (the last epoch then stops after 44 of its steps)."""
-    return _whole_steps(self.steps_per_epoch * self.num_epochs)
-
-  @property
-  def epochs_run(self) -> int:
-    """Epochs the loop starts, the fractional last one included (10 for 9.9)."""
-    return epochs_run(self.num_epochs)
-
-  @property
-  def late_freeze_step(self) -> int:
-    """The first step at which `late_frozen_parameters` no longer train:
-    ceil(late_freeze_epochs * steps_per_epoch), 144 for 3 epochs of 48 steps, 7 for hiverge's
-    0.19 epochs of 32."""
-    return _whole_steps(self.late_freeze_epochs * self.steps_per_epoch)
-
-  def epoch_steps(self, epoch: int) -> int:
-    """How many steps epoch `epoch` runs: all of them, but fewer in a fractional last epoch."""
-    return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-
-  def global_step(self, epoch: int, step: int) -> int:
-    """The number of steps trained at step `step` of epoch `epoch` (every epoch before the
-    last is whole)."""
-    return epoch * self.steps_per_epoch + step
-
-  def position(self, epoch: int, steps_done: int) -> str:
-    """Where a run stands, in words: "after epoch 3", "at step 12 of epoch 4"."""
-    if steps_done == 0:
-      return f"after epoch {epoch - 1}" if epoch else "before the first step"
-    if steps_done >= self.epoch_steps(epoch):
-      return f"after epoch {epoch}"
-    return f"at step {steps_done} of epoch {epoch}"

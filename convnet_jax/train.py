@@ -1,12 +1,13 @@
 """Training: `train_and_evaluate`, the loop that runs each epoch as calls of the compiled
-training program of `steps` and evaluates after each, and its per-epoch pieces.
+training program and evaluates after each, and its per-epoch pieces.
 
-The machinery around the loop lives in its own modules: `steps` (the pure train and eval steps
-and the programs), `epoch_calls` (how an epoch is cut into calls, an epoch in progress),
-`run_setup` (checks, state, data on the device, compiled programs), `optim` (schedules, SGD),
-`parallel` (mesh, split batches), `replicas` (models trained together), `checkpoints`,
-`stopping` (SIGTERM and Ctrl-C), `workdir` (run files, its lock, same-run check), `logs` and
-`reporting` (stdout, metrics.jsonl, TensorBoard, preds).
+The machinery around the loop lives in its own modules: `runs.prepare` (the config taken apart,
+checks, state, data on the device, compiled programs), `programs` (the compiled programs) and
+`steps` (the pure train and eval steps they run), `budget` (the run's steps), `optim`
+(schedules, SGD, Muon), `runs.epoch_calls` (how an epoch is cut into calls, an epoch in
+progress), `parallel` (mesh, split batches, replicas), `runs.checkpoints`, `runs.stopping`
+(SIGTERM and Ctrl-C), `runs.workdir` (run files, its lock, same-run check), `runs.logs` and
+`runs.reporting` (stdout, metrics.jsonl, TensorBoard, preds).
 """
 
 from __future__ import annotations
@@ -14,32 +15,32 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
+from convnet_jax import errors
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import programs as programs_lib
-from convnet_jax import steps as steps_lib
+from convnet_jax.budget import StepBudget
+from convnet_jax.errors import RunStopped
+from convnet_jax.errors import TrainingDiverged
 from convnet_jax.parallel import data_parallel
 from convnet_jax.parallel import replicas
 from convnet_jax.runs import allocator
 from convnet_jax.runs import checkpoints
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import epoch_calls
-from convnet_jax.runs import errors
 from convnet_jax.runs import logs
+from convnet_jax.runs import prepare
 from convnet_jax.runs import reporting
-from convnet_jax.runs import setup as run_setup
 from convnet_jax.runs import stopping
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import RunStopped
-from convnet_jax.runs.errors import TrainingDiverged
 
 __all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 
@@ -47,42 +48,37 @@ __all__ = ["RunStopped", "TrainingDiverged", "train_and_evaluate"]
 # ---------------------------------------------------------------------------------------------
 # One epoch of the loop.
 
-def run_evaluation(programs: programs_lib.Programs, state, data: programs_lib.DeviceData,
-                   test_time_augmentation: str = "none"):
-  """Test predictions and summed test metrics (on the device) of the state's parameters."""
-  return programs.evaluation_program(test_time_augmentation)(state.params, data.test_images,
-                                                   data.test_labels, data.mean, data.std)
-
-
 def _host_totals(totals):
   # float64 on the host, so that an accuracy is exactly correct / count.
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), jax.device_get(totals))
 
 
-def test_time_accuracy(config, programs: programs_lib.Programs, state,
-                       data: programs_lib.DeviceData, diverged: np.ndarray) -> dict[str, Any]:
-  """{"tta_test_acc": accuracy} with `config.test_time_augmentation` (one value per replica,
-  null once diverged), or {} without it."""
-  if config.test_time_augmentation == "none":
+def test_time_accuracy(programs: programs_lib.Programs, state, test_time_augmentation: str,
+                       diverged: np.ndarray) -> dict[str, Any]:
+  """{"tta_test_acc": accuracy} with `test_time_augmentation` (one value per replica, null
+  once diverged), or {} without it ("none")."""
+  if test_time_augmentation == "none":
     return {}
-  _, totals = run_evaluation(programs, state, data, config.test_time_augmentation)
-  accuracy = _host_totals(totals)["correct"] / len(data.test_labels)
+  _, totals = programs.evaluate(state.params, test_time_augmentation)
+  accuracy = _host_totals(totals)["correct"] / programs.num_test
   return {"tta_test_acc": replicas.metric_values(accuracy, diverged)}
 
 
-def examples_trained(config, num_examples: int, steps_per_epoch: int, num_steps: int) -> int:
+def examples_trained(num_examples: int, batch_size: int, drop_last_batch: bool,
+                     steps_per_epoch: int, num_steps: int) -> int:
   """Examples an epoch of `num_steps` steps trains on: all of them, the full batches only when
   the short last batch is dropped, `num_steps` full batches in a fractional last epoch."""
-  if num_steps < steps_per_epoch or config.drop_last_batch:
-    return num_steps * config.batch_size
+  if num_steps < steps_per_epoch or drop_last_batch:
+    return num_steps * batch_size
   return num_examples
 
 
-def initial_divergence(config, history: list[dict]) -> np.ndarray:
-  """Which replicas had diverged by the end of `history` (a 0-d False for one model)."""
-  if config.num_replicas == 1:
+def initial_divergence(num_replicas: int, history: list[dict]) -> np.ndarray:
+  """Which of `num_replicas` replicas had diverged by the end of `history` (a 0-d False for one
+  model)."""
+  if num_replicas == 1:
     return np.zeros((), bool)
-  diverged = np.zeros(config.num_replicas, bool)
+  diverged = np.zeros(num_replicas, bool)
   if history:
     diverged[history[-1]["diverged"]] = True
   return diverged
@@ -109,50 +105,60 @@ def check_divergence(step_losses: np.ndarray, diverged: np.ndarray, *, epoch: in
   return diverged | (bad_steps >= 0)
 
 
-def epoch_record(epoch: int, train_totals: dict, test_totals: dict | None,
-                 learning_rate: np.ndarray,
-                 diverged: np.ndarray, *, num_trained: int, num_test: int, seconds: float,
-                 compile_seconds: float, seeds: list[int] | None = None) -> dict[str, Any]:
-  """The epoch's JSON record: mean losses and accuracies over the `num_trained` examples seen
-  and the `num_test` test examples (no test metrics without `test_totals`: an epoch not
-  evaluated), the learning rate the epoch started with, the seconds since the loop started and
-  the compile time. Replicas (`seeds` given): each metric one value per replica (null once
-  diverged), the test accuracy summary, the diverged ones and the seeds."""
+class Totals(NamedTuple):
+  """An epoch's summed metrics ("loss_sum", "correct") over `count` examples."""
+  sums: dict
+  count: int
+
+
+class EpochTimes(NamedTuple):
+  """The seconds since the loop started, at the end of an epoch, and the compile time."""
+  seconds: float
+  compile_seconds: float
+
+
+def epoch_record(epoch: int, train: Totals, test: Totals | None, learning_rate: np.ndarray,
+                 diverged: np.ndarray, times: EpochTimes,
+                 seeds: list[int] | None = None) -> dict[str, Any]:
+  """The epoch's JSON record: mean losses and accuracies over the examples trained (`train`)
+  and the test examples (`test`; no test metrics without: an epoch not evaluated), the learning
+  rate the epoch started with and the `times`. Replicas (`seeds` given): each metric one value
+  per replica (null once diverged), the test accuracy summary, the diverged ones and the
+  seeds."""
   def values(metric):
     return replicas.metric_values(metric, diverged)
 
   record = {
       "epoch": epoch,
       "test_acc": None,
-      "time": round(seconds, 3),
-      "train_loss": values(train_totals["loss_sum"] / num_trained),
-      "train_acc": values(train_totals["correct"] / num_trained),
+      "time": round(times.seconds, 3),
+      "train_loss": values(train.sums["loss_sum"] / train.count),
+      "train_acc": values(train.sums["correct"] / train.count),
       "test_loss": None,
       "learning_rate": replicas.metric_values(learning_rate, np.zeros_like(diverged)),
-      "compile_time": round(compile_seconds, 3),
+      "compile_time": round(times.compile_seconds, 3),
   }
-  if test_totals is None:
+  if test is None:
     del record["test_acc"], record["test_loss"]
   else:  # in place, keeping the keys' order
-    record.update(test_acc=values(test_totals["correct"] / num_test),
-                  test_loss=values(test_totals["loss_sum"] / num_test))
+    record.update(test_acc=values(test.sums["correct"] / test.count),
+                  test_loss=values(test.sums["loss_sum"] / test.count))
   if seeds is not None:
-    if test_totals is not None:
+    if test is not None:
       record.update(replicas.replica_summary(record["test_acc"]))
     record.update(diverged=np.flatnonzero(diverged).tolist(), seeds=seeds)
   return record
 
 
-def evaluation_is_due(config, epoch: int, epochs_run: int) -> bool:
-  """Every `operations.eval_every_epochs` epochs (0: never), and after the last."""
-  every = config.operations.eval_every_epochs
-  return epoch + 1 == epochs_run or (every > 0 and (epoch + 1) % every == 0)
+def evaluation_is_due(every_epochs: int, epoch: int, epochs_run: int) -> bool:
+  """Every `every_epochs` epochs (`operations.eval_every_epochs`; 0: never), and after the
+  last."""
+  return epoch + 1 == epochs_run or (every_epochs > 0 and (epoch + 1) % every_epochs == 0)
 
 
-def checkpoint_is_due(config, epoch: int) -> bool:
-  """Every `operations.checkpoint_every_epochs` epochs, and after the last."""
-  return ((epoch + 1) % config.operations.checkpoint_every_epochs == 0
-          or epoch + 1 == steps_lib.epochs_run(config.num_epochs))
+def checkpoint_is_due(every_epochs: int, epoch: int, epochs_run: int) -> bool:
+  """Every `every_epochs` epochs (`operations.checkpoint_every_epochs`), and after the last."""
+  return (epoch + 1) % every_epochs == 0 or epoch + 1 == epochs_run
 
 
 def checkpoint_record(history: list[dict], fingerprint: str, data_key: jax.Array,
@@ -173,54 +179,67 @@ def checkpoint_record(history: list[dict], fingerprint: str, data_key: jax.Array
 
 class TrainingLoop:
   """The epochs of one run, each as calls of the training program (`epoch_calls`), evaluated
-  after each; checkpoints, stops on a signal and reports as it goes."""
+  when due; checkpoints, stops on a signal and reports as it goes.
 
-  def __init__(self, config, programs: programs_lib.Programs, data: programs_lib.DeviceData,
-               data_key: jax.Array, budget: steps_lib.StepBudget,
-               store: checkpoints.CheckpointStore,
-               fingerprint: str, reporter: reporting.Reporter, signals: stopping.StopSignals):
-    self.config, self.programs, self.data, self.data_key = config, programs, data, data_key
-    self.budget = budget
+  Args:
+    config: the run's config.
+    programs: its compiled programs, bound to its data and data key.
+    budget: its steps.
+    store: its checkpoints.
+    fingerprint: the config fingerprint its checkpoints carry.
+    reporter: where its lines and files go.
+    signals: the stop signals it checks between calls.
+  """
+
+  def __init__(self, config, programs: programs_lib.Programs, budget: StepBudget,
+               store: checkpoints.CheckpointStore, fingerprint: str,
+               reporter: reporting.Reporter, signals: stopping.StopSignals):
+    self.config, self.programs, self.budget = config, programs, budget
     self.store, self.fingerprint = store, fingerprint
     self.reporter, self.signals = reporter, signals
     self.planner = epoch_calls.CallPlanner(config.operations, budget)
-    self.num_train = int(data.train_labels.shape[0])
-    self.num_test = int(data.test_labels.shape[0])
-    self.seeds = replicas.replica_settings(config)["seed"] if config.num_replicas > 1 else None
+    self.seeds = None
+    if config.replicas.count > 1:
+      self.seeds = replicas.replica_settings(config.replicas, config.seed,
+                                             config.optim.learning_rate,
+                                             config.optim.momentum)["seed"]
     self.start = time.perf_counter()
 
   def run(self, state, history: list[dict], in_progress: epoch_calls.EpochInProgress | None):
     """Trains from where `history` and `in_progress` stand to the end; returns the last
     record and the final predictions (None if there was nothing left to train)."""
-    config = self.config
-    diverged = initial_divergence(config, history)
+    config, programs, budget = self.config, self.programs, self.budget
+    diverged = initial_divergence(config.replicas.count, history)
     predictions = None
-    for epoch in range(len(history), self.budget.epochs_run):
+    for epoch in range(len(history), budget.epochs_run):
       progress = in_progress or epoch_calls.EpochInProgress.start(
-          epoch, optim.current_learning_rate(config, self.budget, state),
-          config.num_replicas)
+          epoch, optim.current_learning_rate(config.schedule, budget, state),
+          config.replicas.count)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
-      test_totals = None
-      if evaluation_is_due(config, epoch, self.budget.epochs_run):
-        with errors.naming_the_batch_size(config, "eval_batch_size"):
-          predictions, test_totals = run_evaluation(self.programs, state, self.data)
-          test_totals = _host_totals(test_totals)
+      test = None
+      if evaluation_is_due(config.operations.eval_every_epochs, epoch, budget.epochs_run):
+        with errors.naming_the_batch_size("eval.batch_size", config.eval.batch_size,
+                                          prepare.model_subject(config)):
+          predictions, test_totals = programs.evaluate(state.params)
+          test = Totals(_host_totals(test_totals), programs.num_test)
       epoch_steps = progress.steps_done
-      num_trained = examples_trained(config, self.num_train, self.budget.steps_per_epoch,
+      num_trained = examples_trained(programs.num_train, config.batch_size,
+                                     config.data.drop_last_batch, budget.steps_per_epoch,
                                      epoch_steps)
-      history.append(epoch_record(
-          epoch, progress.totals(self.num_train, config.batch_size), test_totals,
-          progress.learning_rate, diverged, num_trained=num_trained, num_test=self.num_test,
-          seconds=time.perf_counter() - self.start,
-          compile_seconds=self.programs.compile_seconds, seeds=self.seeds))
-      if epoch + 1 == self.budget.epochs_run:
-        history[-1].update(test_time_accuracy(config, self.programs, state, self.data, diverged))
-      global_step = self.budget.global_step(epoch, epoch_steps)
-      if checkpoint_is_due(config, epoch) or self.planner.checkpoint_due(global_step):
+      train = Totals(progress.totals(programs.num_train, config.batch_size), num_trained)
+      times = EpochTimes(time.perf_counter() - self.start, programs.compile_seconds)
+      history.append(epoch_record(epoch, train, test, progress.learning_rate, diverged, times,
+                                  seeds=self.seeds))
+      if epoch + 1 == budget.epochs_run:
+        history[-1].update(test_time_accuracy(programs, state,
+                                              config.eval.test_time_augmentation, diverged))
+      global_step = budget.global_step(epoch, epoch_steps)
+      if (checkpoint_is_due(config.operations.checkpoint_every_epochs, epoch, budget.epochs_run)
+          or self.planner.checkpoint_due(global_step)):
         self.save(state, history, None)
       self.reporter.epoch(history[-1], step_time_ms=1e3 * progress.seconds / epoch_steps,
-                          images_per_second=num_trained * config.num_replicas / progress.seconds)
+                          images_per_second=num_trained * config.replicas.count / progress.seconds)
     return state, predictions
 
   def train_epoch(self, state, history: list[dict], progress: epoch_calls.EpochInProgress,
@@ -237,21 +256,20 @@ class TrainingLoop:
       if stop:
         self.stop(stop, state, history, progress)
       call_start = time.perf_counter()
-      with errors.naming_the_batch_size(config, "batch_size"):
-        state, per_step = self.programs.train_steps(
-            state, self.data.train_images, self.data.train_labels, self.data_key,
-            np.int32(epoch), np.int32(first), np.int32(end), self.data.mean, self.data.std)
+      with errors.naming_the_batch_size("batch_size", config.batch_size,
+                                        prepare.model_subject(config)):
+        state, per_step = self.programs.run_steps(state, epoch, first, end)
         per_step = jax.device_get(per_step)
       seconds = time.perf_counter() - call_start
       progress.add(per_step, first, end, seconds)
       self.planner.measured(end - first, seconds)
       diverged = check_divergence(
-          progress.step_losses(self.num_train, config.batch_size), diverged, epoch=epoch,
-          num_steps=self.budget.steps_per_epoch,
+          progress.step_losses(self.programs.num_train, config.batch_size), diverged,
+          epoch=epoch, num_steps=self.budget.steps_per_epoch,
           last_checkpoint=self.store.newest_intact_position,
           checkpoint_dir=self.store.directory)
       self.reporter.steps(end - first, epoch, images_per_second=(
-          (end - first) * config.batch_size * config.num_replicas / seconds))
+          (end - first) * config.batch_size * config.replicas.count / seconds))
       global_step = self.budget.global_step(epoch, end)
       if end < epoch_steps and self.planner.checkpoint_due(global_step):
         self.save(state, history, progress)
@@ -264,8 +282,8 @@ class TrainingLoop:
     epoch = len(history)
     position = self.budget.position(epoch, steps_done)
     self.store.save(self.budget.global_step(epoch, steps_done), state,
-                    checkpoint_record(history, self.fingerprint, self.data_key, position,
-                                      progress))
+                    checkpoint_record(history, self.fingerprint, self.programs.data_key,
+                                      position, progress))
 
   def stop(self, signum: int, state, history: list[dict],
            progress: epoch_calls.EpochInProgress) -> None:
@@ -287,15 +305,27 @@ class TrainingLoop:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains the configured model, evaluating after every epoch; resumes from the workdir's
-  newest intact checkpoint if it holds one of the same config, mid-epoch if it was taken there.
+  """Trains the configured model, evaluating after every epoch (`operations.eval_every_epochs`);
+  resumes from the workdir's newest intact checkpoint if it holds one of the same config,
+  mid-epoch if it was taken there. Replicas train together (`parallel.replicas`); devices split
+  each batch (`data_parallel`).
 
   Prints one JSON line per new epoch on stdout; keeps config.json, metrics.jsonl, preds, log.txt,
-  checkpoints/ and tensorboard/ in `workdir` (`reporting`), locked while it runs. Returns the
-  last epoch's record. Raises `UserError` for bad configs, data or workdirs before any work,
-  `TrainingDiverged` when the loss stops being finite (the last good checkpoint stays), and
-  `RunStopped` after a SIGTERM or SIGINT, with a checkpoint saved where it stopped (`stopping`).
-  Replicas train together (`parallel.replicas`); devices split each batch (`data_parallel`)."""
+  checkpoints/ and tensorboard/ in `workdir` (`reporting`), locked while it runs.
+
+  Args:
+    config: the run's config (see configs/default.py for every key).
+    workdir: the run's folder: created, or resumed when it holds this run.
+
+  Returns:
+    The last epoch's record (the last JSON line).
+
+  Raises:
+    UserError: bad config, data or workdir, before any work (exit 2).
+    TrainingDiverged: the loss stopped being finite; the last good checkpoint stays.
+    RunStopped: a SIGTERM or SIGINT, with a checkpoint saved where it stopped (`stopping`).
+    WriteFailed: a file of the run could not be written (exit 74).
+  """
   validation.validate_config(config)
   validation.check_devices(config, jax.device_count())
   files = workdir_lib.RunFiles(workdir)
@@ -304,47 +334,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if is_writer:  # the other processes of a multi-process run share process 0's workdir
       stack.enter_context(workdir_lib.holding(files))
     signals = stack.enter_context(stopping.StopSignals())
-    identity = workdir_lib.run_identity(config)
-    resuming = workdir_lib.check_workdir(files, identity)
-    if resuming and (finished := run_setup.report_finished_run(config, files, is_writer)):
+    identity = prepare.run_identity(config)
+    saved_identity = workdir_lib.check_workdir(files, identity)
+    resuming = saved_identity is not None
+    if resuming and (finished := prepare.report_finished_run(config, files, is_writer)):
       return finished
-    data = run_setup.load_data(config)
+    data = prepare.load_data(config)
     cache_choice = compile_cache.enable(config.operations.compilation_cache)
     cache_watch = stack.enter_context(compile_cache.Watch(cache_choice))
     stack.enter_context(logs.log_file(files.log if is_writer else None))
     mesh = data_parallel.create_mesh(config.operations.num_devices)
-    reporter = reporting.Reporter(config, files, is_writer=is_writer)
-    conv_choice = run_setup.choose_convolutions(config, mesh)
+    reporter = reporting.Reporter(files, prepare.config_values(config), config.operations,
+                                  is_writer=is_writer)
+    conv_choice = prepare.choose_convolutions(config, mesh)
     reporter.note(conv_choice.describe())
     # The CPU runtime's temporaries are what the allocator settings are for (`allocator`).
     malloc = allocator.describe()
     if jax.default_backend() == "cpu" and allocator.untuned():
       reporter.note(malloc)
     logging.info(malloc)
-    run_setup.create_workdir(files, reporter.is_writer)
-    model = models.create_model(config, data.num_classes, conv_choice.implementation)
-    run_setup.check_model(config, model)
-    budget = steps_lib.StepBudget.for_examples(config, len(data.train_labels))
-    state, data_key = run_setup.create_run_state(config, model, budget, mesh, data)
-    reporter.note(run_setup.describe_run(config, state, budget, mesh))
-    store = stack.enter_context(run_setup.open_checkpoints(config, files))
+    prepare.create_workdir(files, reporter.is_writer)
+    model = models.create_model(config.model, data.num_classes, conv_choice.implementation)
+    prepare.check_model(config, model)
+    budget = prepare.step_budget(config, len(data.train_labels))
+    state, data_key = prepare.create_run_state(config, model, budget, mesh, data)
+    reporter.note(prepare.describe_run(config, state, budget, mesh))
+    store = stack.enter_context(prepare.open_checkpoints(config, files))
+    # This config's fingerprint, and (resuming a workdir written by an earlier version of the
+    # package, whose config.json had another form) that of the config.json found there.
     fingerprint = checkpoints.config_fingerprint(identity)
-    state, history, in_progress = run_setup.restore_state_and_history(
-        store, state, fingerprint, resuming, reporter)
-    reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()},
-                   total_steps=budget.total_steps, steps_done=budget.global_step(
+    fingerprints = (fingerprint,) + ((checkpoints.config_fingerprint(saved_identity),)
+                                     if resuming else ())
+    state, history, in_progress = prepare.restore_state_and_history(
+        store, state, fingerprints, resuming, reporter)
+    reporter.start(history, {workdir_lib.CONV_RECORD_KEY: conv_choice.record()}, budget,
+                   steps_done=budget.global_step(
                        len(history), in_progress.steps_done if in_progress else 0))
     stack.enter_context(reporter)
     device_data = programs_lib.put_data(data, mesh)
-    run_setup.report_shapes(reporter, config, model, state, device_data)
-    programs = programs_lib.Programs(config, model, state, device_data, data_key, mesh, budget,
-                                     run_setup.program_store(config, cache_choice, conv_choice))
+    prepare.report_shapes(reporter, config, model, state, device_data)
+    programs = programs_lib.Programs(prepare.program_options(config, budget), model, state,
+                                     device_data, data_key, mesh,
+                                     prepare.program_store(config, cache_choice, conv_choice))
     reporter.note(reporting.compile_time_line(programs.compile_seconds, cache_watch.finish()))
 
-    loop = TrainingLoop(config, programs, device_data, data_key, budget, store,
-                        fingerprint, reporter, signals)
+    loop = TrainingLoop(config, programs, budget, store, fingerprint, reporter, signals)
     state, predictions = loop.run(state, history, in_progress)
     if predictions is None:  # every epoch was already done: only the predictions may be missing
-      predictions, _ = run_evaluation(programs, state, device_data)
+      predictions, _ = programs.evaluate(state.params)
     reporter.finish(np.asarray(jax.device_get(predictions)), history[-1])
   return history[-1]

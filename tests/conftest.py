@@ -10,6 +10,8 @@ from convnet_jax.data import input_pipeline
 from convnet_jax.runs import compile_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Files written by an earlier version of the package (see tests/data/README.md).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)

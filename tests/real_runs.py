@@ -14,9 +14,9 @@ def short_real_run(config, cifar10_dir: Path, workdir: Path, *, train_examples: 
                    eval_batch_size: int = 500):
   """Trains `config` on the first `train_examples` real training images; returns the last
   record and every record of metrics.jsonl."""
-  config.data_dir = str(cifar10_dir)
-  config.max_train_examples, config.max_test_examples = train_examples, test_examples
-  config.batch_size, config.eval_batch_size = batch_size, eval_batch_size
+  config.data.dir = str(cifar10_dir)
+  config.data.max_train_examples, config.data.max_test_examples = train_examples, test_examples
+  config.batch_size, config.eval.batch_size = batch_size, eval_batch_size
   config.num_epochs = num_epochs
   config.operations.tensorboard = False
   last = train.train_and_evaluate(config, workdir)

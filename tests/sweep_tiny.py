@@ -10,8 +10,8 @@ def get_config():
   config = sweep_lr_lib.get_config()
   config.base = smoke_lib.get_config()
   # Whole batches only: a short last batch would be one more program to compile per trial.
-  config.base.max_train_examples = 128
-  config.base.max_test_examples = 64
+  config.base.data.max_train_examples = 128
+  config.base.data.max_test_examples = 64
   config.base.operations.tensorboard = False
   config.grid = ml_collections.ConfigDict({"learning_rate": (0.05, 0.2), "momentum": (0.9,)})
   config.num_trials = 2
@@ -22,6 +22,6 @@ def get_config():
 def sweep(trial):
   # The range reaches 1e38 so that a test can make a trial diverge to NaN.
   return {
-      "learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e38, log=True),
-      "momentum": trial.suggest_float("momentum", 0.0, 0.95),
+      "optim.learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e38, log=True),
+      "optim.momentum": trial.suggest_float("momentum", 0.0, 0.95),
   }

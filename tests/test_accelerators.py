@@ -13,7 +13,7 @@ from configs import default as default_config
 from configs import smoke
 from conftest import REPO_ROOT
 from convnet_jax import models
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 from convnet_jax.tools import aot
 
 TOPOLOGY = "v5e:2x2"  # four chips
@@ -21,14 +21,14 @@ TOPOLOGY = "v5e:2x2"  # four chips
 
 def _tiny_config(model: str, dtype: str = "float32"):
   config = default_config.get_config()
-  config.model, config.dtype = model, dtype
-  config.classes = tuple(range(10))
+  config.model.name, config.model.dtype = model, dtype
+  config.data.classes = tuple(range(10))
   # Tiny shapes and narrow ResNets (the same layers, 8 channels wide at the start): what is
   # checked is that the programs compile, and libtpu takes minutes on 2 cores for a full-width
   # ResNet-50.
-  config.batch_size = config.eval_batch_size = 16
-  config.max_train_examples, config.max_test_examples = 64, 40
-  config.resnet_width = 8
+  config.batch_size = config.eval.batch_size = 16
+  config.data.max_train_examples, config.data.max_test_examples = 64, 40
+  config.model.resnet.width = 8
   return config
 
 
@@ -79,8 +79,8 @@ def test_the_cpu_lowering_does_hold_the_onednn_calls():
 
 def test_onednn_asked_for_on_a_tpu_is_refused_naming_the_key():
   config = _tiny_config("seed_convnet")
-  config.conv_implementation = "onednn"
-  with pytest.raises(UserError, match=r"config.conv_implementation='onednn': oneDNN runs on "
+  config.model.conv_implementation = "onednn"
+  with pytest.raises(UserError, match=r"config.model.conv_implementation='onednn': oneDNN runs on "
                                       r"the CPU backend only"):
     aot.traced_programs(config, None, backend="tpu")
 

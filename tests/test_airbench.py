@@ -16,14 +16,16 @@ import real_runs
 from configs import cifar10_airbench94
 from configs import default as default_config
 from convnet_jax import models
-from convnet_jax import optim
 from convnet_jax import steps
 from convnet_jax.data import input_pipeline
 from convnet_jax.data import tta
 from convnet_jax.models import airbench
 from convnet_jax.ops import conv
 from convnet_jax.runs import validation
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
+import built
+from convnet_jax import budget as budget_lib
+from convnet_jax.runs import prepare
 
 
 def _patch_rows(images, size=2):
@@ -111,7 +113,8 @@ def _numpy_group(x, kernel1, offset1, kernel2, offset2, activation="gelu"):
                for a in range(3) for b in range(3))
 
   def norm_gelu(y, offset):
-    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + airbench.BATCH_NORM_EPSILON)
+    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2))
+                                          + airbench.OFFSET_ONLY_BATCH_NORM_EPSILON)
     y = y + offset
     if activation == "silu":
       return y / (1 + np.exp(-y))
@@ -199,28 +202,28 @@ def _linear_state(config, steps_per_epoch=2, w=None):
 
   w = jnp.asarray(np.random.default_rng(3).standard_normal((6, 3)) if w is None else w,
                   jnp.float32)
-  tx = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
+  tx = built.optimizer(config, built.budget(config, steps_per_epoch))
   return steps.TrainState.create(apply_fn=apply_fn, params={"w": w}, tx=tx,
-                                 lookahead_params={"w": w} if config.lookahead_every_steps
+                                 lookahead_params={"w": w} if config.lookahead.every_steps
                                  else None)
 
 
-def _config(**overrides):
+def _config(overrides=None):
   config = default_config.get_config()
-  config.update(overrides)
-  return config
+  return built.with_values(config, overrides or {})
 
 
 def test_lookahead_matches_a_hand_written_loop():
   # Plain SGD (lr 0.1, no momentum) on a linear model with a summed squared-error-free loss:
   # the mean cross-entropy; lookahead every 2 steps of 5, decay 0.6 * (step / 5) ** 2.
-  config = _config(schedule="step", momentum=0.0, learning_rate=0.1, num_epochs=2.5,
-                   lookahead_every_steps=2, lookahead_decay=0.6, lookahead_power=2.0)
+  config = _config({
+      "schedule.name": "step", "optim.momentum": 0.0, "optim.learning_rate": 0.1, "num_epochs": 2.5,
+      "lookahead.every_steps": 2, "lookahead.decay": 0.6, "lookahead.power": 2.0})
   rng = np.random.default_rng(4)
   x = rng.standard_normal((8, 2, 3)).astype(np.float32)
   y = rng.integers(0, 3, 8)
   state = _linear_state(config)
-  options = steps.step_options(config, steps.StepBudget.of(config, 2))
+  options = prepare.step_options(config, built.budget(config, 2))
   assert options.total_steps == 5
   step = jax.jit(lambda s: steps.train_step(s, jnp.asarray(x), jnp.asarray(y), options))
 
@@ -265,14 +268,14 @@ def _pytorch_sgd(params, grads_per_step, groups):
 def test_decoupled_nesterov_with_fast_offsets_matches_pytorchs_rule():
   config = cifar10_airbench94.get_config()
   config.num_epochs = 2.0
-  config.frozen_parameters = config.late_frozen_parameters = ()
+  config.freeze.parameters = config.freeze.late_parameters = ()
   rng = np.random.default_rng(5)
   params = {"conv": {"kernel": rng.standard_normal((3, 4))},
             "norm": {"offset": rng.standard_normal(4)}}
   grads = [{"conv": {"kernel": rng.standard_normal((3, 4))},
             "norm": {"offset": rng.standard_normal(4)}} for _ in range(4)]
   steps_per_epoch = 2
-  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
+  optimizer = built.optimizer(config, built.budget(config, steps_per_epoch))
   state = optimizer.init(jax.tree_util.tree_map(jnp.float32, params))
   got = jax.tree_util.tree_map(jnp.float32, params)
   for g in grads:
@@ -305,11 +308,12 @@ def test_decoupled_nesterov_with_fast_offsets_matches_pytorchs_rule():
 
 
 def test_frozen_parameters_never_move_and_late_frozen_ones_stop_after_their_epochs():
-  config = _config(schedule="step", momentum=0.9, weight_decay=0.1, num_epochs=3.0,
-                   frozen_parameters=("whiten/kernel",), late_frozen_parameters=("whiten",),
-                   late_freeze_epochs=1)
+  config = _config({
+      "schedule.name": "step", "optim.momentum": 0.9, "optim.weight_decay": 0.1, "num_epochs": 3.0,
+      "freeze.parameters": ("whiten/kernel",), "freeze.late_parameters": ("whiten",),
+      "freeze.late_epochs": 1})
   params = {"whiten": {"kernel": jnp.ones(3), "bias": jnp.ones(2)}, "head": jnp.ones(2)}
-  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, 2))
+  optimizer = built.optimizer(config, built.budget(config, 2))
   state = optimizer.init(params)
   history = []
   for _ in range(5):
@@ -388,18 +392,19 @@ def test_test_time_augmentation_is_the_weighted_mean_of_six_views():
 def test_the_recipe_takes_476_steps_with_a_44_step_last_epoch():
   config = cifar10_airbench94.get_config()
   validation.validate_config(config)
-  steps_per_epoch = steps.steps_per_epoch(50_000, config.batch_size, config.drop_last_batch)
+  steps_per_epoch = budget_lib.steps_per_epoch(50_000, config.batch_size,
+                                               config.data.drop_last_batch)
   assert steps_per_epoch == 48  # 50,000 // 1,024, the short batch dropped
-  assert steps.StepBudget.of(config, steps_per_epoch).total_steps == 476  # ceil(48 * 9.9)
-  assert steps.epochs_run(config.num_epochs) == 10
-  assert [steps.StepBudget.of(config, 48).epoch_steps(e) for e in range(10)] == [48] * 9 + [44]
+  assert built.budget(config, steps_per_epoch).total_steps == 476  # ceil(48 * 9.9)
+  assert budget_lib.epochs_run(config.num_epochs) == 10
+  assert [built.budget(config, 48).epoch_steps(e) for e in range(10)] == [48] * 9 + [44]
   # The whitening bias trains 3 epochs.
-  assert steps.StepBudget.of(config, 48).late_freeze_step == 144
+  assert built.budget(config, 48).late_freeze_step == 144
 
 
 def test_warmup_linear_is_airbenchs_schedule():
   config = cifar10_airbench94.get_config()
-  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 48), peak=1.0)
+  schedule = built.schedule(config, built.budget(config, 48), peak=1.0)
   warmup = int(476 * 0.23)
   assert warmup == 109
   for step in (0, 1, 50, 108, 109, 110, 300, 475):
@@ -412,19 +417,19 @@ def test_warmup_linear_is_airbenchs_schedule():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("label_smoothing", 1.0, "expected a number in [0, 1)"),
-    ("loss_reduction", "max", "expected one of ('mean', 'sum')"),
-    ("augment_flip", "sometimes", "expected one of ('random', 'alternate', 'none')"),
-    ("augment_padding", "edge", "expected one of ('zeros', 'reflect')"),
-    ("test_time_augmentation", "all", "expected one of ('none', 'mirror', "),
-    ("lookahead_every_steps", -1, "expected 0 (no lookahead) or a positive integer"),
-    ("offset_lr_multiplier", 0.0, "expected a positive number"),
-    ("schedule", "triangle", "expected one of ('linear', 'step', 'cosine', 'warmup_linear')"),
-    ("warmup_fraction", 1.0, "expected a number in [0, 1)"),
+    ("optim.label_smoothing", 1.0, "expected a number in [0, 1)"),
+    ("optim.loss_reduction", "max", "expected one of ('mean', 'sum')"),
+    ("augment.flip", "sometimes", "expected one of ('random', 'alternate', 'none')"),
+    ("augment.padding", "edge", "expected one of ('zeros', 'reflect')"),
+    ("eval.test_time_augmentation", "all", "expected one of ('none', 'mirror', "),
+    ("lookahead.every_steps", -1, "expected 0 (no lookahead) or a positive integer"),
+    ("optim.offset_lr_multiplier", 0.0, "expected a positive number"),
+    ("schedule.name", "triangle", "expected one of ('linear', 'step', 'cosine', 'warmup_linear')"),
+    ("schedule.warmup_fraction", 1.0, "expected a number in [0, 1)"),
 ])
 def test_bad_recipe_keys_are_named(key, value, message):
   config = cifar10_airbench94.get_config()
-  config[key] = value
+  built.with_values(config, {key: value})
   with pytest.raises(UserError, match=None) as error:
     validation.validate_config(config)
   assert str(error.value).startswith(f"config.{key}=") and message in str(error.value)
@@ -432,11 +437,11 @@ def test_bad_recipe_keys_are_named(key, value, message):
 
 def test_parameter_paths_that_name_nothing_are_refused():
   config = cifar10_airbench94.get_config()
-  config.frozen_parameters = ("whitening/kernel",)
+  config.freeze.parameters = ("whitening/kernel",)
   params = jax.eval_shape(lambda: models.Airbench94().init(jax.random.key(0),
                                                           jnp.zeros((1, 32, 32, 3))))["params"]
   validation.check_parameter_paths(cifar10_airbench94.get_config(), params)
-  with pytest.raises(UserError, match="config.frozen_parameters=.*'whitening/kernel' names none"):
+  with pytest.raises(UserError, match="config.freeze.parameters=.*'whitening/kernel' names none"):
     validation.check_parameter_paths(config, params)
 
 
@@ -459,9 +464,10 @@ def test_late_frozen_parameters_get_no_gradient_after_they_freeze():
   added, PyTorch's `b.detach()`), while every other parameter trains as before."""
   import whole_epochs
 
-  config = _config(schedule="step", momentum=0.5, learning_rate=0.1, num_epochs=3.0,
-                   late_frozen_parameters=("whiten/bias",), late_freeze_epochs=1)
-  budget = steps.StepBudget.of(config, 2)  # 8 images in batches of 4: frozen from step 2
+  config = _config({
+      "schedule.name": "step", "optim.momentum": 0.5, "optim.learning_rate": 0.1, "num_epochs": 3.0,
+      "freeze.late_parameters": ("whiten/bias",), "freeze.late_epochs": 1})
+  budget = built.budget(config, 2)  # 8 images in batches of 4: frozen from step 2
   rng = np.random.default_rng(12)
   images = rng.integers(0, 256, (8, 2, 2, 3), dtype=np.uint8)
   labels = rng.integers(0, 3, 8).astype(np.int32)
@@ -473,7 +479,7 @@ def test_late_frozen_parameters_get_no_gradient_after_they_freeze():
   params = {"whiten": {"bias": jnp.zeros(3)},
             "head": jnp.asarray(rng.normal(size=(12, 3)) * 0.1, jnp.float32)}
   start = steps.TrainState.create(apply_fn=apply_fn, params=params,
-                                  tx=optim.create_optimizer(config, budget))
+                                  tx=built.optimizer(config, budget))
   zeros, ones = jnp.zeros(3), jnp.ones(3)
 
   def train(options):
@@ -486,7 +492,7 @@ def test_late_frozen_parameters_get_no_gradient_after_they_freeze():
                                 ["bias"]))
     return state, buffers
 
-  options = steps.step_options(config, budget)
+  options = prepare.step_options(config, budget)
   assert (options.late_frozen_parameters, options.late_freeze_step) == (("whiten/bias",), 2)
   state, buffers = train(options)
   assert np.all(buffers[0] != 0)

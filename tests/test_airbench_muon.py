@@ -13,20 +13,22 @@ import pytest
 import real_runs
 from configs import cifar10_airbench94
 from configs import cifar10_airbench94_muon
+from conftest import DATA
 from convnet_jax import models
 from convnet_jax import optim
-from convnet_jax import steps
 from convnet_jax.runs import validation
+from convnet_jax.runs import prepare
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
+import built
 
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
 
 
 def _params(config):
   config = config.copy_and_resolve_references()
-  config.dtype = "float32"  # exact comparisons
-  model = models.create_model(config, 10, "im2col")
+  config.model.dtype = "float32"  # exact comparisons
+  model = models.create_model(config.model, 10, "im2col")
   return model, model.init(jax.random.key(0), IMAGES)["params"]
 
 
@@ -35,18 +37,18 @@ def test_the_recipe_is_airbench94_muons():
   validation.validate_config(config)
   # 50,000 / 2,000 = 25 steps an epoch, 8 epochs: 200 steps; the whitening bias for 75.
   steps_per_epoch = 50_000 // config.batch_size
-  assert steps.StepBudget.of(config, steps_per_epoch).total_steps == 200
-  assert steps.StepBudget.of(config, steps_per_epoch).late_freeze_step == 75
-  multiplier = optim.learning_rate_multipliers(config)
+  assert built.budget(config, steps_per_epoch).total_steps == 200
+  assert built.budget(config, steps_per_epoch).late_freeze_step == 75
+  multiplier = optim.learning_rate_multipliers(config.optim)
   # The SGD groups' learning rates and weight decays, as the script sets them.
   for name, lr in (("head/kernel", 0.67), ("group2/norm1/offset", 0.053),
                    ("whiten/bias", 0.053)):
-    assert config.learning_rate * multiplier(name) == pytest.approx(lr)
-    assert config.weight_decay / multiplier(name) == pytest.approx(2e-6 * 2000 / lr)
-  assert not config.decoupled_hyperparameters and config.lookahead_every_steps == 0
+    assert config.optim.learning_rate * multiplier(name) == pytest.approx(lr)
+    assert config.optim.weight_decay / multiplier(name) == pytest.approx(2e-6 * 2000 / lr)
+  assert not config.optim.decoupled_hyperparameters and config.lookahead.every_steps == 0
   assert (config.muon.learning_rate, config.muon.momentum, config.muon.nesterov) == (0.24, 0.6,
                                                                                      True)
-  assert config.label_smoothing == 0.2 and config.loss_reduction == "sum"
+  assert config.optim.label_smoothing == 0.2 and config.optim.loss_reduction == "sum"
 
 
 def test_muon_trains_the_group_kernels_and_sgd_the_rest():
@@ -82,20 +84,20 @@ def test_the_logits_are_the_head_over_its_width_and_the_head_starts_at_unit_std(
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("lr_multipliers", (("whiten/bias", 0.0),), "expected pairs of a parameter path and a "
+    ("optim.lr_multipliers", (("whiten/bias", 0.0),), "expected pairs of a parameter path and a "
                                                 "positive multiplier"),
-    ("lr_multipliers", ("whiten/bias",), "expected pairs of a parameter path"),
-    ("late_freeze_schedule", "cosine", "expected one of ('main', 'linear_to_zero')"),
+    ("optim.lr_multipliers", ("whiten/bias",), "expected pairs of a parameter path"),
+    ("freeze.late_schedule", "cosine", "expected one of ('main', 'linear_to_zero')"),
     ("muon.momentum", 1.0, "expected a number in [0, 1)"),
     ("muon.newton_schulz_steps", 0, "expected a positive integer"),
     ("muon.parameters", ("",), "expected a tuple of parameter paths"),
-    ("airbench_output_scale", 0, "expected a positive number"),
+    ("model.airbench.output_scale", 0, "expected a positive number"),
     # hiverge's (configs/cifar10_speedrun.py):
-    ("augment_brightness", 1.0, "expected a number in [0, 1)"),
-    ("augment_contrast", -0.1, "expected a number in [0, 1)"),
-    ("airbench_activation", "relu", "expected one of ('gelu', 'silu')"),
-    ("airbench_whitening_examples", 0, "expected a positive number of training images"),
-    ("late_freeze_epochs", -0.5, "expected a non-negative number of epochs"),
+    ("augment.brightness", 1.0, "expected a number in [0, 1)"),
+    ("augment.contrast", -0.1, "expected a number in [0, 1)"),
+    ("model.airbench.activation", "relu", "expected one of ('gelu', 'silu')"),
+    ("model.airbench.whitening_examples", 0, "expected a positive number of training images"),
+    ("freeze.late_epochs", -0.5, "expected a non-negative number of epochs"),
     ("muon.newton_schulz_coefficients", (3.4, -4.7), "expected three numbers (a, b, c)"),
     ("muon.weight_decay", -1.0, "expected a non-negative number"),
     ("muon.normalize_period", 0, "expected a positive integer number of steps"),
@@ -104,8 +106,7 @@ def test_the_logits_are_the_head_over_its_width_and_the_head_starts_at_unit_std(
 def test_bad_muon_recipe_keys_are_named(key, value, message):
   # (ml_collections itself refuses values of another type, such as 1 for a bool key.)
   config = cifar10_airbench94_muon.get_config()
-  group, _, leaf = key.rpartition(".")
-  (config[group] if group else config)[leaf] = value
+  built.with_values(config, {key: value})
   with pytest.raises(UserError) as error:
     validation.validate_config(config)
   assert str(error.value).startswith(f"config.{key}=") and message in str(error.value)
@@ -123,48 +124,52 @@ def test_nesterov_muon_without_momentum_is_refused():
     ("muon.parameters", ("group4",), "'group4' names none"),
     ("muon.parameters", ("head",), "4-D convolution kernels under them; 'head' has none"),
     ("muon.parameters", ("whiten",), "not also frozen; 'whiten/kernel' is"),
-    ("lr_multipliers", (("whitening/bias", 0.1),), "'whitening/bias' names none"),
+    ("optim.lr_multipliers", (("whitening/bias", 0.1),), "'whitening/bias' names none"),
 ])
 def test_muon_and_group_paths_must_name_the_right_parameters(key, value, message):
   config = cifar10_airbench94_muon.get_config()
   _, params = _params(config)
   validation.check_parameter_paths(config, params)
-  group, _, leaf = key.rpartition(".")
-  (config[group] if group else config)[leaf] = value
+  built.with_values(config, {key: value})
   with pytest.raises(UserError, match=f"config.{key}=") as error:
     validation.check_parameter_paths(config, params)
   assert message in str(error.value)
 
 
 def test_a_workdir_saved_before_the_muon_keys_existed_still_resumes(tmp_path):
-  config = cifar10_airbench94.get_config()
-  saved = json.loads(config.to_json_best_effort())
-  for key in workdir_lib.ADDED_KEYS:
-    del saved[key]  # as config.json was written before these keys existed
+  # airbench94's config.json as the package wrote it before the groups, less the keys added
+  # since (by their names then), as a workdir from before those keys holds it.
+  saved = json.loads((DATA / "flat_config_airbench94.json").read_text())
+  for key in ("muon", "lr_multipliers", "late_freeze_schedule", "airbench_output_scale",
+              "airbench_head_unit_std", "airbench_activation", "airbench_whitening_examples",
+              "augment_brightness", "augment_contrast"):
+    del saved[key]
   files = workdir_lib.RunFiles(tmp_path)
   files.config.write_text(json.dumps(saved))
-  assert workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+  config = cifar10_airbench94.get_config()
+  assert workdir_lib.check_workdir(files, prepare.run_identity(config)) == (
+      workdir_lib.identity(saved))
   # The new keys at other values are another computation: refused, naming the key.
   config.muon.parameters = ("group1",)
   with pytest.raises(UserError, match=r"muon.parameters: \['group1'\] here, \[\] there"):
-    workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+    workdir_lib.check_workdir(files, prepare.run_identity(config))
 
 
 def test_added_keys_hold_the_defaults_values():
   """A config.json from before the keys existed ran with what the defaults still are."""
   from configs import default
 
-  current = json.loads(default.get_config().to_json_best_effort())
+  current = workdir_lib.flatten(json.loads(default.get_config().to_json_best_effort()))
   for key, value in workdir_lib.ADDED_KEYS.items():
     assert current[key] == value, key
-  assert math.isclose(workdir_lib.ADDED_KEYS["airbench_output_scale"], 1 / 9)
+  assert math.isclose(workdir_lib.ADDED_KEYS["model.airbench.output_scale"], 1 / 9)
 
 
 @pytest.mark.slow
 def test_the_muon_recipe_learns_on_real_cifar10(cifar10_dir, tmp_path):
   """Two epochs of 4 steps of the recipe at batch 500 on 2,000 real training images."""
   config = cifar10_airbench94_muon.get_config()
-  config.late_freeze_epochs = 1
+  config.freeze.late_epochs = 1
   last, records = real_runs.short_real_run(config, cifar10_dir, tmp_path, train_examples=2000,
                                            batch_size=500, num_epochs=2)
   assert [r["epoch"] for r in records] == [0, 1]

@@ -137,5 +137,6 @@ def test_training_epoch_augments_and_evaluation_does_not():
   assert abs(float(next_epoch["loss_sum"]) - float(augmented["loss_sum"])) > 1e-3
 
   evaluate = jax.jit(functools.partial(steps.evaluate, apply_fn=state.apply_fn, batch_size=4))
-  _, totals = evaluate(state.params, images, labels, zeros, ones)
+  _, totals = evaluate(state.params, steps.DeviceData(images[:0], labels[:0], images, labels,
+                                                     zeros, ones))
   assert float(totals["loss_sum"]) == pytest.approx(plain_loss, rel=1e-5)

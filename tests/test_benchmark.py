@@ -13,10 +13,10 @@ from configs import smoke as smoke_config
 from conftest import REPO_ROOT
 from convnet_jax import models
 from convnet_jax import programs as programs_lib
-from convnet_jax import steps
 from convnet_jax.ops import conv
-from convnet_jax.runs import setup as run_setup
+from convnet_jax.runs import prepare
 from convnet_jax.tools import benchmark
+import built
 
 
 def seed_convnet_forward_flops_per_image() -> int:
@@ -108,17 +108,17 @@ def test_the_benchmark_times_the_program_a_run_executes(cifar10_dir):
   # The smoke run trains on 200 images, and so does its benchmark (benchmark.num_examples):
   # the same shapes, so the same program, whatever the pixels.
   config = smoke_config.get_config()
-  config.data_dir = str(cifar10_dir)
-  implementation = conv.choose_conv_implementation(config.conv_implementation,
-                                                   config.dtype).implementation
+  config.data.dir = str(cifar10_dir)
+  implementation = conv.choose_conv_implementation(config.model.conv_implementation,
+                                                   config.model.dtype).implementation
   # What `train.train_and_evaluate` builds, step by step, on the real data.
-  data = run_setup.load_data(config)
+  data = prepare.load_data(config)
   steps_per_epoch = len(data.train_labels) // config.batch_size + 1  # 3 full batches and 8
-  model = models.create_model(config, data.num_classes, implementation)
-  budget = steps.StepBudget.of(config, steps_per_epoch)
-  state, data_key = run_setup.create_run_state(config, model, budget, None, data)
-  run_programs = programs_lib.Programs(config, model, state, programs_lib.put_data(data, None),
-                                       data_key, None, budget)
+  model = models.create_model(config.model, data.num_classes, implementation)
+  budget = built.budget(config, steps_per_epoch)
+  state, data_key = prepare.create_run_state(config, model, budget, None, data)
+  run_programs = programs_lib.Programs(prepare.program_options(config, budget), model, state,
+                                       programs_lib.put_data(data, None), data_key, None)
   bench_programs, *_, bench_steps = benchmark.synthetic_run(
       config, config.benchmark.num_examples, data.num_classes, implementation)
   assert bench_steps == steps_per_epoch == 4

@@ -25,7 +25,7 @@ def read_cifar2_test_labels(cifar10_dir, limit=None):
 @pytest.mark.slow
 def test_smoke_run_prints_json_lines_and_writes_outputs(cifar10_dir, tmp_path):
   workdir = tmp_path / "run"
-  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+  result = run_main("--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
                     f"--workdir={workdir}", "--config.num_epochs=2",
                     "--config.operations.trace_shapes=True")
   assert result.returncode == 0, result.stderr
@@ -81,23 +81,27 @@ def broken_data_dirs(tmp_path, cifar10_dir):
 BAD_INPUTS = [
     (["--config.batch_size=0"], "config.batch_size=0: expected a positive integer"),
     (["--config.num_epochs=-1"], "config.num_epochs=-1.0: expected a positive number"),
-    (["--config.learning_rate=-0.1"], "config.learning_rate=-0.1: expected a non-negative"),
-    (["--config.classes=(0,10)"], "config.classes=(0, 10): expected class ids between 0 and 9"),
-    (["--config.model=resnet9000"], "config.model='resnet9000': expected one of"),
-    (["--config.schedule=step", "--config.lr_boundaries_epochs=(3,9)"],
-     "config.lr_boundaries_epochs=(3, 9): expected epochs between 1 and num_epochs - 1 = 4"),
-    (["--config.data_dir=/nonexistent/cifar"], "config.data_dir: /nonexistent/cifar is not a folder"),
-    (["--config.data_dir={truncated}"], "test_batch.bin: 6139 bytes is not a whole number"),
-    (["--config.data_dir={bad_label}"], "test_batch.bin: record 1 has label 11"),
-    (["--config.data_dir={pickled}"], "pickled CIFAR-10 'python version', which is not read"),
-    (["--config.dtype=float16"], "config.dtype='float16': expected one of"),
-    (["--config.conv_implementation=fft"], "config.conv_implementation='fft': expected one of"),
-    (["--config.momentum=1.5"], "config.momentum=1.5: expected a number in [0, 1)"),
-    (["--config.eval_batch_size=0"], "config.eval_batch_size=0: expected a positive integer"),
-    (["--config.classes=(1,1)"], "config.classes=(1, 1): expected no repeated class id"),
+    (["--config.optim.learning_rate=-0.1"],
+     "config.optim.learning_rate=-0.1: expected a non-negative"),
+    (["--config.data.classes=(0,10)"],
+     "config.data.classes=(0, 10): expected class ids between 0 and 9"),
+    (["--config.model.name=resnet9000"], "config.model.name='resnet9000': expected one of"),
+    (["--config.schedule.name=step", "--config.schedule.boundaries_epochs=(3,9)"],
+     "config.schedule.boundaries_epochs=(3, 9): expected epochs between 1 and num_epochs - 1 = 4"),
+    (["--config.data.dir=/nonexistent/cifar"],
+     "config.data.dir: /nonexistent/cifar is not a folder"),
+    (["--config.data.dir={truncated}"], "test_batch.bin: 6139 bytes is not a whole number"),
+    (["--config.data.dir={bad_label}"], "test_batch.bin: record 1 has label 11"),
+    (["--config.data.dir={pickled}"], "pickled CIFAR-10 'python version', which is not read"),
+    (["--config.model.dtype=float16"], "config.model.dtype='float16': expected one of"),
+    (["--config.model.conv_implementation=fft"],
+     "config.model.conv_implementation='fft': expected one of"),
+    (["--config.optim.momentum=1.5"], "config.optim.momentum=1.5: expected a number in [0, 1)"),
+    (["--config.eval.batch_size=0"], "config.eval.batch_size=0: expected a positive integer"),
+    (["--config.data.classes=(1,1)"], "config.data.classes=(1, 1): expected no repeated class id"),
     (["--config.operations.checkpoint_every_epochs=0"],
      "config.operations.checkpoint_every_epochs=0: expected a positive integer"),
-    (["--config.max_train_examples=10"],
+    (["--config.data.max_train_examples=10"],
      "config.batch_size=128: expected at most the 10 training examples"),
 ]
 
@@ -106,8 +110,8 @@ BAD_INPUTS = [
 def test_bad_input_fails_cleanly_before_compiling(overrides, message, cifar10_dir,
                                                   broken_data_dirs, tmp_path):
   args = [arg.format(**broken_data_dirs) for arg in overrides]
-  if not any(arg.startswith("--config.data_dir") for arg in args):
-    args.append(f"--config.data_dir={cifar10_dir}")
+  if not any(arg.startswith("--config.data.dir") for arg in args):
+    args.append(f"--config.data.dir={cifar10_dir}")
   result = run_main("--config", "configs/default.py", f"--workdir={tmp_path / 'w'}", *args)
   assert result.returncode == 2
   assert result.stdout == ""
@@ -122,7 +126,7 @@ def test_a_foreign_workdir_is_never_overwritten(cifar10_dir, tmp_path):
   workdir = tmp_path / "done"
   workdir.mkdir()
   (workdir / "metrics.jsonl").write_text('{"epoch": 0}\n')
-  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+  result = run_main("--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
                     f"--workdir={workdir}")
   assert result.returncode == 2 and "no config.json; not a convnet_jax run" in result.stderr
   assert (workdir / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
@@ -130,7 +134,7 @@ def test_a_foreign_workdir_is_never_overwritten(cifar10_dir, tmp_path):
 
 def test_a_corrupt_config_json_is_detected(cifar10_dir, tmp_path):
   (tmp_path / "config.json").write_text("{not json")
-  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+  result = run_main("--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
                     f"--workdir={tmp_path}")
   assert result.returncode == 2
   assert "config.json: not valid JSON" in result.stderr and "corrupt workdir" in result.stderr
@@ -139,7 +143,7 @@ def test_a_corrupt_config_json_is_detected(cifar10_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_of_another_config_is_not_resumed(cifar10_dir, tmp_path):
-  args = ["--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+  args = ["--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
           f"--workdir={tmp_path}"]
   assert run_main(*args).returncode == 0
   before = (tmp_path / "metrics.jsonl").read_text()

@@ -155,7 +155,7 @@ SMOKE = ("--config", "configs/smoke.py", "--config.operations.tensorboard=False"
 
 def _smoke_run(cifar10_dir, workdir, cache, extra=()):
   result = subprocess.run(
-      [sys.executable, "-m", "convnet_jax.main", *SMOKE, f"--config.data_dir={cifar10_dir}",
+      [sys.executable, "-m", "convnet_jax.main", *SMOKE, f"--config.data.dir={cifar10_dir}",
        f"--workdir={workdir}", f"--config.operations.compilation_cache={cache}", *extra],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

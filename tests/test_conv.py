@@ -299,7 +299,7 @@ from configs import default
 print(onednn.load())
 print(conv.choose_conv_implementation("auto").describe())
 config = default.get_config()
-config.conv_implementation = "onednn"
+config.model.conv_implementation = "onednn"
 try:
   validation.validate_config(config)
 except Exception as error:
@@ -318,5 +318,5 @@ def test_forcing_the_extension_off_falls_back_to_im2col():
   assert "available=False" in lines[0]
   assert lines[1] == ("convolutions: im2col (auto: oneDNN extension unavailable (turned off by "
                       "CONVNET_JAX_DISABLE_ONEDNN=1))")
-  assert lines[2].startswith("UserError config.conv_implementation='onednn': the oneDNN "
+  assert lines[2].startswith("UserError config.model.conv_implementation='onednn': the oneDNN "
                              "extension is not available: turned off by")

@@ -57,7 +57,7 @@ def one_device(cifar10_dir, tmp_path_factory):
   """The reference: one device, with the oneDNN convolutions "auto" chooses there as on a
   data-parallel mesh."""
   workdir = tmp_path_factory.mktemp("one_device") / "run"
-  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"])
+  result = _run_main([*RUN_ARGS, f"--config.data.dir={cifar10_dir}", f"--workdir={workdir}"])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 1 devices" in result.stderr
   assert "convolutions: onednn (auto: oneDNN" in result.stderr
@@ -66,7 +66,7 @@ def one_device(cifar10_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_four_devices_match_one_device(one_device, cifar10_dir, tmp_path):
-  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}"],
+  result = _run_main([*RUN_ARGS, f"--config.data.dir={cifar10_dir}", f"--workdir={tmp_path}"],
                      devices_per_process=4)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "on 4 devices" in result.stderr
@@ -82,7 +82,7 @@ def test_two_processes_on_localhost_match_one_device(one_device, cifar10_dir, tm
     port = probe.getsockname()[1]
   workdir = tmp_path / "run"
   processes = [subprocess.Popen(
-      [sys.executable, "-m", "convnet_jax.main", *RUN_ARGS, f"--config.data_dir={cifar10_dir}",
+      [sys.executable, "-m", "convnet_jax.main", *RUN_ARGS, f"--config.data.dir={cifar10_dir}",
        f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2",
        f"--process_id={index}"], cwd=REPO_ROOT, env=_environment(2), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for index in range(2)]
@@ -118,7 +118,7 @@ def test_a_killed_process_stops_the_other_in_one_line_and_both_resume_identicall
   # 2,000 images in batches of 64: 32 steps an epoch, two epochs, two steps a call and a
   # checkpoint every 10 steps; a process taken as lost after 10 s without a sign of life.
   args = ("--config", "configs/smoke.py", "--config.operations.tensorboard=False",
-          f"--config.data_dir={cifar10_dir}", "--config.max_train_examples=2000",
+          f"--config.data.dir={cifar10_dir}", "--config.data.max_train_examples=2000",
           "--config.num_epochs=2", "--config.operations.steps_per_call=2",
           "--config.operations.checkpoint_every_steps=10",
           "--config.operations.peer_timeout_seconds=10")
@@ -258,7 +258,7 @@ def test_onednn_convolutions_run_per_device_on_a_data_parallel_mesh():
 
 
 def test_batch_that_does_not_split_is_refused_before_work(cifar10_dir, tmp_path):
-  result = _run_main([*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/w",
+  result = _run_main([*RUN_ARGS, f"--config.data.dir={cifar10_dir}", f"--workdir={tmp_path}/w",
                       "--config.operations.num_devices=3"], devices_per_process=4)
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -107,9 +107,9 @@ def test_load_dataset_with_no_data_dir_fetches_into_the_data_dir_variable(server
   _, base = server
   monkeypatch.setenv(download.DATA_DIR_ENV, str(tmp_path / "data"))
   config = __import__("configs.default", fromlist=["get_config"]).get_config()
-  config.data_url, config.data_sha256 = f"{base}/good", archive[1]
-  config.classes = tuple(range(10))
-  data = input_pipeline.load_dataset(config)
+  config.data.url, config.data.sha256 = f"{base}/good", archive[1]
+  config.data.classes = tuple(range(10))
+  data = input_pipeline.load_dataset(config.data)
   images, labels = input_pipeline.read_binary_split(tiny_cifar_dir, input_pipeline.TRAIN_FILES)
   np.testing.assert_array_equal(data.train_images, images)
   np.testing.assert_array_equal(data.train_labels, labels)
@@ -188,7 +188,7 @@ def test_no_network_gives_the_clear_error_within_seconds(tmp_path):
   start = time.monotonic()
   result = subprocess.run(
       [sys.executable, "-m", "convnet_jax.main", "--config", "configs/smoke.py",
-       f"--config.data_url={url}", f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT,
+       f"--config.data.url={url}", f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT,
       env=_environment(tmp_path), capture_output=True, text=True, timeout=120)
   seconds = time.monotonic() - start
   # Not a speed figure: a refused connection must end the run at once, not after a network
@@ -198,17 +198,19 @@ def test_no_network_gives_the_clear_error_within_seconds(tmp_path):
   cache = tmp_path / "xdg" / "convnet_jax" / "cifar10"
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert errors == [f"error: could not download {url} ([Errno 111] Connection refused). Offline, "
-                    f"set config.data_dir to a folder with the CIFAR-10 binary files, or put "
+                    f"set config.data.dir to a folder with the CIFAR-10 binary files, or put "
                     f"cifar-10-binary.tar.gz into {cache}"]
   assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("command, config, key, expected", [
     ("convnet_jax.main", "configs/default.py", "learning_rat",
-     "did you mean learning_rate or replica_learning_rates?"),
+     "did you mean muon.learning_rate or optim.learning_rate or replicas.learning_rates?"),
+    ("convnet_jax.main", "configs/default.py", "optim.momentm", "did you mean optim.momentum?"),
     ("convnet_jax.benchmark", "configs/default.py", "benchmark.num_step",
      "did you mean benchmark.num_steps or benchmark.num_epochs or benchmark.warmup_steps?"),
-    ("convnet_jax.sweep", "configs/sweep_lr.py", "base.momentm", "did you mean base.momentum?"),
+    ("convnet_jax.sweep", "configs/sweep_lr.py", "base.momentm",
+     "did you mean base.muon.momentum or base.optim.momentum or base.replicas.momenta?"),
 ])
 def test_a_mistyped_key_is_one_line_naming_the_closest_keys(command, config, key, expected,
                                                             tmp_path):

@@ -27,20 +27,22 @@ import pytest
 import sqlalchemy
 
 from configs import default as default_config
+import built
 from conftest import REPO_ROOT
 from convnet_jax.parallel import processes
-from convnet_jax.runs import errors
+from convnet_jax import errors
 from convnet_jax.runs import checkpoints
 from convnet_jax.runs import compile_cache
 from convnet_jax.runs import logs
+from convnet_jax.runs import prepare
 from convnet_jax.runs import reporting
 from convnet_jax.runs import stopping
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import OutOfMemory
-from convnet_jax.runs.errors import RunStopped
-from convnet_jax.runs.errors import StorageUnavailable
-from convnet_jax.runs.errors import write_failure_reason
-from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.errors import OutOfMemory
+from convnet_jax.errors import RunStopped
+from convnet_jax.errors import StorageUnavailable
+from convnet_jax.errors import write_failure_reason
+from convnet_jax.errors import WriteFailed
 from convnet_jax.sweep import study as sweep_study
 
 # tensorstore's words for a full disk, as orbax raised them from a real 2 MiB tmpfs.
@@ -171,7 +173,7 @@ def test_unfinished_checkpoint_folders_are_removed_on_the_next_start(tmp_path, c
   (unfinished / "half").write_bytes(b"\0" * 100)
   with caplog.at_level(logging.WARNING):
     store = checkpoints.CheckpointStore(folder, max_to_keep=3)
-    state, record = store.restore_latest(_tiny_state(), None) or (None, None)
+    state, record = store.restore_latest(_tiny_state(), (None,)) or (None, None)
     store.close()
   assert sorted(p.name for p in folder.iterdir()) == ["8"]
   assert record["position"] == "after epoch 1"
@@ -181,7 +183,7 @@ def test_unfinished_checkpoint_folders_are_removed_on_the_next_start(tmp_path, c
 def _reporter(tmp_path):
   config = default_config.get_config()
   config.operations.tensorboard = False
-  return reporting.Reporter(config, workdir_lib.RunFiles(tmp_path))
+  return built.reporter(config, workdir_lib.RunFiles(tmp_path))
 
 
 def test_metrics_preds_and_config_that_cannot_be_written_name_their_file(tmp_path, monkeypatch):
@@ -207,13 +209,13 @@ def test_metrics_preds_and_config_that_cannot_be_written_name_their_file(tmp_pat
 
 
 _EPOCH_RECORD = {"epoch": 0, "train_loss": 0.7, "train_acc": 0.5, "test_loss": 0.7,
-                 "test_acc": 0.5, "learning_rate": 0.1}
+                 "test_acc": 0.5, "optim.learning_rate": 0.1}
 
 
 def _reporter_whose_tensorboard_writes(tmp_path, write_event) -> reporting.Reporter:
   """A started reporter whose tensorboardX writer thread (each event is written from a thread
   of its own) calls `write_event` for every event."""
-  reporter = reporting.Reporter(default_config.get_config(), workdir_lib.RunFiles(tmp_path))
+  reporter = built.reporter(default_config.get_config(), workdir_lib.RunFiles(tmp_path))
   reporter.start([], {})
   reporter._tensorboard._get_file_writer().event_writer._ev_writer.write_event = write_event
   return reporter
@@ -338,22 +340,27 @@ def test_the_line_of_a_finished_run_says_epochs_accuracy_and_where():
 def test_out_of_memory_names_the_batch_size_key_model_and_dtype():
   config = default_config.get_config()
   config.batch_size = 25_000
+  subject = prepare.model_subject(config)
   error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
                                      "180627953848 bytes.")
   with pytest.raises(OutOfMemory) as raised:
-    with errors.naming_the_batch_size(config, "batch_size"):
+    with errors.naming_the_batch_size("batch_size", config.batch_size, subject):
       raise error
   # 180,627,953,848 bytes / 2**30 = 168.22 GiB.
   assert str(raised.value) == (
       f"config.batch_size=25000: out of memory in a training step of model seed_convnet in "
       f"float32: XLA could not allocate 168.2 GiB on {jax.devices()[0].platform}; lower "
       f"batch_size")
-  with pytest.raises(OutOfMemory, match=r"^config\.eval_batch_size=128: .* lower "
-                                        r"eval_batch_size$"):
-    with errors.naming_the_batch_size(config, "eval_batch_size"):
+  with pytest.raises(OutOfMemory, match=r"^config\.eval\.batch_size=128: .* lower "
+                                        r"eval\.batch_size$"):
+    with errors.naming_the_batch_size("eval.batch_size", config.eval.batch_size, subject):
+      raise error
+  config.replicas.count = 4
+  with pytest.raises(OutOfMemory, match=r"of model seed_convnet in float32 \(4 replicas\): "):
+    with errors.naming_the_batch_size("batch_size", 128, prepare.model_subject(config)):
       raise error
   with pytest.raises(jax.errors.JaxRuntimeError):  # any other XLA error goes on as it is
-    with errors.naming_the_batch_size(config, "eval_batch_size"):
+    with errors.naming_the_batch_size("eval.batch_size", 128, subject):
       raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 
@@ -592,7 +599,7 @@ def test_the_retrying_storage_works_as_optunas_own(tmp_path):
 def _main(cifar10_dir, workdir, *extra, preexec_fn=None, timeout=600):
   return subprocess.run(
       [sys.executable, "-m", "convnet_jax.main", "--config", "configs/smoke.py",
-       f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}", *extra],
+       f"--config.data.dir={cifar10_dir}", f"--workdir={workdir}", *extra],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
@@ -650,7 +657,7 @@ READ_ONLY_LINE = ("error: {who} {folder}: cannot write there (read-only file sys
 def test_a_workdir_on_a_read_only_file_system_is_one_line_before_any_work(
     command, cifar10_dir, read_only_folder):
   config = "configs/sweep_lr.py" if command == "convnet_jax.sweep" else "configs/smoke.py"
-  data_key = "base.data_dir" if command == "convnet_jax.sweep" else "data_dir"
+  data_key = "base.data.dir" if command == "convnet_jax.sweep" else "data_dir"
   workdir = read_only_folder / "run"
   result = subprocess.run(
       [sys.executable, "-m", command, "--config", config, f"--config.{data_key}={cifar10_dir}",
@@ -668,13 +675,13 @@ def test_a_data_cache_on_a_read_only_file_system_is_one_line_before_any_download
   env = {key: value for key, value in os.environ.items() if key != "CONVNET_JAX_DATA_DIR"}
   result = subprocess.run(
       [sys.executable, "-m", "convnet_jax.main", "--config", "configs/smoke.py",
-       "--config.data_url=http://127.0.0.1:9/never-asked", f"--workdir={tmp_path / 'run'}"],
+       "--config.data.url=http://127.0.0.1:9/never-asked", f"--workdir={tmp_path / 'run'}"],
       cwd=REPO_ROOT, env=dict(env, XDG_CACHE_HOME=str(read_only_folder)), capture_output=True,
       text=True, timeout=300)
   assert result.returncode == WriteFailed.EXIT_STATUS, result.stderr[-3000:]
   assert result.stderr.splitlines() == [READ_ONLY_LINE.format(
       who="the data cache", folder=read_only_folder / "convnet_jax" / "cifar10",
-      advice="set config.data_dir (or $CONVNET_JAX_DATA_DIR) to a folder with the CIFAR-10 "
+      advice="set config.data.dir (or $CONVNET_JAX_DATA_DIR) to a folder with the CIFAR-10 "
              "binary files, or XDG_CACHE_HOME to a folder that can be written")]
   assert not (tmp_path / "run").exists()  # the empty workdir the run locked is removed again
 
@@ -732,7 +739,7 @@ LIMITED_MAIN = ("import resource, runpy, sys; limit = 20 * 2**30; "
 def test_a_batch_that_does_not_fit_is_one_line_naming_batch_size(cifar10_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, "-c", LIMITED_MAIN, "--config", "configs/cifar10_resnet18.py",
-       f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path / 'run'}",
+       f"--config.data.dir={cifar10_dir}", f"--workdir={tmp_path / 'run'}",
        "--config.batch_size=25000", "--config.operations.tensorboard=False"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2, result.stderr[-3000:]

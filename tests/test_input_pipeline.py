@@ -6,16 +6,15 @@ import tensorflow_datasets as tfds
 
 from conftest import write_records
 from configs import default as default_config
+import built
 from convnet_jax.data import input_pipeline
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 
-def _config(data_dir="", classes=(0, 1), **overrides):
+def _config(data_dir="", overrides=None):
   config = default_config.get_config()
-  config.data_dir = str(data_dir)
-  config.classes = classes
-  config.update(overrides)
-  return config
+  config.data.dir = str(data_dir)
+  return built.with_values(config, overrides or {})
 
 
 def test_reads_records_as_nhwc_images_and_labels(tmp_path):
@@ -46,7 +45,7 @@ def test_class_filter_keeps_order_and_relabels_in_given_order():
 
 
 def test_load_dataset_filters_and_normalises_with_training_statistics(tiny_cifar_dir):
-  data = input_pipeline.load_dataset(_config(tiny_cifar_dir, classes=(1, 0)))
+  data = input_pipeline.load_dataset(_config(tiny_cifar_dir, {"data.classes": (1, 0)}).data)
   # Independently: gather the generated records of classes 0 and 1 in file order.
   train_images, train_labels = [], []
   for index in range(1, 6):
@@ -68,9 +67,9 @@ def test_load_dataset_filters_and_normalises_with_training_statistics(tiny_cifar
 
 
 def test_max_examples_take_the_first_ones(tiny_cifar_dir):
-  data = input_pipeline.load_dataset(_config(tiny_cifar_dir, max_train_examples=5,
-                                             max_test_examples=2))
-  full = input_pipeline.load_dataset(_config(tiny_cifar_dir))
+  data = input_pipeline.load_dataset(_config(tiny_cifar_dir, {
+      "data.max_train_examples": 5, "data.max_test_examples": 2}).data)
+  full = input_pipeline.load_dataset(_config(tiny_cifar_dir).data)
   np.testing.assert_array_equal(data.train_images, full.train_images[:5])
   np.testing.assert_array_equal(data.test_labels, full.test_labels[:2])
 
@@ -85,20 +84,21 @@ def test_truncated_file_is_rejected_with_its_name(tiny_cifar_dir):
 def test_bad_label_is_rejected_with_its_record(tiny_cifar_dir):
   write_records(tiny_cifar_dir / "test_batch.bin", [1, 0, 12])
   with pytest.raises(input_pipeline.DataError, match="test_batch.bin: record 2 has label 12"):
-    input_pipeline.load_dataset(_config(tiny_cifar_dir))
+    input_pipeline.load_dataset(_config(tiny_cifar_dir).data)
 
 
 def test_missing_file_and_folder_are_named(tiny_cifar_dir):
   (tiny_cifar_dir / "data_batch_5.bin").unlink()
   with pytest.raises(input_pipeline.DataError, match="data_batch_5.bin: file not found"):
     input_pipeline.check_binary_files(tiny_cifar_dir)
-  with pytest.raises(UserError, match="config.data_dir.*not a folder"):
+  with pytest.raises(UserError, match="config.data.dir.*not a folder"):
     input_pipeline.check_binary_files(tiny_cifar_dir / "nowhere")
 
 
 def test_tfds_path_under_tfds_mocking():
   with tfds.testing.mock_data(num_examples=12):
-    data = input_pipeline.load_dataset(_config("", classes=tuple(range(10)), data_source="tfds"))
+    data = input_pipeline.load_dataset(_config(
+        "", {"data.classes": tuple(range(10)), "data.source": "tfds"}).data)
   assert data.train_images.shape == (12, 32, 32, 3) and data.train_images.dtype == np.uint8
   assert data.test_images.shape == (12, 32, 32, 3)
   assert data.train_labels.dtype == np.int32

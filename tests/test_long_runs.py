@@ -4,6 +4,7 @@ workdir, a quiet terminal and clear errors for bad config files."""
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,22 +17,25 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+from conftest import DATA
 from conftest import REPO_ROOT
 from convnet_jax import steps
+from convnet_jax.budget import StepBudget
 from convnet_jax.runs import cli
 from convnet_jax.runs import epoch_calls
 from convnet_jax.runs import stopping
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 from test_operable import read_run
 from test_train import _linear_state, _numpy_losses, _tiny_data
+import built
 
 # One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("long_runs")
 
 # 4,000 training images in batches of 64: 62 full steps and a short one of 32 per epoch, so a
 # signal sent at step 5 lands well inside the epoch.
-RUN_ARGS = ("--config", "configs/smoke.py", "--config.max_train_examples=4000",
+RUN_ARGS = ("--config", "configs/smoke.py", "--config.data.max_train_examples=4000",
             "--config.num_epochs=2")
 STEPS_PER_EPOCH = 63
 
@@ -39,18 +43,23 @@ STEPS_PER_EPOCH = 63
 # ---------------------------------------------------------------------------------------------
 # The program: any stretch of an epoch.
 
+def _device_data(images, labels):
+  """The training set `images`, `labels`, normalised as they are (mean 0, std 1)."""
+  return steps.DeviceData(images, labels, images[:0], labels[:0], jnp.zeros(3), jnp.ones(3))
+
+
 def test_a_call_trains_exactly_the_batches_of_its_steps():
   # 10 examples in batches of 4: full steps 0 and 1, and step 2 on the short batch of 2.
   images, labels = _tiny_data(10)
   state = _linear_state(12)  # learning rate 0: each step's loss depends only on its batch
-  run = jax.jit(functools.partial(steps.train_steps, batch_size=4, drop_last_batch=False))
+  run = jax.jit(functools.partial(steps.train_steps, options=steps.EpochOptions(batch_size=4)))
+  data = _device_data(images, labels)
   key, epoch = jax.random.key(3), 2
   order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), 10))
   losses, _ = _numpy_losses(state.params["w"], images, labels)
   expected = [losses[order[0:4]].sum(), losses[order[4:8]].sum(), losses[order[8:10]].sum()]
   for first, end in ((0, 3), (1, 2), (1, 3), (2, 3), (0, 2)):
-    new_state, per_step = run(state, images, labels, key, epoch, first, end, jnp.zeros(3),
-                              jnp.ones(3))
+    new_state, per_step = run(state, data, key, epoch, first, end)
     assert int(new_state.step) == end - first
     got = np.asarray(per_step["loss_sum"])
     np.testing.assert_allclose(got[first:end], expected[first:end], rtol=1e-5)
@@ -60,11 +69,11 @@ def test_a_call_trains_exactly_the_batches_of_its_steps():
 def test_an_epoch_cut_into_calls_is_bit_identical_to_one_call():
   images, labels = _tiny_data(10)
   state = _linear_state(12, learning_rate=0.5)
-  run = jax.jit(functools.partial(steps.train_steps, batch_size=4, drop_last_batch=False))
-  args = (images, labels, jax.random.key(1), 0)
-  whole, whole_metrics = run(state, *args, 0, 3, jnp.zeros(3), jnp.ones(3))
-  part, first_metrics = run(state, *args, 0, 1, jnp.zeros(3), jnp.ones(3))
-  part, rest_metrics = run(part, *args, 1, 3, jnp.zeros(3), jnp.ones(3))
+  run = jax.jit(functools.partial(steps.train_steps, options=steps.EpochOptions(batch_size=4)))
+  args = (_device_data(images, labels), jax.random.key(1), 0)
+  whole, whole_metrics = run(state, *args, 0, 3)
+  part, first_metrics = run(state, *args, 0, 1)
+  part, rest_metrics = run(part, *args, 1, 3)
   np.testing.assert_array_equal(part.params["w"], whole.params["w"])
   np.testing.assert_array_equal(
       np.asarray(first_metrics["loss_sum"]) + np.asarray(rest_metrics["loss_sum"]),
@@ -82,7 +91,7 @@ def _operations(**values):
 
 
 def test_fixed_calls_stop_at_the_epoch_end():
-  planner = epoch_calls.CallPlanner(_operations(steps_per_call=4), steps.StepBudget(10, 1))
+  planner = epoch_calls.CallPlanner(_operations(steps_per_call=4), StepBudget(10, 1))
   ends, first = [], 0
   while first < 10:
     first = planner.call_end(epoch=0, first_step=first, epoch_steps=10)
@@ -92,7 +101,7 @@ def test_fixed_calls_stop_at_the_epoch_end():
 
 def test_automatic_calls_fit_the_target_time_at_the_measured_step_time():
   planner = epoch_calls.CallPlanner(_operations(seconds_per_call=10.0),
-                                    steps.StepBudget(1000, 1))
+                                    StepBudget(1000, 1))
   assert planner.call_end(0, 0, 1000) == epoch_calls.FIRST_CALL_STEPS  # nothing measured yet
   planner.measured(num_steps=3, seconds=1.5)  # 0.5 s a step: 20 steps in 10 s
   assert planner.call_end(0, 3, 1000) == 23
@@ -104,7 +113,7 @@ def test_automatic_calls_fit_the_target_time_at_the_measured_step_time():
 
 def test_calls_end_at_every_checkpoint_step_across_epochs():
   planner = epoch_calls.CallPlanner(_operations(steps_per_call=100, checkpoint_every_steps=7),
-                                    steps.StepBudget(10, 1))
+                                    StepBudget(10, 1))
   # Epoch 1 starts at global step 10: checkpoints at 14 and 21 are steps 4 of epoch 1 and 1 of
   # epoch 2.
   assert planner.call_end(epoch=1, first_step=0, epoch_steps=10) == 4
@@ -136,10 +145,10 @@ def test_an_epoch_in_progress_sums_its_steps_and_survives_json():
 
 def test_positions_in_words():
   config = default_config.get_config()  # 5 epochs
-  assert steps.StepBudget.of(config, 79).position(epoch=0, steps_done=0) == "before the first step"
-  assert steps.StepBudget.of(config, 79).position(epoch=2, steps_done=0) == "after epoch 1"
-  assert steps.StepBudget.of(config, 79).position(epoch=2, steps_done=30) == "at step 30 of epoch 2"
-  assert steps.StepBudget.of(config, 79).position(epoch=2, steps_done=79) == "after epoch 2"
+  assert built.budget(config, 79).position(epoch=0, steps_done=0) == "before the first step"
+  assert built.budget(config, 79).position(epoch=2, steps_done=0) == "after epoch 1"
+  assert built.budget(config, 79).position(epoch=2, steps_done=30) == "at step 30 of epoch 2"
+  assert built.budget(config, 79).position(epoch=2, steps_done=79) == "after epoch 2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +246,7 @@ def test_every_command_reports_a_bad_config_file_in_one_line(module, tmp_path):
 
 def _command(cifar10_dir, workdir, *extra):
   return [sys.executable, "-m", "convnet_jax.main", *RUN_ARGS,
-          f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}", *extra]
+          f"--config.data.dir={cifar10_dir}", f"--workdir={workdir}", *extra]
 
 
 def _wait_for(path, process, timeout=300):
@@ -333,7 +342,7 @@ def test_two_runs_started_together_on_one_workdir_one_trains_the_other_stops(cif
                                                                             tmp_path):
   workdir = tmp_path / "shared"
   command = [sys.executable, "-m", "convnet_jax.main", "--config", "configs/smoke.py",
-             f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}",
+             f"--config.data.dir={cifar10_dir}", f"--workdir={workdir}",
              "--config.num_epochs=2"]
   processes = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -364,7 +373,7 @@ def test_two_runs_started_together_on_one_workdir_one_trains_the_other_stops(cif
 @pytest.mark.slow
 def test_stderr_is_a_few_lines_and_the_full_log_is_in_the_workdir(cifar10_dir, tmp_path):
   # Three epochs, so three checkpoints: orbax alone logged ~44 INFO lines for each.
-  args = ["--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+  args = ["--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
           "--config.num_epochs=3"]
   result = subprocess.run([sys.executable, "-m", "convnet_jax.main", *args,
                            f"--workdir={tmp_path}/quiet"], cwd=REPO_ROOT, capture_output=True,
@@ -389,7 +398,7 @@ def test_a_second_ctrl_c_ends_the_run_inside_a_call(cifar10_dir, tmp_path):
   # inside the first call.
   process = subprocess.Popen(
       [sys.executable, "-m", "convnet_jax.main", "--config", "configs/default.py",
-       f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/ctrl_c",
+       f"--config.data.dir={cifar10_dir}", f"--workdir={tmp_path}/ctrl_c",
        "--config.operations.steps_per_call=1000"],
       cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   while not process.stderr.readline().startswith("compile time:"):
@@ -402,3 +411,43 @@ def test_a_second_ctrl_c_ends_the_run_inside_a_call(cifar10_dir, tmp_path):
   # Killed by the signal itself (the default action), not a clean exit 130 after the call.
   assert process.returncode == -signal.SIGINT
   assert stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# A workdir written by the package before the config groups.
+
+@pytest.mark.slow
+def test_a_workdir_saved_before_the_config_groups_resumes_and_ends_as_it_would_have(
+    cifar10_dir, tmp_path):
+  """tests/data/flat_workdir: the smoke run of 2 epochs as the package at ebaaff8 left it,
+  stopped after epoch 0 (a flat config.json, its checkpoint under that config's fingerprint).
+  Today's command resumes it from that checkpoint and ends with the records and predictions the
+  old package's own uninterrupted run wrote (accuracies and predictions exactly; losses to float32
+  rounding, as another CPU may round the convolutions otherwise)."""
+  # Its config.json names the data folder as that command gave it, "../shared/data/cifar10":
+  # the same relative path is made to lead to the data here.
+  (tmp_path / "shared" / "data").mkdir(parents=True)
+  (tmp_path / "shared" / "data" / "cifar10").symlink_to(cifar10_dir)
+  workdir = tmp_path / "here" / "run"
+  shutil.copytree(DATA / "flat_workdir", workdir)
+  result = subprocess.run(
+      [sys.executable, "-m", "convnet_jax.main", "--config", str(REPO_ROOT / "configs/smoke.py"),
+       "--config.data.dir=../shared/data/cifar10", "--config.num_epochs=2",
+       "--config.operations.tensorboard=False", "--workdir=run"],
+      cwd=tmp_path / "here", env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resuming after epoch 0 from {workdir}/checkpoints" in result.stderr
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  expected = [json.loads(line)
+              for line in (DATA / "flat_workdir_uninterrupted.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [0, 1]
+  for record, want in zip(records, expected):
+    assert record["test_acc"] == want["test_acc"] and record["train_acc"] == want["train_acc"]
+    for key in ("train_loss", "test_loss", "learning_rate"):
+      assert record[key] == pytest.approx(want[key], rel=1e-5), key
+  assert (workdir / "preds").read_text() == (
+      DATA / "flat_workdir_uninterrupted_preds").read_text()
+  # Its config.json is today's now, the same run in its groups.
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["name"] == "seed_convnet" and saved["data"]["max_train_examples"] == 200

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+import built
 from convnet_jax import train
-from convnet_jax.runs import reporting
-from convnet_jax.runs import setup as run_setup
+from convnet_jax.runs import prepare
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import TrainingDiverged
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import TrainingDiverged
+from convnet_jax.errors import UserError
 
 
 def test_epoch_record_of_one_model_is_sums_over_counts_in_the_documented_order():
   train_totals = {"loss_sum": np.float64(30.0), "correct": np.float64(90.0)}
   test_totals = {"loss_sum": np.float64(5.0), "correct": np.float64(45.0)}
-  record = train.epoch_record(2, train_totals, test_totals, np.float64(0.05), np.zeros((), bool),
-                              num_trained=120, num_test=50, seconds=12.34567,
-                              compile_seconds=1.23456)
+  record = train.epoch_record(2, train.Totals(train_totals, 120), train.Totals(test_totals, 50),
+                              np.float64(0.05), np.zeros((), bool),
+                              train.EpochTimes(seconds=12.34567, compile_seconds=1.23456))
   assert list(record) == ["epoch", "test_acc", "time", "train_loss", "train_acc", "test_loss",
                           "learning_rate", "compile_time"]
   assert record == {"epoch": 2, "test_acc": 0.9, "time": 12.346, "train_loss": 0.25,
@@ -37,8 +37,8 @@ def test_epoch_record_of_replicas_nulls_the_diverged_and_summarises_the_rest():
                   "correct": np.array([80.0, 0.0, 60.0])}
   test_totals = {"loss_sum": np.array([4.0, np.nan, 6.0]), "correct": np.array([40.0, 0.0, 30.0])}
   diverged = np.array([False, True, False])
-  record = train.epoch_record(0, train_totals, test_totals, np.array([0.1, 0.2, 0.3]), diverged,
-                              num_trained=100, num_test=50, seconds=1.0, compile_seconds=2.0,
+  record = train.epoch_record(0, train.Totals(train_totals, 100), train.Totals(test_totals, 50),
+                              np.array([0.1, 0.2, 0.3]), diverged, train.EpochTimes(1.0, 2.0),
                               seeds=[7, 8, 9])
   assert record["test_acc"] == [0.8, None, 0.6]
   assert record["train_loss"] == [0.1, None, 0.2]
@@ -78,27 +78,21 @@ def test_all_replicas_diverged_raises():
 
 
 def test_initial_divergence_is_read_from_the_last_record():
-  config = default_config.get_config()
-  assert train.initial_divergence(config, []).shape == ()
-  config.num_replicas = 4
-  assert train.initial_divergence(config, [{"diverged": []}, {"diverged": [0, 2]}]).tolist() == [
+  assert train.initial_divergence(1, []).shape == ()
+  assert train.initial_divergence(4, [{"diverged": []}, {"diverged": [0, 2]}]).tolist() == [
       True, False, True, False]
 
 
 def test_checkpoints_every_n_epochs_and_after_the_last():
-  config = default_config.get_config()
-  config.num_epochs = 5
-  config.operations.checkpoint_every_epochs = 2
-  # Epochs are 0-based: after epochs 2 and 4 trained (indices 1, 3) and after the last (4).
-  assert [e for e in range(5) if train.checkpoint_is_due(config, e)] == [1, 3, 4]
+  # Every 2 epochs of 5. Epochs are 0-based: after epochs 2 and 4 trained (indices 1, 3) and
+  # after the last (4).
+  assert [e for e in range(5) if train.checkpoint_is_due(2, e, 5)] == [1, 3, 4]
 
 
 def test_evaluations_every_n_epochs_and_after_the_last():
-  config = default_config.get_config()
   expected = {1: [0, 1, 2, 3, 4], 2: [1, 3, 4], 0: [4]}  # 0: only after the last
   for every, epochs in expected.items():
-    config.operations.eval_every_epochs = every
-    assert [e for e in range(5) if train.evaluation_is_due(config, e, 5)] == epochs
+    assert [e for e in range(5) if train.evaluation_is_due(every, e, 5)] == epochs
 
 
 def test_a_negative_evaluation_period_is_named():
@@ -113,15 +107,14 @@ def test_a_negative_evaluation_period_is_named():
 
 def test_an_epoch_not_evaluated_has_no_test_metrics():
   train_totals = {"loss_sum": np.float64(30.0), "correct": np.float64(90.0)}
-  record = train.epoch_record(2, train_totals, None, np.float64(0.05), np.zeros((), bool),
-                              num_trained=120, num_test=50, seconds=12.34567,
-                              compile_seconds=1.23456)
+  record = train.epoch_record(2, train.Totals(train_totals, 120), None, np.float64(0.05),
+                              np.zeros((), bool), train.EpochTimes(12.34567, 1.23456))
   assert record == {"epoch": 2, "time": 12.346, "train_loss": 0.25, "train_acc": 0.75,
                     "learning_rate": 0.05, "compile_time": 1.235}
   replicated = train.epoch_record(
-      0, {"loss_sum": np.array([30.0, 60.0]), "correct": np.array([90.0, 60.0])}, None,
-      np.array([0.1, 0.2]), np.zeros(2, bool), num_trained=120, num_test=50, seconds=1.0,
-      compile_seconds=1.0, seeds=[0, 1])
+      0, train.Totals({"loss_sum": np.array([30.0, 60.0]), "correct": np.array([90.0, 60.0])},
+                      120), None, np.array([0.1, 0.2]), np.zeros(2, bool),
+      train.EpochTimes(1.0, 1.0), seeds=[0, 1])
   assert "test_acc" not in replicated and "test_acc_mean" not in replicated
   assert replicated["train_loss"] == [0.25, 0.5] and replicated["seeds"] == [0, 1]
 
@@ -133,8 +126,8 @@ def test_a_run_evaluated_only_at_the_end_trains_the_same(tiny_cifar_dir, tmp_pat
 
   def run(every, workdir):
     config = default_config.get_config()
-    config.data_dir = str(tiny_cifar_dir)
-    config.num_epochs, config.batch_size, config.eval_batch_size = 3, 4, 4
+    config.data.dir = str(tiny_cifar_dir)
+    config.num_epochs, config.batch_size, config.eval.batch_size = 3, 4, 4
     config.operations.eval_every_epochs = every
     config.operations.progress_bar = False
     last = train.train_and_evaluate(config, workdir)
@@ -168,7 +161,7 @@ def test_reporter_writes_config_metrics_and_predictions(tmp_path):
   files = workdir_lib.RunFiles(tmp_path)
   earlier = {"epoch": 0, "test_acc": 0.5}
   stdout = io.StringIO()
-  with contextlib.redirect_stdout(stdout), reporting.Reporter(config, files) as reporter:
+  with contextlib.redirect_stdout(stdout), built.reporter(config, files) as reporter:
     reporter.start([earlier], {"recorded_fact": {"why": "test"}})
     reporter.epoch({"epoch": 1, "test_acc": 0.75}, step_time_ms=1.0, images_per_second=2.0)
     reporter.finish(np.array([[1, 0, 1], [0, 0, 1]]), {"epoch": 1})
@@ -176,7 +169,7 @@ def test_reporter_writes_config_metrics_and_predictions(tmp_path):
   assert [json.loads(line) for line in files.metrics.read_text().splitlines()] == [
       earlier, {"epoch": 1, "test_acc": 0.75}]
   saved = json.loads(files.config.read_text())
-  assert saved["learning_rate"] == 0.1 and saved["recorded_fact"] == {"why": "test"}
+  assert saved["optim"]["learning_rate"] == 0.1 and saved["recorded_fact"] == {"why": "test"}
   assert saved["operations"]["tensorboard"] is False
   # A row per test example, a column per replica.
   assert files.predictions.read_text() == "1 0\n0 0\n1 1\n"
@@ -184,7 +177,7 @@ def test_reporter_writes_config_metrics_and_predictions(tmp_path):
 
 def test_a_reporter_that_is_not_the_writer_writes_nothing(tmp_path, capsys):
   files = workdir_lib.RunFiles(tmp_path / "w")
-  with reporting.Reporter(_quiet_config(), files, is_writer=False) as reporter:
+  with built.reporter(_quiet_config(), files, is_writer=False) as reporter:
     reporter.note("hello")
     reporter.start([], {})
     reporter.epoch({"epoch": 0}, step_time_ms=1.0, images_per_second=1.0)
@@ -208,18 +201,18 @@ def test_a_run_is_the_config_without_its_operation_groups(tmp_path):
   other_operations.operations.num_devices = 8
   other_operations.operations.tensorboard = False
   other_operations.benchmark.num_steps = 1
-  identity = workdir_lib.run_identity(other_operations)
+  identity = prepare.run_identity(other_operations)
   assert "operations" not in identity and "benchmark" not in identity
-  assert workdir_lib.check_workdir(files, identity) is True
+  assert workdir_lib.check_workdir(files, identity) == prepare.run_identity(config)
 
 
 def test_another_run_in_the_workdir_is_refused_naming_the_key(tmp_path):
   files = _saved_run(tmp_path, default_config.get_config())
   other = default_config.get_config()
-  other.learning_rate = 0.2
-  with pytest.raises(UserError, match=r"holds a run of another config \(learning_rate: 0.2 here, "
-                                      r"0.1 there\)"):
-    workdir_lib.check_workdir(files, workdir_lib.run_identity(other))
+  other.optim.learning_rate = 0.2
+  with pytest.raises(UserError, match=r"holds a run of another config \(optim.learning_rate: 0.2 "
+                                      r"here, 0.1 there\)"):
+    workdir_lib.check_workdir(files, prepare.run_identity(other))
 
 
 def test_differences_names_nested_keys_and_stops_after_the_limit():
@@ -245,8 +238,8 @@ def test_the_model_registry_is_what_validation_accepts():
   assert validation.MODELS == tuple(models.MODELS) == (
       "seed_convnet", "resnet18", "resnet34", "resnet50", "airbench94")
   config = ml_collections.ConfigDict(dict(default_config.get_config()))
-  config.model = "resnet101"
-  with pytest.raises(UserError, match=r"config.model='resnet101': expected one of"):
+  config.model.name = "resnet101"
+  with pytest.raises(UserError, match=r"config.model.name='resnet101': expected one of"):
     validation.validate_config(config)
 
 
@@ -254,22 +247,26 @@ def test_restore_state_and_history_starts_fresh_or_restores_the_newest_checkpoin
   from convnet_jax.runs import checkpoints
 
   files = workdir_lib.RunFiles(tmp_path)
-  reporter = reporting.Reporter(_quiet_config(), files, is_writer=False)
+  reporter = built.reporter(_quiet_config(), files, is_writer=False)
   fresh = {"w": np.zeros(3, np.float32)}
   store = checkpoints.CheckpointStore(files.checkpoints, max_to_keep=2)
   try:
     for resuming in (False, True):
-      assert run_setup.restore_state_and_history(store, fresh, "fp", resuming,
-                                                 reporter) == (fresh, [], None)
+      assert prepare.restore_state_and_history(store, fresh, ("fp",), resuming,
+                                               reporter) == (fresh, [], None)
     saved = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
     history = [{"epoch": 0}, {"epoch": 1}]
     store.save(2, saved, {"history": history, "config_fingerprint": "fp"})
-    state, restored, in_progress = run_setup.restore_state_and_history(store, fresh, "fp", True,
-                                                                       reporter)
+    state, restored, in_progress = prepare.restore_state_and_history(store, fresh, ("fp",), True,
+                                                                     reporter)
     np.testing.assert_array_equal(state["w"], [1.0, 2.0, 3.0])
     assert restored == history and in_progress is None and store.newest_intact == 2
     with pytest.raises(UserError, match="checkpoint of another config"):
-      run_setup.restore_state_and_history(store, fresh, "other", True, reporter)
+      prepare.restore_state_and_history(store, fresh, ("other",), True, reporter)
+    # A checkpoint written by an earlier version under its own fingerprint: accepted when it
+    # is among those given (the workdir's config.json as that version wrote it).
+    assert prepare.restore_state_and_history(store, fresh, ("new", "fp"), True,
+                                             reporter)[1] == history
   finally:
     store.close()
 
@@ -278,18 +275,18 @@ def test_choose_convolutions_names_the_key_when_the_path_cannot_run(monkeypatch)
   from convnet_jax.ops import conv
 
   config = default_config.get_config()
-  config.conv_implementation = "xla"
-  assert run_setup.choose_convolutions(config, mesh=None).implementation == "xla"
+  config.model.conv_implementation = "xla"
+  assert prepare.choose_convolutions(config, mesh=None).implementation == "xla"
 
   def unavailable(*args):
     raise conv.ConvUnavailable("the oneDNN extension is not available: not built")
 
   monkeypatch.setattr(conv, "choose_conv_implementation", unavailable)
-  config.conv_implementation = "onednn"
+  config.model.conv_implementation = "onednn"
   with pytest.raises(UserError) as error:
-    run_setup.choose_convolutions(config, mesh=None)
-  assert str(error.value) == ("config.conv_implementation='onednn': the oneDNN extension is not "
-                              "available: not built")
+    prepare.choose_convolutions(config, mesh=None)
+  assert str(error.value) == ("config.model.conv_implementation='onednn': the oneDNN extension "
+                              "is not available: not built")
 
 
 def test_the_newest_intact_checkpoint_skips_a_damaged_newer_one(tmp_path):
@@ -313,7 +310,7 @@ def test_the_newest_intact_checkpoint_skips_a_damaged_newer_one(tmp_path):
   reopened = checkpoints.CheckpointStore(directory, max_to_keep=3)
   try:
     assert reopened.newest_intact is None
-    state, record = reopened.restore_latest({"w": np.zeros(4096, np.float32)}, "fp")
+    state, record = reopened.restore_latest({"w": np.zeros(4096, np.float32)}, ("fp",))
     assert reopened.newest_intact == 1 and len(record["history"]) == 1
     np.testing.assert_array_equal(state["w"], np.ones(4096, np.float32))
   finally:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from configs import default as default_config
 
 from convnet_jax import models
 from convnet_jax.ops import conv
@@ -52,9 +52,9 @@ def numpy_seed_convnet(params, x):
 
 
 def make_model(conv_implementation="im2col", dtype="float32"):
-  config = ConfigDict({"model": "seed_convnet", "dtype": dtype,
-                       "conv_implementation": conv_implementation})
-  return models.create_model(config, num_classes=2)
+  model_config = default_config.get_config().model  # the seed convnet
+  model_config.dtype, model_config.conv_implementation = dtype, conv_implementation
+  return models.create_model(model_config, num_classes=2)
 
 
 def init_params(model, seed=0, size=8):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from convnet_jax import optim
-from convnet_jax import steps
+import built
 
 A, B, C = 3.4445, -4.7750, 2.0315  # airbench's coefficients, copied from its script
 
@@ -85,7 +85,7 @@ def test_muon_steps_match_airbenchs_muon_step(nesterov):
   expected = _numpy_muon_steps(kernel, grads, learning_rates, 0.6, nesterov)
 
   tx = optim.airbench_muon(lambda count: peak * (1 - count / total), 0.6, nesterov=nesterov,
-                           dtype=jnp.float32)
+                           orthogonalisation=optim.NewtonSchulz(dtype=jnp.float32))
   params = {"conv": jnp.asarray(_to_hwio(kernel), jnp.float32)}
   state = tx.init(params)
   for grad, want in zip(grads, expected):
@@ -101,7 +101,8 @@ def test_muon_without_normalisation_is_the_plain_orthogonalised_step():
   rng = np.random.default_rng(2)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)
   grad = jnp.asarray(rng.normal(size=kernel.shape), jnp.float32)
-  tx = optim.airbench_muon(0.1, 0.0, nesterov=False, normalize_filters=False, dtype=jnp.float32)
+  tx = optim.airbench_muon(0.1, 0.0, nesterov=False, normalize_filters=False,
+                           orthogonalisation=optim.NewtonSchulz(dtype=jnp.float32))
   updates, _ = tx.update(grad, tx.init(kernel), kernel)
   expected = -0.1 * _numpy_zeropower(np.asarray(grad, np.float64).reshape(-1, 8).T).T
   np.testing.assert_allclose(np.asarray(updates), expected.reshape(kernel.shape), atol=2e-6)
@@ -150,7 +151,7 @@ def _recipe_config(steps_per_epoch):
 
   config = cifar10_airbench94_muon.get_config()
   config.num_epochs = 3  # 3 x 2 = 6 steps, every schedule spanning them
-  config.late_freeze_epochs = 1  # the whitening bias trains 2 steps, its lr to 0 over them
+  config.freeze.late_epochs = 1  # the whitening bias trains 2 steps, its lr to 0 over them
   return config, 3 * steps_per_epoch, 1 * steps_per_epoch
 
 
@@ -199,7 +200,7 @@ def test_the_muon_recipes_optimiser_is_airbench94_muons(monkeypatch):
       node[leaf] = to_flax(name, value)
     return nested
 
-  tx = optim.create_optimizer(config, steps.StepBudget.of(config, steps_per_epoch))
+  tx = built.optimizer(config, built.budget(config, steps_per_epoch))
   params = tree(torch_params)
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -272,9 +273,10 @@ def test_muon_steps_match_hiverges_muon_step():
   learning_rates = [peak * (1 - step / total) for step in range(total)]
   expected = _hiverge_muon_steps(kernel, grads, learning_rates, total, momentum, wd)
   tx = optim.airbench_muon(lambda count: peak * (1 - count / total), momentum,
-                           coefficients=HIVERGE_COEFFICIENTS, weight_decay=wd,
-                           normalize_steps=optim.normalization_steps(total, 2, 15),
-                           dtype=jnp.float32)
+                           orthogonalisation=optim.NewtonSchulz(3, HIVERGE_COEFFICIENTS,
+                                                                jnp.float32),
+                           weight_decay=wd,
+                           normalize_steps=optim.normalization_steps(total, 2, 15))
   params = jnp.asarray(_to_hwio(kernel), jnp.float32)
   state = tx.init(params)
   update = jax.jit(tx.update)

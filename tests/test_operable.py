@@ -20,7 +20,7 @@ pytestmark = pytest.mark.xdist_group("operable")
 
 TIMING_KEYS = ("time", "compile_time")
 # 1,000 training images in batches of 64: 16 steps, long enough to be killed mid-epoch.
-RUN_ARGS = ("--config", "configs/smoke.py", "--config.max_train_examples=1000",
+RUN_ARGS = ("--config", "configs/smoke.py", "--config.data.max_train_examples=1000",
             "--config.num_epochs=4")
 
 
@@ -35,14 +35,14 @@ def read_run(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(cifar10_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-  result = run_main(*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}")
+  result = run_main(*RUN_ARGS, f"--config.data.dir={cifar10_dir}", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   return read_run(workdir)
 
 
 @pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(uninterrupted, cifar10_dir, tmp_path):
-  result = run_main(*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/b")
+  result = run_main(*RUN_ARGS, f"--config.data.dir={cifar10_dir}", f"--workdir={tmp_path}/b")
   assert result.returncode == 0, result.stderr[-3000:]
   assert read_run(tmp_path / "b") == uninterrupted
   assert len(uninterrupted[0]) == 4
@@ -52,7 +52,7 @@ def test_same_config_and_seed_give_identical_metrics(uninterrupted, cifar10_dir,
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cifar10_dir,
                                                               tmp_path):
   workdir = tmp_path / "damaged"
-  args = [*RUN_ARGS, f"--config.data_dir={cifar10_dir}", f"--workdir={workdir}"]
+  args = [*RUN_ARGS, f"--config.data.dir={cifar10_dir}", f"--workdir={workdir}"]
   assert run_main(*args).returncode == 0
   # Damage every data file of the newest checkpoint (after epoch 3: 4 x 16 steps) and lose the
   # predictions.
@@ -73,8 +73,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, cif
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_epoch(cifar10_dir, tmp_path):
-  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
-                    f"--workdir={tmp_path}/nan", "--config.learning_rate=1e38",
+  result = run_main("--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
+                    f"--workdir={tmp_path}/nan", "--config.optim.learning_rate=1e38",
                     "--config.num_epochs=3")
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_with_step_and_epoch(cifar10_dir, tmp_path):
 
 @pytest.mark.slow
 def test_tensorboard_scalars_and_quiet_stderr_off_a_terminal(cifar10_dir, tmp_path):
-  result = run_main("--config", "configs/smoke.py", f"--config.data_dir={cifar10_dir}",
+  result = run_main("--config", "configs/smoke.py", f"--config.data.dir={cifar10_dir}",
                     f"--workdir={tmp_path}/tb")
   assert result.returncode == 0
   [events] = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
@@ -109,7 +109,7 @@ def test_progress_bar_in_a_terminal(cifar10_dir, tmp_path):
   fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
   process = subprocess.Popen(
       [sys.executable, "-m", "convnet_jax.main", "--config", "configs/smoke.py",
-       f"--config.data_dir={cifar10_dir}", f"--workdir={tmp_path}/tty",
+       f"--config.data.dir={cifar10_dir}", f"--workdir={tmp_path}/tty",
        "--config.num_epochs=2"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=follower,
       text=True)
   os.close(follower)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 from convnet_jax.tools import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

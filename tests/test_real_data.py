@@ -19,8 +19,8 @@ def test_first_training_image_is_the_known_frog(cifar10_dir):
 
 def test_cifar2_counts_and_statistics(cifar10_dir):
   config = default_config.get_config()
-  config.data_dir = str(cifar10_dir)
-  data = input_pipeline.load_dataset(config)
+  config.data.dir = str(cifar10_dir)
+  data = input_pipeline.load_dataset(config.data)
   assert data.train_images.shape == (10_000, 32, 32, 3)
   assert data.test_images.shape == (2_000, 32, 32, 3)
   assert np.bincount(data.train_labels).tolist() == [5_000, 5_000]
@@ -34,7 +34,7 @@ def test_cifar2_counts_and_statistics(cifar10_dir):
 def test_default_run_beats_the_bar(cifar10_dir, tmp_path):
   """The specification's run, as the README gives it: 5 epochs, above 0.95 test accuracy."""
   workdir = tmp_path / "default"
-  result = run_main("--config", "configs/default.py", f"--config.data_dir={cifar10_dir}",
+  result = run_main("--config", "configs/default.py", f"--config.data.dir={cifar10_dir}",
                     f"--workdir={workdir}", timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in result.stdout.splitlines()]

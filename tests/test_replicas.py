@@ -10,29 +10,29 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+import built
 from configs import default_10_seeds
 from configs import smoke
 from convnet_jax import train
 from convnet_jax.parallel import replicas
 from convnet_jax.runs import validation
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 # One worker runs this file's tests, so its module fixtures are computed once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("replicas")
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate")
 # Replica 2's peak learning rate makes its loss overflow within the first few steps.
-REPLICAS = {"replica_learning_rates": (0.1, 0.05, 1e4), "replica_momenta": (0.9, 0.5, 0.9)}
+REPLICAS = {"replicas.learning_rates": (0.1, 0.05, 1e4), "replicas.momenta": (0.9, 0.5, 0.9)}
 
 
-def _config(cifar10_dir, **overrides):
+def _config(cifar10_dir, overrides=None):
   config = smoke.get_config()
-  config.data_dir = str(cifar10_dir)
+  config.data.dir = str(cifar10_dir)
   config.num_epochs = 2
   config.operations.tensorboard = False
   config.operations.progress_bar = False
-  config.update(overrides)
-  return config
+  return built.with_values(config, overrides or {})
 
 
 def _read(workdir):
@@ -47,7 +47,7 @@ def _read(workdir):
 @pytest.fixture(scope="module")
 def replicated_run(cifar10_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("replicas") / "run"
-  train.train_and_evaluate(_config(cifar10_dir, num_replicas=3, **REPLICAS), workdir)
+  train.train_and_evaluate(_config(cifar10_dir, {"replicas.count": 3, **REPLICAS}), workdir)
   return workdir, *_read(workdir)
 
 
@@ -56,9 +56,9 @@ def replicated_run(cifar10_dir, tmp_path_factory):
 def test_each_replica_matches_a_single_run_of_its_seed_and_hyperparameters(
     replica, replicated_run, cifar10_dir, tmp_path):
   _, records, predictions = replicated_run
-  single = _config(cifar10_dir, seed=replica,
-                   learning_rate=REPLICAS["replica_learning_rates"][replica],
-                   momentum=REPLICAS["replica_momenta"][replica])
+  single = _config(cifar10_dir, {
+      "seed": replica, "optim.learning_rate": REPLICAS["replicas.learning_rates"][replica],
+      "optim.momentum": REPLICAS["replicas.momenta"][replica]})
   train.train_and_evaluate(single, tmp_path / "single")
   single_records, single_predictions = _read(tmp_path / "single")
   assert len(records) == len(single_records) == 2
@@ -101,34 +101,39 @@ def test_replicated_run_resumes_from_its_checkpoint(replicated_run, cifar10_dir,
   # As if killed during epoch 1: the checkpoint after it (smoke: 4 steps an epoch) is gone.
   shutil.rmtree(copy / "checkpoints" / "8")
   (copy / "preds").unlink()
-  train.train_and_evaluate(_config(cifar10_dir, num_replicas=3, **REPLICAS), copy)
+  train.train_and_evaluate(_config(cifar10_dir, {"replicas.count": 3, **REPLICAS}), copy)
   resumed_records, resumed_predictions = _read(copy)
   assert resumed_records == records
   np.testing.assert_array_equal(resumed_predictions, predictions)
 
 
+def _settings(config):
+  return replicas.replica_settings(config.replicas, config.seed, config.optim.learning_rate,
+                                   config.optim.momentum)
+
+
 def test_replica_settings_default_to_consecutive_seeds_and_the_config_values():
   config = default_config.get_config()
-  config.num_replicas, config.seed = 3, 5
-  assert replicas.replica_settings(config) == {
+  config.replicas.count, config.seed = 3, 5
+  assert _settings(config) == {
       "seed": [5, 6, 7], "learning_rate": [0.1] * 3, "momentum": [0.9] * 3}
   ten = default_10_seeds.get_config()
-  assert replicas.replica_settings(ten)["seed"] == list(range(10))
+  assert _settings(ten)["seed"] == list(range(10))
   # Everything else is the default run.
-  assert {k: v for k, v in ten.items() if k != "num_replicas"} == {
-      k: v for k, v in default_config.get_config().items() if k != "num_replicas"}
+  ten.replicas.count = 1
+  assert ten == default_config.get_config()
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"num_replicas": 0}, "config.num_replicas=0: expected a positive integer"),
-    ({"num_replicas": 3, "replica_learning_rates": (0.1,)},
-     "config.replica_learning_rates=(0.1,): expected () or a tuple of num_replicas=3 values"),
-    ({"num_replicas": 2, "replica_momenta": (0.9, 1.0)},
-     "config.replica_momenta=(0.9, 1.0): expected numbers in [0, 1)"),
-    ({"num_replicas": 2, "replica_seeds": (0, 1.5)},
-     "config.replica_seeds=(0, 1.5): expected integer seeds"),
-    ({"num_replicas": 2, "replica_momenta": (0.9, 0.0), "nesterov": True},
-     "config.nesterov=True: expected False when a replica's momentum is 0"),
+    ({"replicas.count": 0}, "config.replicas.count=0: expected a positive integer"),
+    ({"replicas.count": 3, "replicas.learning_rates": (0.1,)},
+     "config.replicas.learning_rates=(0.1,): expected () or a tuple of replicas.count=3 values"),
+    ({"replicas.count": 2, "replicas.momenta": (0.9, 1.0)},
+     "config.replicas.momenta=(0.9, 1.0): expected numbers in [0, 1)"),
+    ({"replicas.count": 2, "replicas.seeds": (0, 1.5)},
+     "config.replicas.seeds=(0, 1.5): expected integer seeds"),
+    ({"replicas.count": 2, "replicas.momenta": (0.9, 0.0), "optim.nesterov": True},
+     "config.optim.nesterov=True: expected False when a replica's momentum is 0"),
     ({"operations.num_devices": -1},
      "config.operations.num_devices=-1: expected 0 (all devices) or a positive"),
 ])

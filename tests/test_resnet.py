@@ -5,16 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from configs import default as default_config
 
 from convnet_jax import models
 from convnet_jax.ops import conv
 
 
 def make_resnet(name, width=64, num_classes=10, conv_implementation="im2col"):
-  config = ConfigDict({"model": name, "dtype": "float32", "resnet_width": width,
-                       "conv_implementation": conv_implementation})
-  return models.create_model(config, num_classes=num_classes)
+  model_config = default_config.get_config().model
+  model_config.name, model_config.resnet.width = name, width
+  model_config.conv_implementation = conv_implementation
+  return models.create_model(model_config, num_classes=num_classes)
 
 
 def abstract_params(model, size=32):

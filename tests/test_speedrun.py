@@ -16,14 +16,17 @@ import whole_epochs
 from configs import cifar10_airbench94_muon
 from configs import cifar10_speedrun
 from configs import default as default_config
+from conftest import DATA
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import steps
 from convnet_jax.data import input_pipeline
 from convnet_jax.models import airbench
 from convnet_jax.runs import validation
+from convnet_jax.runs import prepare
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import UserError
+from convnet_jax.budget import StepBudget
+from convnet_jax.errors import UserError
 
 
 def test_the_recipe_is_hiverges():
@@ -31,26 +34,28 @@ def test_the_recipe_is_hiverges():
   validation.validate_config(config)
   # 50,000 // 1,536 = 32 steps an epoch (the short batch dropped); ceil(7.59 x 32) = 243
   # steps, the whitening bias for ceil(0.19 x 32) = 7 of them.
-  budget = steps.StepBudget.for_examples(config, 50_000)
+  budget = prepare.step_budget(config, 50_000)
   assert (budget.steps_per_epoch, budget.total_steps, budget.late_freeze_step) == (32, 243, 7)
   assert budget.epochs_run == 8 and budget.epoch_steps(7) == 19
   wd = 1.0418e-6 * 1536
-  multiplier = optim.learning_rate_multipliers(config)
+  multiplier = optim.learning_rate_multipliers(config.optim)
   for name, lr in (("head/kernel", 0.5415), ("group3/norm2/offset", 0.0573),
                    ("whiten/bias", 0.0573)):
-    assert config.learning_rate * multiplier(name) == pytest.approx(lr)
-    assert config.weight_decay / multiplier(name) == pytest.approx(wd / lr)
-  assert (config.momentum, config.nesterov, config.label_smoothing) == (0.825, True, 0.09)
+    assert config.optim.learning_rate * multiplier(name) == pytest.approx(lr)
+    assert config.optim.weight_decay / multiplier(name) == pytest.approx(wd / lr)
+  assert (config.optim.momentum, config.optim.nesterov, config.optim.label_smoothing) == (
+      0.825, True, 0.09)
   muon = config.muon
   assert (muon.learning_rate, muon.momentum, muon.nesterov) == (0.205, 0.655, True)
   assert tuple(muon.newton_schulz_coefficients) == (3.4576, -4.7391, 2.0843)
   assert muon.weight_decay == pytest.approx(wd)
   assert (muon.normalize_period, muon.normalize_period_growth) == (2, 15)
-  assert (config.augment_translate, config.augment_padding, config.augment_flip) == (
+  assert (config.augment.translate, config.augment.padding, config.augment.flip) == (
       2, "reflect", "alternate")
-  assert (config.augment_brightness, config.augment_contrast) == (0.1399, 0.1308)
-  assert (config.airbench_activation, config.airbench_whitening_examples) == ("silu", 960)
-  assert config.airbench_output_scale == 1 / 256 and config.airbench_head_unit_std
+  assert (config.augment.brightness, config.augment.contrast) == (0.1399, 0.1308)
+  assert (config.model.airbench.activation, config.model.airbench.whitening_examples) == (
+      "silu", 960)
+  assert config.model.airbench.output_scale == 1 / 256 and config.model.airbench.head_unit_std
 
 
 def test_silu_is_x_times_its_sigmoid_in_float32():
@@ -94,7 +99,7 @@ def test_the_whitening_comes_from_the_first_960_images():
   params = {"whiten": {"kernel": jnp.zeros((2, 2, 3, 24)), "bias": jnp.ones(24)}}
   data = input_pipeline.Dataset(images, np.zeros(1000, np.int32), images[:1],
                                 np.zeros(1, np.int32), mean, std, ("a", "b"))
-  got = models.initialise_from_data(config, params, data)
+  got = models.initialise_from_data(config.model, params, data)
   normalised = (images[:960].astype(np.float64) / 255 - mean) / std
   np.testing.assert_allclose(got["whiten"]["kernel"], airbench.whitening_kernel(normalised),
                              rtol=1e-4, atol=1e-4)
@@ -121,7 +126,6 @@ def test_colour_jitter_shifts_then_scales_each_image_within_its_ranges():
 
 
 def _linear_state():
-  from flax.training import train_state
   import optax
 
   def apply_fn(variables, images):
@@ -152,16 +156,15 @@ def test_the_training_epoch_jitters_only_when_asked_and_keeps_the_crops():
 
 
 def test_a_fractional_late_freeze_counts_whole_steps():
-  assert steps.StepBudget(32, 7.59, 0.19).late_freeze_step == 7  # ceil(6.08)
-  assert steps.StepBudget(100, 1, 0.07).late_freeze_step == 7  # 7.000000000000001 is 7 steps
-  assert steps.StepBudget(48, 9.9, 3).late_freeze_step == 144
+  assert StepBudget(32, 7.59, 0.19).late_freeze_step == 7  # ceil(6.08)
+  assert StepBudget(100, 1, 0.07).late_freeze_step == 7  # 7.000000000000001 is 7 steps
+  assert StepBudget(48, 9.9, 3).late_freeze_step == 144
 
 
 def test_a_muon_workdir_saved_before_the_speedrun_keys_still_resumes(tmp_path):
   """A config.json written before the knobs: its muon group lacks four keys, the top level
   four; both get the values that run had (the defaults', airbench94_muon's)."""
-  config = cifar10_airbench94_muon.get_config()
-  saved = json.loads(config.to_json_best_effort())
+  saved = json.loads((DATA / "flat_config_airbench94_muon.json").read_text())
   for key in ("airbench_activation", "airbench_whitening_examples", "augment_brightness",
               "augment_contrast"):
     del saved[key]
@@ -170,10 +173,12 @@ def test_a_muon_workdir_saved_before_the_speedrun_keys_still_resumes(tmp_path):
     del saved["muon"][key]
   files = workdir_lib.RunFiles(tmp_path)
   files.config.write_text(json.dumps(saved))
-  assert workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+  config = cifar10_airbench94_muon.get_config()
+  assert workdir_lib.check_workdir(files, prepare.run_identity(config)) == (
+      workdir_lib.identity(saved))
   config.muon.normalize_period = 2
   with pytest.raises(UserError, match=r"muon.normalize_period: 2 here, 1 there"):
-    workdir_lib.check_workdir(files, workdir_lib.run_identity(config))
+    workdir_lib.check_workdir(files, prepare.run_identity(config))
   # The defaults still hold what such a run computed.
   current = json.loads(default_config.get_config().to_json_best_effort())
   assert current["muon"]["newton_schulz_coefficients"] == [3.4445, -4.7750, 2.0315]

@@ -20,7 +20,7 @@ import pytest
 
 import sweep_tiny
 from conftest import REPO_ROOT
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 from convnet_jax.sweep import command as sweep
 from convnet_jax.sweep import config as sweep_config_lib
 from convnet_jax.sweep import study as sweep_study
@@ -40,7 +40,7 @@ def env(tmp_path_factory):
 
 def common(cifar10_dir):
   # Every trial trains 3 epochs of 2 steps: long enough to be killed after its first epoch.
-  return {"base.data_dir": str(cifar10_dir), "base.num_epochs": 3}
+  return {"base.data.dir": str(cifar10_dir), "base.num_epochs": 3}
 
 
 def sweep_command(workdir, changes):
@@ -227,7 +227,8 @@ def test_shared_storage_requeues_only_dead_workers_trials(tmp_path):
   # A grace of 3 s: the live trial's heartbeat below must still count when the third worker
   # opens the study, however long a loaded machine takes to get there.
   config.heartbeat_interval, config.grace_period = 1, 3
-  identity = sweep_config_lib.sweep_identity(config, sweep_config_lib.validate_sweep_config(config, sweep_tiny.sweep))
+  identity = sweep_config_lib.sweep_identity(
+      config, sweep_config_lib.validate_sweep_config(config, sweep_tiny.sweep))
   storage = optuna.storages.RDBStorage(config.storage)
 
   def heartbeat(trial):
@@ -253,7 +254,8 @@ def test_shared_storage_requeues_only_dead_workers_trials(tmp_path):
                     2: optuna.trial.TrialState.WAITING}
   [queued] = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
   assert queued.params == dead.params and queued.user_attrs["workdir"] == "trials/0000"
-  assert sweep_study.trials_left(study, config.num_trials) == 1  # the queued one; the live one counts
+  # The queued one; the live one counts.
+  assert sweep_study.trials_left(study, config.num_trials) == 1
 
 
 @pytest.fixture
@@ -326,7 +328,8 @@ def test_random_search_does_not_repeat_values_when_resumed(sampler, tmp_path, ti
       study.tell(trial, 0.5)
     return [(t.params["learning_rate"], t.params["momentum"]) for t in study.trials]
 
-  first = optuna.create_study(storage=storage, study_name="a", sampler=sweep_study.create_sampler(tiny))
+  first = optuna.create_study(storage=storage, study_name="a",
+                              sampler=sweep_study.create_sampler(tiny))
   values(first, 2)
   # A new process (a fresh sampler) on the same study.
   resumed = optuna.load_study(storage=storage, study_name="a",

@@ -130,7 +130,7 @@ def env(tmp_path_factory):
 
 
 def worker_command(workdir, url, cifar10_dir, changes=None):
-  changes = {**BASE, **GRID, "base.data_dir": str(cifar10_dir), "storage": url, **(changes or {})}
+  changes = {**BASE, **GRID, "base.data.dir": str(cifar10_dir), "storage": url, **(changes or {})}
   return [sys.executable, "-m", "convnet_jax.sweep", "--config", "tests/sweep_tiny.py",
           f"--workdir={workdir}",
           *(f"--config.{key}={value if isinstance(value, str) else repr(value)}"

@@ -10,18 +10,19 @@ import pytest
 
 from configs import default as default_config
 import whole_epochs
-from convnet_jax import optim
 from convnet_jax import steps
+import built
+from convnet_jax import budget as budget_lib
 
 
 def test_steps_per_epoch_matches_the_specification():
-  assert steps.steps_per_epoch(10_000, 128, drop_last_batch=False) == 79
-  assert steps.steps_per_epoch(10_000, 128, drop_last_batch=True) == 78
+  assert budget_lib.steps_per_epoch(10_000, 128, drop_last_batch=False) == 79
+  assert budget_lib.steps_per_epoch(10_000, 128, drop_last_batch=True) == 78
 
 
 def test_learning_rate_first_middle_last_step():
   config = default_config.get_config()
-  schedule = optim.create_learning_rate_fn(config, steps.StepBudget.of(config, 79))
+  schedule = built.schedule(config, built.budget(config, 79))
   total = 5 * 79
   assert float(schedule(0)) == pytest.approx(0.1)
   assert float(schedule(197)) == pytest.approx(0.1 * (1 - 197 / total))
@@ -31,7 +32,7 @@ def test_learning_rate_first_middle_last_step():
 
 def test_sgd_momentum_matches_pytorch_formula():
   config = default_config.get_config()
-  optimizer = optim.create_optimizer(config, steps.StepBudget.of(config, 2))  # 10 steps in all
+  optimizer = built.optimizer(config, built.budget(config, 2))  # 10 steps in all
   w0 = np.array([1.0, -2.0, 0.5])
   g1 = np.array([0.3, -0.1, 2.0])
   g2 = np.array([-1.0, 0.4, 0.2])
@@ -126,7 +127,8 @@ def test_evaluate_predicts_in_order_with_a_short_last_batch():
   images, labels = _tiny_data(10)
   state = _linear_state(12)
   run = jax.jit(functools.partial(steps.evaluate, apply_fn=state.apply_fn, batch_size=4))
-  predictions, totals = run(state.params, images, labels, jnp.zeros(3), jnp.ones(3))
+  predictions, totals = run(state.params, steps.DeviceData(images[:0], labels[:0], images,
+                                                          labels, jnp.zeros(3), jnp.ones(3)))
   losses, expected = _numpy_losses(state.params["w"], images, labels)
   np.testing.assert_array_equal(np.asarray(predictions), expected)
   assert float(totals["loss_sum"]) == pytest.approx(losses.sum(), rel=1e-5)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from convnet_jax import steps
+from convnet_jax import budget as budget_lib
 
 
 def train_epoch(state: steps.TrainState, images: jax.Array, labels: jax.Array,
@@ -19,13 +20,13 @@ def train_epoch(state: steps.TrainState, images: jax.Array, labels: jax.Array,
   never runs the short batch). Returns the new state and the epoch's summed metrics, with each
   step's mean loss under "step_losses"."""
   num_examples = labels.shape[0]
-  end_step = steps.steps_per_epoch(num_examples, batch_size, drop_last_batch)
+  end_step = budget_lib.steps_per_epoch(num_examples, batch_size, drop_last_batch)
   if num_steps is not None:
     end_step = min(num_steps, num_examples // batch_size)
+  data = steps.DeviceData(images, labels, images[:0], labels[:0], mean, std)
   state, per_step = steps.train_steps(
-      state, images, labels, data_key, epoch, 0, end_step, mean, std, batch_size=batch_size,
-      drop_last_batch=drop_last_batch, augment=augment, batch_sharding=batch_sharding,
-      options=options)
+      state, data, data_key, epoch, 0, end_step, options=steps.EpochOptions(
+          batch_size, drop_last_batch, augment, options, batch_sharding))
   per_step = jax.tree_util.tree_map(lambda x: x[:end_step], per_step)
   totals = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_step)
   totals["step_losses"] = per_step["loss_sum"] / steps.batch_sizes(num_examples, batch_size,

@@ -14,20 +14,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from convnet_jax.runs.errors import create_folder
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import create_folder
+from convnet_jax.errors import UserError
 
 # The published archive, as tensorflow-datasets records it (url_checksums/cifar10.txt).
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"
-# The folder of the binary files when config.data_dir is empty (else the per-user cache).
+# The folder of the binary files when config.data.dir is empty (else the per-user cache).
 DATA_DIR_ENV = "CONVNET_JAX_DATA_DIR"
 # Seconds to wait for the host to answer or send more bytes: offline, the error comes at once
 # (refused, no route, no DNS) or after this long.
 NETWORK_TIMEOUT_SECONDS = 5
 # The way out when the cache folder cannot be written.
-CACHE_ADVICE = (f"set config.data_dir (or ${DATA_DIR_ENV}) to a folder with the CIFAR-10 "
+CACHE_ADVICE = (f"set config.data.dir (or ${DATA_DIR_ENV}) to a folder with the CIFAR-10 "
                 f"binary files, or XDG_CACHE_HOME to a folder that can be written")
 _CHUNK_BYTES = 1 << 20
 
@@ -50,7 +50,7 @@ def default_data_dir() -> Path:
 
 
 def _offline_hint(folder: Path) -> str:
-  return (f"Offline, set config.data_dir to a folder with the CIFAR-10 binary files, or put "
+  return (f"Offline, set config.data.dir to a folder with the CIFAR-10 binary files, or put "
           f"{ARCHIVE_NAME} into {folder}")
 
 
@@ -122,7 +122,7 @@ def unpack(archive: Path, folder: Path, names) -> None:
         partial.replace(target)
   except (tarfile.TarError, EOFError, OSError) as error:
     raise DownloadError(f"{archive}: cannot be unpacked ({error}); remove it and run again, or "
-                        f"set config.data_dir") from None
+                        f"set config.data.dir") from None
 
 
 def ensure_cifar10(folder: Path, names, url: str = CIFAR10_URL,
@@ -140,7 +140,7 @@ def ensure_cifar10(folder: Path, names, url: str = CIFAR10_URL,
       archive.unlink()
       raise DownloadError(f"{archive}: SHA-256 does not match the published archive's "
                           f"({sha256}); it was removed. Run again to download it, or "
-                          f"set config.data_dir")
+                          f"set config.data.dir")
   else:
     start = time.perf_counter()
     download(url, archive, sha256)

@@ -1,6 +1,6 @@
 """CIFAR-10 input pipeline.
 
-Two sources (`config.data_source`), one result:
+Two sources (`config.data.source`), one result:
 * "binary": the original CIFAR-10 binary files (`data_batch_{1..5}.bin`, `test_batch.bin`), read
   with numpy from `data_dir` (empty: $CONVNET_JAX_DATA_DIR, else the per-user cache that
   `download` fills once). Training and test sets keep CIFAR-10's own order.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convnet_jax.data import download
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 IMAGE_SHAPE = (32, 32, 3)
 RECORD_BYTES = 1 + 32 * 32 * 3  # one label byte, then the R, G and B planes
@@ -68,7 +68,7 @@ def check_binary_files(data_dir: str | os.PathLike) -> None:
   """Checks, without reading them, that the CIFAR-10 binary files exist and hold whole records."""
   folder = Path(data_dir)
   if not folder.is_dir():
-    raise DataError(f"config.data_dir: {folder} is not a folder (expected the CIFAR-10 binary "
+    raise DataError(f"config.data.dir: {folder} is not a folder (expected the CIFAR-10 binary "
                     f"files {', '.join(TRAIN_FILES + TEST_FILES)})")
   for name in TRAIN_FILES + TEST_FILES:
     path = folder / name
@@ -76,7 +76,7 @@ def check_binary_files(data_dir: str | os.PathLike) -> None:
       raise DataError(f"{folder}: holds the pickled CIFAR-10 'python version', which is not read "
                       f"(unpickling can run code); use the binary version (*.bin files)")
     if not path.is_file():
-      raise DataError(f"{path}: file not found (config.data_dir must hold the CIFAR-10 binary "
+      raise DataError(f"{path}: file not found (config.data.dir must hold the CIFAR-10 binary "
                       f"version: {', '.join(TRAIN_FILES + TEST_FILES)})")
     size = path.stat().st_size
     if size == 0 or size % RECORD_BYTES:
@@ -132,9 +132,9 @@ def check_tfds_can_prepare(tfds_data_dir: str = "") -> None:
   except Exception:  # tfds raises several types for data that is not there
     pass
   where = tfds_data_dir or "tfds' data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-  raise DataError(f"config.data_source='tfds': cifar10 is not prepared in {where} and "
+  raise DataError(f"config.data.source='tfds': cifar10 is not prepared in {where} and "
                   f"preparing it needs TensorFlow: pip install 'convnet_jax[tfds]' (or use "
-                  f"config.data_source='binary', which needs no TensorFlow)")
+                  f"config.data.source='binary', which needs no TensorFlow)")
 
 
 def read_tfds_split(split: str, tfds_data_dir: str = "", manual_dir: str = ""):
@@ -152,8 +152,8 @@ def read_tfds_split(split: str, tfds_data_dir: str = "", manual_dir: str = ""):
   except Exception as error:  # tfds raises many types: name the fix, keep the cause
     raise DataError(
         f"tfds could not provide cifar10/{split} ({type(error).__name__}: {error}). Offline, set "
-        f"config.data_dir to a folder with the CIFAR-10 binary files, or put "
-        f"cifar-10-binary.tar.gz in config.tfds_manual_dir; preparing with tfds needs "
+        f"config.data.dir to a folder with the CIFAR-10 binary files, or put "
+        f"cifar-10-binary.tar.gz in config.data.tfds_manual_dir; preparing with tfds needs "
         f"TensorFlow: pip install 'convnet_jax[tfds]'") from error
   images = np.stack([np.asarray(example["image"], dtype=np.uint8) for example in examples])
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
@@ -233,34 +233,43 @@ def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING,
   return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1, :], cropped)
 
 
-def load_dataset(config) -> Dataset:
-  """Loads the data set the config names: CIFAR-10 restricted to `config.classes`."""
-  if config.data_source == "binary":
-    if config.data_dir:
-      check_binary_files(config.data_dir)
-      folder = config.data_dir
+def load_dataset(data_config) -> Dataset:
+  """Loads the data set the config's `data` group names.
+
+  Args:
+    data_config: the config's `data` group: the dataset, its classes, where the images come
+      from (`source`, `dir`, `url`, `sha256`, the tfds folders) and how many to keep.
+
+  Returns:
+    A `Dataset`: CIFAR-10 restricted to `classes` (relabelled 0..k-1 in their order) as uint8
+    NHWC images and int labels, with the training images' channel mean and std.
+  """
+  if data_config.source == "binary":
+    if data_config.dir:
+      check_binary_files(data_config.dir)
+      folder = data_config.dir
     else:
       folder = download.ensure_cifar10(download.default_data_dir(), TRAIN_FILES + TEST_FILES,
-                                       config.data_url, config.data_sha256)
-    train_images, train_labels = read_binary_split(folder, TRAIN_FILES, config.classes)
-    test_images, test_labels = read_binary_split(folder, TEST_FILES, config.classes)
+                                       data_config.url, data_config.sha256)
+    train_images, train_labels = read_binary_split(folder, TRAIN_FILES, data_config.classes)
+    test_images, test_labels = read_binary_split(folder, TEST_FILES, data_config.classes)
   else:
-    check_tfds_can_prepare(config.tfds_data_dir)
-    train_images, train_labels = read_tfds_split("train", config.tfds_data_dir,
-                                                 config.tfds_manual_dir)
-    test_images, test_labels = read_tfds_split("test", config.tfds_data_dir,
-                                               config.tfds_manual_dir)
-  classes = tuple(config.classes)
+    check_tfds_can_prepare(data_config.tfds_data_dir)
+    train_images, train_labels = read_tfds_split("train", data_config.tfds_data_dir,
+                                                 data_config.tfds_manual_dir)
+    test_images, test_labels = read_tfds_split("test", data_config.tfds_data_dir,
+                                               data_config.tfds_manual_dir)
+  classes = tuple(data_config.classes)
   train_images, train_labels = select_classes(train_images, train_labels, classes)
   test_images, test_labels = select_classes(test_images, test_labels, classes)
-  if config.max_train_examples:
-    train_images = train_images[:config.max_train_examples]
-    train_labels = train_labels[:config.max_train_examples]
-  if config.max_test_examples:
-    test_images = test_images[:config.max_test_examples]
-    test_labels = test_labels[:config.max_test_examples]
+  if data_config.max_train_examples:
+    train_images = train_images[:data_config.max_train_examples]
+    train_labels = train_labels[:data_config.max_train_examples]
+  if data_config.max_test_examples:
+    test_images = test_images[:data_config.max_test_examples]
+    test_labels = test_labels[:data_config.max_test_examples]
   if len(train_labels) == 0:
-    raise DataError(f"config.classes={classes}: no training image has these classes")
+    raise DataError(f"config.data.classes={classes}: no training image has these classes")
   mean, std = channel_statistics(train_images)
   return Dataset(train_images, train_labels, test_images, test_labels, mean, std,
                  tuple(CIFAR10_CLASS_NAMES[c] for c in classes))

@@ -1,4 +1,4 @@
-"""Test-time augmentation (`config.test_time_augmentation`): the evaluation's logits as the
+"""Test-time augmentation (`config.eval.test_time_augmentation`): the evaluation's logits as the
 weighted sum of the logits of several views of each test batch."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# (view, weight) pairs, airbench's weighting. "mirror": the image and its mirror image, 1/2 each. "mirror_translate": half of that
-# weight, and the other half to the mirror pairs of the image translated by one pixel (reflect
-# padding) up-left and down-right: 1/4 + 1/4 + 4 x 1/8.
+# (view, weight) pairs, airbench's weighting. "mirror": the image and its mirror image, 1/2
+# each. "mirror_translate": half of that weight, and the other half to the mirror pairs of the
+# image translated by one pixel (reflect padding) up-left and down-right: 1/4 + 1/4 + 4 x 1/8.
 LEVELS = ("none", "mirror", "mirror_translate")
 
 

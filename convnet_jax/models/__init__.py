@@ -1,4 +1,4 @@
-"""The models `config.model` can name, one module per family beside the shared layers:
+"""The models `config.model.name` can name, one module per family beside the shared layers:
 
 * `layers`: batch-statistics BatchNorm, the convolution module, the 2x2 max-pool, initialisers;
 * `seed`: the seed convnet of the specification;
@@ -46,56 +46,72 @@ __all__ = [
 
 
 def _resnet(stage_sizes: Sequence[int], block_cls: type[nn.Module]) -> Callable[..., nn.Module]:
-  def build(config, num_classes: int, **settings) -> nn.Module:
+  def build(model_config, num_classes: int, **settings) -> nn.Module:
     return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes,
-                  width=config.resnet_width, **settings)
+                  width=model_config.resnet.width, **settings)
   return build
 
 
-# Every model `config.model` can name, and how to build it from (config, num_classes, dtype=,
-# conv_implementation=). The ResNets: blocks per stage and the block type.
+def _airbench(model_config, num_classes: int, **settings) -> nn.Module:
+  options = model_config.airbench
+  return Airbench94(num_classes=num_classes, widths=tuple(options.widths),
+                    scale=options.output_scale, head_unit_std=options.head_unit_std,
+                    activation=options.activation, **settings)
+
+
+# Every model `model.name` can name, and how to build it from (the config's `model` group,
+# num_classes, dtype=, conv_implementation=). The ResNets: blocks per stage and the block type.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "seed_convnet": lambda config, num_classes, **settings: SeedConvNet(num_classes=num_classes,
-                                                                        **settings),
+    "seed_convnet": lambda model_config, num_classes, **settings: SeedConvNet(
+        num_classes=num_classes, **settings),
     "resnet18": _resnet((2, 2, 2, 2), BasicBlock),
     "resnet34": _resnet((3, 4, 6, 3), BasicBlock),
     "resnet50": _resnet((3, 4, 6, 3), BottleneckBlock),
-    "airbench94": lambda config, num_classes, **settings: Airbench94(
-        num_classes=num_classes, scale=config.airbench_output_scale,
-        head_unit_std=config.airbench_head_unit_std, activation=config.airbench_activation,
-        **settings),
+    "airbench94": _airbench,
 }
 
-# Models whose initial parameters also depend on the training data: (config, parameters, uint8
-# training images, channel mean, channel std) -> parameters, applied after `init`.
+# Models whose initial parameters also depend on the training data: (the `model` group,
+# parameters, uint8 training images, channel mean, channel std) -> parameters, applied after
+# `init`.
 DATA_INITIALISERS: dict[str, Callable] = {
-    "airbench94": lambda config, *data: airbench.initialise_from_data(
-        *data, num_examples=config.airbench_whitening_examples)}
+    "airbench94": lambda model_config, *data: airbench.initialise_from_data(
+        *data, num_examples=model_config.airbench.whitening_examples)}
 
 
-def initialise_from_data(config, params, data):
-  """`params` with the data-dependent parts of `config.model` filled in from the training set
-  `data` (an `input_pipeline.Dataset`); unchanged for models without any."""
-  initialise = DATA_INITIALISERS.get(config.model)
+def initialise_from_data(model_config, params, data):
+  """`params` with the data-dependent parts of the model (the config's `model` group) filled in
+  from the training set `data` (an `input_pipeline.Dataset`); unchanged for models without
+  any."""
+  initialise = DATA_INITIALISERS.get(model_config.name)
   if initialise is None:
     return params
-  return initialise(config, params, data.train_images, data.mean, data.std)
+  return initialise(model_config, params, data.train_images, data.mean, data.std)
 
 
-def create_model(config, num_classes: int, conv_implementation: str | None = None) -> nn.Module:
-  """Builds the model named by `config.model` (a key of `MODELS`) for `num_classes` outputs;
-  ResNets take their base width from `config.resnet_width`.
+def create_model(model_config, num_classes: int, conv_implementation: str | None = None
+                 ) -> nn.Module:
+  """Builds the model the config's `model` group names.
 
-  `conv_implementation`: the resolved convolution path (a key of `conv.CONV_IMPLEMENTATIONS`);
-  default: `config.conv_implementation` resolved for one device.
+  Args:
+    model_config: the config's `model` group: `name` (a key of `MODELS`), `dtype`,
+      `conv_implementation` and the family's own subgroup (`resnet`, `airbench`).
+    num_classes: the number of outputs.
+    conv_implementation: the resolved convolution path (a key of
+      `conv.CONV_IMPLEMENTATIONS`); default: `model_config.conv_implementation` resolved for
+      one device.
+
+  Returns:
+    The Flax module; `init` gives its parameters, `apply` is a pure function of (parameters,
+    images) returning logits.
   """
   if conv_implementation is None:
     conv_implementation = conv_lib.choose_conv_implementation(
-        config.conv_implementation, config.dtype).implementation
-  if config.model not in MODELS:
-    raise ValueError(f"unknown model {config.model!r}; expected one of {tuple(MODELS)}")
-  return MODELS[config.model](config, num_classes, dtype=jnp.dtype(config.dtype),
-                              conv_implementation=conv_implementation)
+        model_config.conv_implementation, model_config.dtype).implementation
+  if model_config.name not in MODELS:
+    raise ValueError(f"unknown model {model_config.name!r}; expected one of {tuple(MODELS)}")
+  return MODELS[model_config.name](model_config, num_classes,
+                                   dtype=jnp.dtype(model_config.dtype),
+                                   conv_implementation=conv_implementation)
 
 
 def count_parameters(params) -> int:

@@ -25,7 +25,7 @@ from convnet_jax.models.layers import fan_in_uniform
 from convnet_jax.models.layers import max_pool_2x2
 
 # airbench94's BatchNorm epsilon: effectively none, the offsets alone are learnt.
-BATCH_NORM_EPSILON = 1e-12
+OFFSET_ONLY_BATCH_NORM_EPSILON = 1e-12
 # The whitening kernel: from the first 5,000 training images, each eigenvector divided by
 # sqrt(eigenvalue + 5e-4).
 WHITENING_EXAMPLES = 5000
@@ -46,7 +46,7 @@ def silu(x: jax.Array) -> jax.Array:
   return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
-# `config.airbench_activation`: the activation after every BatchNorm (the whitening's is GELU).
+# `model.airbench.activation`: the activation after every BatchNorm (the whitening's is GELU).
 ACTIVATIONS = {"gelu": gelu, "silu": silu}
 
 
@@ -68,7 +68,7 @@ class ConvGroup(nn.Module):
                   kernel_init=dirac_then_fan_in_uniform(), name=name)
 
     def norm(name):
-      return BatchNorm(use_offset=True, epsilon=BATCH_NORM_EPSILON, name=name)
+      return BatchNorm(use_offset=True, epsilon=OFFSET_ONLY_BATCH_NORM_EPSILON, name=name)
 
     # On an odd-sized map (31, 15, 7) the max-pool drops the convolution's last row and
     # column: padding (1, 0) computes only the rows and columns it keeps, the same numbers

@@ -2,4 +2,4 @@
 and the loader of the optional oneDNN extension (`onednn`, built from `csrc/` by `pip install`).
 
 May import `convnet_jax.parallel.data_parallel` (a mesh tells the oneDNN calls how to split a
-batch) and `convnet_jax.runs.errors`, nothing else of the package."""
+batch) and `convnet_jax.errors`, nothing else of the package."""

@@ -13,7 +13,7 @@ speed on each backend and in the last digits of float sums:
 * "xla": XLA's native convolution (cuDNN on GPU, the MXU on TPU);
 * "hybrid": XLA's convolution forward, matrix products for the kernel gradient (pure JAX).
 
-`choose_conv_implementation` resolves `config.conv_implementation` ("auto" included) to one of
+`choose_conv_implementation` resolves `config.model.conv_implementation` ("auto" included) to one of
 them and says why.
 """
 
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from convnet_jax.ops import onednn
 from convnet_jax.parallel import data_parallel
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 
 Padding = int | tuple[int, int] | None
@@ -270,9 +270,9 @@ class ConvUnavailable(UserError):
   """`conv_implementation` names a path that cannot run here; the message says why."""
 
   def naming_the_key(self, requested: str, advice: str = "") -> UserError:
-    """The same as an error naming `config.conv_implementation` (its value `requested`), with
+    """The same as an error naming `config.model.conv_implementation` (its value `requested`), with
     `advice` after the reason."""
-    return UserError(f"config.conv_implementation={requested!r}: {self}{advice}")
+    return UserError(f"config.model.conv_implementation={requested!r}: {self}{advice}")
 
 
 def check_conv_implementation(requested: str) -> None:
@@ -286,7 +286,7 @@ def check_conv_implementation(requested: str) -> None:
 
 def choose_conv_implementation(requested: str, dtype: str = "float32",
                                num_devices: int = 1, backend: str | None = None) -> ConvChoice:
-  """Resolves `config.conv_implementation` for this process, or for `backend` ("cpu", "gpu",
+  """Resolves `config.model.conv_implementation` for this process, or for `backend` ("cpu", "gpu",
   "tpu"; default: JAX's backend here) when compiling for another platform.
 
   "auto": oneDNN on a CPU backend when the extension loads (float32, or bfloat16 in bfloat16

@@ -10,9 +10,9 @@ import time
 
 import jax
 
-from convnet_jax.runs.errors import one_line
-from convnet_jax.runs.errors import RunStopped
-from convnet_jax.runs.errors import TrainingDiverged
+from convnet_jax.errors import one_line
+from convnet_jax.errors import RunStopped
+from convnet_jax.errors import TrainingDiverged
 
 
 # The exit status of a process that stops because another process of its run was lost

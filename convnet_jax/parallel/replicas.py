@@ -11,15 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def replica_settings(config) -> dict[str, list]:
-  """Seed, peak learning rate and momentum of each of the `config.num_replicas` models: replica
-  i has `replica_seeds[i]` (default `seed + i`), `replica_learning_rates[i]` (default
-  `learning_rate`) and `replica_momenta[i]` (default `momentum`). One model: its config values."""
-  count = config.num_replicas
+def replica_settings(replicas, seed: int, learning_rate: float, momentum: float
+                     ) -> dict[str, list]:
+  """Seed, peak learning rate and momentum of each of the `replicas.count` models (the config's
+  `replicas` group): replica i has `replicas.seeds[i]` (default `seed + i`),
+  `replicas.learning_rates[i]` (default `learning_rate`) and `replicas.momenta[i]` (default
+  `momentum`). One model: the values given."""
+  count = replicas.count
   return {
-      "seed": list(config.replica_seeds) or [config.seed + i for i in range(count)],
-      "learning_rate": list(config.replica_learning_rates) or [config.learning_rate] * count,
-      "momentum": list(config.replica_momenta) or [config.momentum] * count,
+      "seed": list(replicas.seeds) or [seed + i for i in range(count)],
+      "learning_rate": list(replicas.learning_rates) or [learning_rate] * count,
+      "momentum": list(replicas.momenta) or [momentum] * count,
   }
 
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from convnet_jax.runs import logs
-from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.errors import WriteFailed
 
 
 def state_checksum(state) -> str:
@@ -92,10 +92,12 @@ class CheckpointStore:
       raise WriteFailed(f"checkpoint {step} in {self.directory}", error) from None
     self.newest_intact, self.newest_intact_position = step, record.get("position")
 
-  def restore_latest(self, target_state, fingerprint: str):
+  def restore_latest(self, target_state, fingerprints: Sequence[str]):
     """Restores the newest checkpoint that reads back intact, as (state, record), or None if
-    there is none. A damaged one is skipped with a warning; one written by another config
-    raises `ForeignCheckpointError`."""
+    there is none. A damaged one is skipped with a warning; one whose config fingerprint is not
+    among `fingerprints` (this config's first, then that of the config.json the workdir held
+    before this start, as an earlier version of the package wrote it) raises
+    `ForeignCheckpointError`."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -106,10 +108,11 @@ class CheckpointStore:
         logging.warning("checkpoint %s/%d could not be read (%s: %s); trying the previous one",
                         self.directory, step, type(error).__name__, error)
         continue
-      if record.get("config_fingerprint") != fingerprint:
+      if record.get("config_fingerprint") not in fingerprints:
         raise ForeignCheckpointError(
             f"{self.directory}/{step}: checkpoint of another config (fingerprint "
-            f"{record.get('config_fingerprint')}, this config {fingerprint}); use a new --workdir")
+            f"{record.get('config_fingerprint')}, this config {fingerprints[0]}); use a "
+            f"new --workdir")
       if not intact:
         logging.warning("checkpoint %s/%d fails its checksum; trying the previous one",
                         self.directory, step)

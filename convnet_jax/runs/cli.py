@@ -4,29 +4,31 @@ line and an exit status, not a traceback."""
 
 from __future__ import annotations
 
-import difflib
 import errno
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import types
 from typing import NoReturn, Sequence
 
-import ml_collections
 from absl import app
 from absl import flags
 
 from convnet_jax.runs import allocator
 from convnet_jax.runs import logs
-from convnet_jax.runs.errors import one_line
-from convnet_jax.runs.errors import RunStopped
-from convnet_jax.runs.errors import StorageUnavailable
-from convnet_jax.runs.errors import TrainingDiverged
-from convnet_jax.runs.errors import UserError
-from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.runs import validation
+from convnet_jax.errors import one_line
+from convnet_jax.errors import RunStopped
+from convnet_jax.errors import StorageUnavailable
+from convnet_jax.errors import TrainingDiverged
+from convnet_jax.errors import UserError
+from convnet_jax.errors import WriteFailed
 
 CONFIG_PREFIX = "--config."
+# How ml_collections refuses a value of another type for a field: the field's name.
+_OVERRIDDEN_FIELD = re.compile(r"Could not override field '(\w+)'")
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -67,31 +69,19 @@ def load_config_file(path_and_arg: str):
     raise UserError(f"{flag}: has no get_config() function, which a config file must define")
   try:
     return module.get_config(config_arg) if config_arg else module.get_config()
+  except TypeError as error:
+    # A config file of before the groups, setting a group to a value ("config.model = ..."):
+    # ml_collections refuses to override the group with another type.
+    field = _OVERRIDDEN_FIELD.search(str(error))
+    moved = field and validation.moved_key(field.group(1))
+    if not moved:
+      call = f"get_config({config_arg!r})" if config_arg else "get_config()"
+      raise UserError(f"{flag}: {call} failed: TypeError: {one_line(error)}") from None
+    raise UserError(f"{flag}: {moved}") from None
   except Exception as error:
     call = f"get_config({config_arg!r})" if config_arg else "get_config()"
     raise UserError(f"{flag}: {call} failed: {type(error).__name__}: "
                     f"{one_line(error)}") from None
-
-
-def unknown_config_key(config, argv: Sequence[str]) -> str | None:
-  """A one-line message for the first `--config.KEY=VALUE` of argv whose KEY is not in
-  `config`, naming the closest valid keys; None when every key exists."""
-  for arg in argv:
-    if not arg.startswith(CONFIG_PREFIX):
-      continue
-    dotted = arg[len(CONFIG_PREFIX):].split("=", 1)[0]
-    node, walked = config, []
-    for part in dotted.split("."):
-      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      if part not in keys:
-        prefix = ".".join(walked + [""])
-        close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
-        hint = ("did you mean " + " or ".join(prefix + key for key in close) + "?" if close
-                else f"the keys{' of ' + prefix[:-1] if walked else ''} are listed in the config "
-                     f"file")
-        return f"--config.{dotted}: no such config key; {hint}"
-      node, walked = node[part], walked + [part]
-  return None
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -104,10 +94,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       config = load_config_file(path)
     except UserError as error:
       fail(str(error))
+    moved = validation.moved_config_flag(config, argv)
+    if moved:
+      fail(moved)
   try:
     return flags.FLAGS(argv)
   except Exception as error:  # absl and ml_collections raise several types for a bad flag
-    message = unknown_config_key(config, argv) if config is not None else None
+    message = validation.unknown_config_key(config, argv) if config is not None else None
     if message is None:
       message = one_line(error)  # the parser's own words, on one line
     fail(message)

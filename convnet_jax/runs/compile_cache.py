@@ -35,7 +35,7 @@ from absl import logging
 
 from convnet_jax.data import download
 from convnet_jax.ops import onednn
-from convnet_jax.runs.errors import write_failure_reason
+from convnet_jax.errors import write_failure_reason
 
 CACHE_VARIABLE = "CONVNET_JAX_COMPILATION_CACHE"
 OFF_WORDS = ("off", "0", "none", "false")

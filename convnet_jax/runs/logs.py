@@ -19,7 +19,7 @@ from pathlib import Path
 from absl import flags
 from absl import logging as absl_logging
 
-from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.errors import WriteFailed
 
 
 def quiet_stderr() -> None:

@@ -1,9 +1,10 @@
 """Everything a run shows and keeps besides checkpoints, behind one object, `Reporter`.
 
-stdout gets one JSON line per epoch and nothing else; stderr the notes (convolution path, compile
-time, resumption, the shape trace), and in a terminal a progress bar over the run's steps; the workdir
-config.json, metrics.jsonl, preds and tensorboard/. In a multi-process run only process 0
-writes: the others get a reporter that does nothing, so the training loop never asks.
+stdout gets one JSON line per epoch and nothing else; stderr the notes (convolution path,
+compile time, resumption, the shape trace), and in a terminal a progress bar over the run's
+steps; the workdir config.json, metrics.jsonl, preds and tensorboard/. In a multi-process run
+only process 0 writes: the others get a reporter that does nothing, so the training loop never
+asks.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import jax
 import numpy as np
 
 from convnet_jax import models
-from convnet_jax import steps as steps_lib
+from convnet_jax.budget import StepBudget
 from convnet_jax.parallel import replicas
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.errors import WriteFailed
 
 # The scalars of each epoch's TensorBoard page.
 TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "learning_rate",
@@ -31,12 +32,17 @@ TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lear
 class Reporter:
   """Writes a run's outputs (see the module docstring); a no-op unless `is_writer`."""
 
-  def __init__(self, config, files: workdir_lib.RunFiles, is_writer: bool = True):
-    self.config = config
+  def __init__(self, files: workdir_lib.RunFiles, config_values: dict[str, Any], operations,
+               is_writer: bool = True):
+    """`config_values`: the run's config as JSON data, for config.json; `operations`: the
+    config's `operations` group (TensorBoard, the progress bar)."""
     self.files = files
+    self.config_values = config_values
+    self.operations = operations
     self.is_writer = is_writer
     self._progress = None
     self._progress_range = (0, 0)
+    self._epochs = 0
     self._tensorboard = None
     self._tensorboard_failure: OSError | None = None
     self._thread_hook = threading.excepthook
@@ -48,22 +54,21 @@ class Reporter:
         self._progress.clear()  # the line goes above the bar, not through it
       print(message, file=sys.stderr, flush=True)
 
-  def start(self, history: Sequence[dict], recorded: dict[str, Any], total_steps: int = 0,
-            steps_done: int = 0) -> None:
+  def start(self, history: Sequence[dict], recorded: dict[str, Any],
+            budget: StepBudget | None = None, steps_done: int = 0) -> None:
     """Writes config.json (the config plus the `recorded` facts about this run) and
     metrics.jsonl (the epochs restored from a checkpoint: later ones are computed again). Opens
-    TensorBoard and the progress bar over the run's `total_steps`, `steps_done` of them done."""
+    TensorBoard and the progress bar over the steps of `budget`, `steps_done` of them done."""
     if not self.is_writer:
       return
     with writing(self.files.metrics):
       workdir_lib.write_atomically(self.files.metrics,
                                    "".join(json.dumps(r) + "\n" for r in history))
-    config_values = dict(json.loads(self.config.to_json_best_effort()), **recorded)
+    config_values = dict(self.config_values, **recorded)
     with writing(self.files.config):
       workdir_lib.write_atomically(self.files.config,
                                    json.dumps(config_values, indent=2) + "\n")
-    operations = self.config.operations
-    if operations.tensorboard:
+    if self.operations.tensorboard:
       import tensorboardX  # imported here: writes event files without TensorFlow
 
       with writing(self.files.tensorboard):
@@ -74,7 +79,9 @@ class Reporter:
                                                        max_queue=0)
       self._thread_hook = threading.excepthook
       threading.excepthook = self._tensorboard_thread_failed
-    self._progress_range = (total_steps, steps_done)
+    if budget is not None:
+      self._progress_range = (budget.total_steps, steps_done)
+      self._epochs = budget.epochs_run
 
   def steps(self, num_steps: int, epoch: int, images_per_second: float) -> None:
     """Moves the progress bar by `num_steps` steps of epoch `epoch`."""
@@ -86,9 +93,8 @@ class Reporter:
       total, initial = self._progress_range
       self._progress = tqdm.tqdm(
           total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
-          disable=not (self.config.operations.progress_bar and sys.stderr.isatty()))
-    epochs = steps_lib.epochs_run(self.config.num_epochs)
-    self._progress.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+          disable=not (self.operations.progress_bar and sys.stderr.isatty()))
+    self._progress.set_description(f"epoch {epoch + 1}/{self._epochs}", refresh=False)
     self._progress.set_postfix_str(f"{images_per_second:,.0f} img/s", refresh=False)
     self._progress.update(num_steps)
 

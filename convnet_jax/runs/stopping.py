@@ -22,7 +22,7 @@ import numpy as np
 import jax
 from jax.experimental import multihost_utils
 
-from convnet_jax.runs.errors import RunStopped
+from convnet_jax.errors import RunStopped
 
 __all__ = ["RunStopped", "StopSignals", "exit_status", "request_stop"]
 

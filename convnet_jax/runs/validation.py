@@ -1,22 +1,26 @@
 """Checks of user input that run before any data loading or compilation.
 
 Each failure raises `UserError` (or `input_pipeline.DataError`, a subclass of it) with one line
-that names the config key or file and what was expected; `main` prints it and exits with 2.
+that names the config key (its full dotted name) or file and what was expected; `main` prints it
+and exits with 2. Each group of the config is checked by a function of its own.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+from typing import Sequence
 
 import jax
+import ml_collections
 
 from convnet_jax import models
-from convnet_jax.models import airbench
 from convnet_jax import optim
 from convnet_jax.data import input_pipeline
 from convnet_jax.data import tta
+from convnet_jax.errors import UserError
+from convnet_jax.models import airbench
 from convnet_jax.ops import conv
-from convnet_jax.runs.errors import UserError
 
 MODELS = tuple(models.MODELS)
 SCHEDULES = ("linear", "step", "cosine", "warmup_linear")
@@ -29,8 +33,66 @@ DATA_SOURCES = ("binary", "tfds")
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLEMENTATIONS = ("auto",) + tuple(conv.CONV_IMPLEMENTATIONS)
 # The config groups that say how a run is operated, not what it computes: a run is the config
-# without them (`workdir.run_identity`), so a workdir may be resumed with other values in them.
+# without them (`workdir.identity`), so a workdir may be resumed with other values in them.
 OPERATION_GROUPS = ("operations", "benchmark")
+# The keys of the flat config of before the groups, and where each is now. A saved workdir's
+# config.json in the old form resumes (`workdir.upgraded`); an old key on the command line or
+# set by a config file stops with one line naming its new place.
+MOVED_KEYS = {
+    "model": "model.name",
+    "dtype": "model.dtype",
+    "conv_implementation": "model.conv_implementation",
+    "resnet_width": "model.resnet.width",
+    "airbench_output_scale": "model.airbench.output_scale",
+    "airbench_head_unit_std": "model.airbench.head_unit_std",
+    "airbench_activation": "model.airbench.activation",
+    "airbench_whitening_examples": "model.airbench.whitening_examples",
+    "dataset": "data.dataset",
+    "classes": "data.classes",
+    "data_source": "data.source",
+    "data_dir": "data.dir",
+    "data_url": "data.url",
+    "data_sha256": "data.sha256",
+    "tfds_data_dir": "data.tfds_data_dir",
+    "tfds_manual_dir": "data.tfds_manual_dir",
+    "max_train_examples": "data.max_train_examples",
+    "max_test_examples": "data.max_test_examples",
+    "drop_last_batch": "data.drop_last_batch",
+    "eval_batch_size": "eval.batch_size",
+    "test_time_augmentation": "eval.test_time_augmentation",
+    "augment": "augment.enabled",
+    "augment_translate": "augment.translate",
+    "augment_padding": "augment.padding",
+    "augment_flip": "augment.flip",
+    "augment_brightness": "augment.brightness",
+    "augment_contrast": "augment.contrast",
+    "label_smoothing": "optim.label_smoothing",
+    "loss_reduction": "optim.loss_reduction",
+    "learning_rate": "optim.learning_rate",
+    "momentum": "optim.momentum",
+    "nesterov": "optim.nesterov",
+    "weight_decay": "optim.weight_decay",
+    "decoupled_hyperparameters": "optim.decoupled_hyperparameters",
+    "offset_lr_multiplier": "optim.offset_lr_multiplier",
+    "lr_multipliers": "optim.lr_multipliers",
+    "schedule": "schedule.name",
+    "lr_boundaries_epochs": "schedule.boundaries_epochs",
+    "lr_decay_factor": "schedule.decay_factor",
+    "warmup_fraction": "schedule.warmup_fraction",
+    "warmup_start_factor": "schedule.warmup_start_factor",
+    "final_lr_factor": "schedule.final_lr_factor",
+    "frozen_parameters": "freeze.parameters",
+    "late_frozen_parameters": "freeze.late_parameters",
+    "late_freeze_epochs": "freeze.late_epochs",
+    "late_freeze_schedule": "freeze.late_schedule",
+    "lookahead_every_steps": "lookahead.every_steps",
+    "lookahead_decay": "lookahead.decay",
+    "lookahead_power": "lookahead.power",
+    "num_replicas": "replicas.count",
+    "replica_seeds": "replicas.seeds",
+    "replica_learning_rates": "replicas.learning_rates",
+    "replica_momenta": "replicas.momenta",
+}
 
 
 def require(condition: bool, key: str, expected: str, value, prefix: str = "config") -> None:
@@ -48,71 +110,266 @@ def is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def moved_key(key: str, prefix: str = "config") -> str | None:
+  """"config.augment_flip is now config.augment.flip" for a key of the flat config of before
+  the groups (`MOVED_KEYS`), else None."""
+  if key not in MOVED_KEYS:
+    return None
+  return f"{prefix}.{key} is now {prefix}.{MOVED_KEYS[key]}"
+
+
+def check_no_moved_keys(config, prefix: str = "config") -> None:
+  """A config (a config file's, a sweep's base) that sets a key of the flat config of before
+  the groups: `UserError` naming its new place, rather than a key training would ignore."""
+  for key in config.keys():
+    if key in MOVED_KEYS and not isinstance(config[key], ml_collections.ConfigDict):
+      raise UserError(moved_key(key, prefix))
+
+
+CONFIG_FLAG = "--config."
+
+
+def _flag_keys(argv: Sequence[str]):
+  """The dotted KEY of each `--config.KEY=VALUE` of argv."""
+  for arg in argv:
+    if arg.startswith(CONFIG_FLAG):
+      yield arg[len(CONFIG_FLAG):].split("=", 1)[0]
+
+
+def moved_config_flag(config, argv: Sequence[str]) -> str | None:
+  """The one-line message for the first `--config.KEY=VALUE` of argv whose KEY is a key of the
+  flat config of before the groups (also `--config.base.KEY` of a sweep config): its new
+  place; None when there is none."""
+  for dotted in _flag_keys(argv):
+    parts = dotted.split(".")
+    prefix, target = ["config"], config
+    if len(parts) == 2 and parts[0] == "base" and isinstance(config.get("base"),
+                                                              ml_collections.ConfigDict):
+      prefix, target, parts = ["config", "base"], config.base, parts[1:]
+    # Only where today's group of the key exists: a sweep's own keys are not training keys.
+    if len(parts) == 1 and parts[0] in MOVED_KEYS and MOVED_KEYS[parts[0]].split(".")[0] in target:
+      return moved_key(parts[0], ".".join(prefix))
+  return None
+
+
+def unknown_config_key(config, argv: Sequence[str]) -> str | None:
+  """A one-line message for the first `--config.KEY=VALUE` of argv whose KEY is not in
+  `config`, naming the closest valid keys; None when every key exists."""
+  for dotted in _flag_keys(argv):
+    node, walked = config, []
+    for part in dotted.split("."):
+      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if part not in keys:
+        prefix = ".".join(walked + [""])
+        close = _close_keys(node, part) if isinstance(node, ml_collections.ConfigDict) else []
+        hint = ("did you mean " + " or ".join(prefix + key for key in close) + "?" if close
+                else f"the keys{' of ' + prefix[:-1] if walked else ''} are listed in the config "
+                     f"file")
+        return f"--config.{dotted}: no such config key; {hint}"
+      node, walked = node[part], walked + [part]
+  return None
+
+
+def _close_keys(node, name: str, limit: int = 3) -> list[str]:
+  """The dotted keys under `node` (its own and its groups') whose last part is closest to
+  `name`: a key mistyped, or named without its group ("learning_rate" for
+  "optim.learning_rate")."""
+  def dotted_keys(group, prefix=""):
+    for key, value in group.items():
+      yield prefix + key
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from dotted_keys(value, f"{prefix}{key}.")
+
+  keys = list(dotted_keys(node))
+  leaves = sorted({key.rsplit(".", 1)[-1] for key in keys})
+  close = difflib.get_close_matches(name, leaves, n=limit, cutoff=0.6)
+  found = [key for leaf in close for key in keys if key.rsplit(".", 1)[-1] == leaf]
+  return found[:limit]
+
+
 def validate_config(config) -> None:
   """Raises `UserError` naming the first config key whose value is not usable."""
-  require(config.model in MODELS, "model", f"one of {MODELS}", config.model)
-  require(config.dataset in DATASETS, "dataset", f"one of {DATASETS}", config.dataset)
-  require(config.dtype in DTYPES, "dtype", f"one of {DTYPES}", config.dtype)
-  require(config.conv_implementation in CONV_IMPLEMENTATIONS, "conv_implementation",
-          f"one of {CONV_IMPLEMENTATIONS}", config.conv_implementation)
-  try:
-    conv.check_conv_implementation(config.conv_implementation)
-  except conv.ConvUnavailable as error:
-    raise error.naming_the_key(config.conv_implementation, "; use 'auto' (which falls back to "
-                               "'im2col' here) or 'im2col'") from None
-  classes = config.classes
-  require(isinstance(classes, (tuple, list)) and len(classes) >= 2, "classes",
-          "a tuple of at least two CIFAR-10 class ids", classes)
-  for class_id in classes:
-    require(is_int(class_id) and 0 <= class_id < input_pipeline.NUM_CIFAR10_CLASSES,
-            "classes", "class ids between 0 and 9", classes)
-  require(len(set(classes)) == len(classes), "classes", "no repeated class id", classes)
-  for key in ("batch_size", "eval_batch_size"):
-    require(is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
+  check_no_moved_keys(config)
+  require(is_int(config.seed), "seed", "an integer", config.seed)
   require(is_number(config.num_epochs) and config.num_epochs > 0, "num_epochs",
           "a positive number (a fraction trains part of one more epoch)", config.num_epochs)
-  require(is_number(config.learning_rate) and config.learning_rate >= 0, "learning_rate",
-          "a non-negative number", config.learning_rate)
-  require(is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
-          "a number in [0, 1)", config.momentum)
-  for key in ("nesterov", "augment", "drop_last_batch"):
-    require(isinstance(config[key], bool), key, "True or False", config[key])
-  # PyTorch refuses Nesterov without momentum too: it would silently be plain SGD.
-  require(not config.nesterov or config.momentum > 0, "nesterov",
-          "False when config.momentum is 0 (Nesterov needs momentum)", config.nesterov)
-  require(is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
-          "a non-negative number", config.weight_decay)
-  _validate_schedule(config)
-  _validate_recipe(config)
-  require(is_int(config.resnet_width) and config.resnet_width > 0, "resnet_width",
-          "a positive integer", config.resnet_width)
-  require(is_int(config.seed), "seed", "an integer", config.seed)
-  _validate_replicas(config)
+  require(is_int(config.batch_size) and config.batch_size > 0, "batch_size",
+          "a positive integer", config.batch_size)
+  _validate_model(config.model)
+  _validate_data(config.data)
+  _validate_augment(config.augment)
+  _validate_optim(config.optim)
+  _validate_schedule(config.schedule, config.num_epochs)
+  _validate_muon(config.muon)
+  _validate_lookahead(config.lookahead)
+  _validate_freeze(config.freeze)
+  _validate_replicas(config.replicas, config.optim)
+  _validate_eval(config.eval)
   _validate_operations(config.operations)
-  for key in ("max_train_examples", "max_test_examples"):
-    require(is_int(config[key]) and config[key] >= 0, key, "0 (all) or a positive integer",
-            config[key])
-  require(config.data_source in DATA_SOURCES, "data_source", f"one of {DATA_SOURCES}",
-          config.data_source)
-  if config.data_source == "binary" and config.data_dir:
-    input_pipeline.check_binary_files(config.data_dir)
   if "benchmark" in config:
     _validate_benchmark(config.benchmark)
 
 
-def _validate_replicas(config) -> None:
-  count = config.num_replicas
-  require(is_int(count) and count > 0, "num_replicas", "a positive integer", count)
+def _validate_model(model) -> None:
+  require(model.name in MODELS, "model.name", f"one of {MODELS}", model.name)
+  require(model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", model.dtype)
+  require(model.conv_implementation in CONV_IMPLEMENTATIONS, "model.conv_implementation",
+          f"one of {CONV_IMPLEMENTATIONS}", model.conv_implementation)
+  try:
+    conv.check_conv_implementation(model.conv_implementation)
+  except conv.ConvUnavailable as error:
+    raise error.naming_the_key(model.conv_implementation, "; use 'auto' (which falls back to "
+                               "'im2col' here) or 'im2col'") from None
+  require(is_int(model.resnet.width) and model.resnet.width > 0, "model.resnet.width",
+          "a positive integer", model.resnet.width)
+  options = model.airbench
+  require(isinstance(options.widths, (tuple, list)) and len(options.widths) == 3
+          and all(is_int(w) and w > 0 for w in options.widths), "model.airbench.widths",
+          "three positive integers, the output channels of the conv groups", options.widths)
+  require(is_number(options.output_scale) and options.output_scale > 0,
+          "model.airbench.output_scale", "a positive number", options.output_scale)
+  require(isinstance(options.head_unit_std, bool), "model.airbench.head_unit_std",
+          "True or False", options.head_unit_std)
+  require(options.activation in airbench.ACTIVATIONS, "model.airbench.activation",
+          f"one of {tuple(airbench.ACTIVATIONS)}", options.activation)
+  require(is_int(options.whitening_examples) and options.whitening_examples > 0,
+          "model.airbench.whitening_examples", "a positive number of training images",
+          options.whitening_examples)
+
+
+def _validate_data(data) -> None:
+  require(data.dataset in DATASETS, "data.dataset", f"one of {DATASETS}", data.dataset)
+  classes = data.classes
+  require(isinstance(classes, (tuple, list)) and len(classes) >= 2, "data.classes",
+          "a tuple of at least two CIFAR-10 class ids", classes)
+  for class_id in classes:
+    require(is_int(class_id) and 0 <= class_id < input_pipeline.NUM_CIFAR10_CLASSES,
+            "data.classes", "class ids between 0 and 9", classes)
+  require(len(set(classes)) == len(classes), "data.classes", "no repeated class id", classes)
+  for key in ("max_train_examples", "max_test_examples"):
+    require(is_int(data[key]) and data[key] >= 0, f"data.{key}",
+            "0 (all) or a positive integer", data[key])
+  require(isinstance(data.drop_last_batch, bool), "data.drop_last_batch", "True or False",
+          data.drop_last_batch)
+  require(data.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}", data.source)
+  if data.source == "binary" and data.dir:
+    input_pipeline.check_binary_files(data.dir)
+
+
+def _validate_augment(augment) -> None:
+  require(isinstance(augment.enabled, bool), "augment.enabled", "True or False",
+          augment.enabled)
+  require(is_int(augment.translate) and 0 <= augment.translate <= 16, "augment.translate",
+          "an integer number of pixels in [0, 16]", augment.translate)
+  require(augment.padding in AUGMENT_PADDINGS, "augment.padding",
+          f"one of {AUGMENT_PADDINGS}", augment.padding)
+  require(augment.flip in AUGMENT_FLIPS, "augment.flip", f"one of {AUGMENT_FLIPS}",
+          augment.flip)
+  for key in ("brightness", "contrast"):
+    require(is_number(augment[key]) and 0 <= augment[key] < 1, f"augment.{key}",
+            "a number in [0, 1)", augment[key])
+
+
+def _validate_optim(optim_config) -> None:
+  require(is_number(optim_config.label_smoothing) and 0 <= optim_config.label_smoothing < 1,
+          "optim.label_smoothing", "a number in [0, 1)", optim_config.label_smoothing)
+  require(optim_config.loss_reduction in LOSS_REDUCTIONS, "optim.loss_reduction",
+          f"one of {LOSS_REDUCTIONS}", optim_config.loss_reduction)
+  require(is_number(optim_config.learning_rate) and optim_config.learning_rate >= 0,
+          "optim.learning_rate", "a non-negative number", optim_config.learning_rate)
+  require(is_number(optim_config.momentum) and 0 <= optim_config.momentum < 1,
+          "optim.momentum", "a number in [0, 1)", optim_config.momentum)
+  require(isinstance(optim_config.nesterov, bool), "optim.nesterov", "True or False",
+          optim_config.nesterov)
+  # PyTorch refuses Nesterov without momentum too: it would silently be plain SGD.
+  require(not optim_config.nesterov or optim_config.momentum > 0, "optim.nesterov",
+          "False when config.optim.momentum is 0 (Nesterov needs momentum)",
+          optim_config.nesterov)
+  require(is_number(optim_config.weight_decay) and optim_config.weight_decay >= 0,
+          "optim.weight_decay", "a non-negative number", optim_config.weight_decay)
+  require(isinstance(optim_config.decoupled_hyperparameters, bool),
+          "optim.decoupled_hyperparameters", "True or False",
+          optim_config.decoupled_hyperparameters)
+  # The decoupled weight decay is weight_decay * batch_size / learning_rate.
+  require(not optim_config.decoupled_hyperparameters or optim_config.learning_rate > 0,
+          "optim.learning_rate", "a positive number with config.optim.decoupled_hyperparameters",
+          optim_config.learning_rate)
+  require(is_number(optim_config.offset_lr_multiplier) and optim_config.offset_lr_multiplier > 0,
+          "optim.offset_lr_multiplier", "a positive number", optim_config.offset_lr_multiplier)
+  pairs = optim_config.lr_multipliers
+  require(isinstance(pairs, (tuple, list)) and all(
+      isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+      and pair[0] and is_number(pair[1]) and pair[1] > 0 for pair in pairs),
+          "optim.lr_multipliers", 'pairs of a parameter path and a positive multiplier, such '
+          'as (("whiten/bias", 0.08),)', pairs)
+
+
+def _validate_schedule(schedule, num_epochs) -> None:
+  require(schedule.name in SCHEDULES, "schedule.name", f"one of {SCHEDULES}", schedule.name)
+  if schedule.name == "warmup_linear":
+    require(is_number(schedule.warmup_fraction) and 0 <= schedule.warmup_fraction < 1,
+            "schedule.warmup_fraction", "a number in [0, 1)", schedule.warmup_fraction)
+    for key in ("warmup_start_factor", "final_lr_factor"):
+      require(is_number(schedule[key]) and schedule[key] >= 0, f"schedule.{key}",
+              "a non-negative number", schedule[key])
+  if schedule.name != "step":
+    return  # the boundaries and factor are not used
+  boundaries = schedule.boundaries_epochs
+  require(isinstance(boundaries, (tuple, list)) and all(is_int(b) for b in boundaries),
+          "schedule.boundaries_epochs", "a tuple of integer epochs", boundaries)
+  require(all(0 < b < num_epochs for b in boundaries), "schedule.boundaries_epochs",
+          f"epochs between 1 and num_epochs - 1 = {math.ceil(num_epochs) - 1}", boundaries)
+  require(all(a < b for a, b in zip(boundaries, boundaries[1:])), "schedule.boundaries_epochs",
+          "strictly increasing epochs", boundaries)
+  require(is_number(schedule.decay_factor) and 0 < schedule.decay_factor <= 1,
+          "schedule.decay_factor", "a number in (0, 1]", schedule.decay_factor)
+
+
+def _validate_lookahead(lookahead) -> None:
+  require(is_int(lookahead.every_steps) and lookahead.every_steps >= 0,
+          "lookahead.every_steps", "0 (no lookahead) or a positive integer",
+          lookahead.every_steps)
+  require(is_number(lookahead.decay) and 0 <= lookahead.decay <= 1, "lookahead.decay",
+          "a number in [0, 1]", lookahead.decay)
+  require(is_number(lookahead.power) and lookahead.power >= 0, "lookahead.power",
+          "a non-negative number", lookahead.power)
+
+
+def _validate_freeze(freeze) -> None:
+  for key in ("parameters", "late_parameters"):
+    require(isinstance(freeze[key], (tuple, list)) and all(
+        isinstance(name, str) and name for name in freeze[key]), f"freeze.{key}",
+            'a tuple of parameter paths such as "whiten/kernel"', freeze[key])
+  require(is_number(freeze.late_epochs) and freeze.late_epochs >= 0, "freeze.late_epochs",
+          "a non-negative number of epochs", freeze.late_epochs)
+  require(freeze.late_schedule in LATE_FREEZE_SCHEDULES, "freeze.late_schedule",
+          f"one of {LATE_FREEZE_SCHEDULES}", freeze.late_schedule)
+  require(freeze.late_schedule == "main" or freeze.late_epochs > 0, "freeze.late_epochs",
+          'a positive number of epochs with freeze.late_schedule="linear_to_zero"',
+          freeze.late_epochs)
+
+
+def _validate_eval(eval_config) -> None:
+  require(is_int(eval_config.batch_size) and eval_config.batch_size > 0, "eval.batch_size",
+          "a positive integer", eval_config.batch_size)
+  require(eval_config.test_time_augmentation in tta.LEVELS, "eval.test_time_augmentation",
+          f"one of {tta.LEVELS}", eval_config.test_time_augmentation)
+
+
+def _validate_replicas(replicas, optim_config) -> None:
+  count = replicas.count
+  require(is_int(count) and count > 0, "replicas.count", "a positive integer", count)
   for key, check, expected in (
-      ("replica_seeds", is_int, "integer seeds"),
-      ("replica_learning_rates", lambda v: is_number(v) and v >= 0, "non-negative numbers"),
-      ("replica_momenta", lambda v: is_number(v) and 0 <= v < 1, "numbers in [0, 1)")):
-    values = config[key]
-    require(isinstance(values, (tuple, list)) and (not values or len(values) == count), key,
-            f"() or a tuple of num_replicas={count} values", values)
-    require(all(check(v) for v in values), key, expected, values)
-  require(not config.nesterov or all(m > 0 for m in config.replica_momenta), "nesterov",
-          "False when a replica's momentum is 0 (Nesterov needs momentum)", config.nesterov)
+      ("seeds", is_int, "integer seeds"),
+      ("learning_rates", lambda v: is_number(v) and v >= 0, "non-negative numbers"),
+      ("momenta", lambda v: is_number(v) and 0 <= v < 1, "numbers in [0, 1)")):
+    values = replicas[key]
+    require(isinstance(values, (tuple, list)) and (not values or len(values) == count),
+            f"replicas.{key}", f"() or a tuple of replicas.count={count} values", values)
+    require(all(check(v) for v in values), f"replicas.{key}", expected, values)
+  require(not optim_config.nesterov or all(m > 0 for m in replicas.momenta), "optim.nesterov",
+          "False when a replica's momentum is 0 (Nesterov needs momentum)",
+          optim_config.nesterov)
 
 
 def _validate_operations(operations) -> None:
@@ -147,10 +404,11 @@ def check_devices(config, device_count: int) -> None:
   require(num_devices <= device_count, "operations.num_devices",
           f"at most the {device_count} devices JAX sees (jax.device_count())", num_devices)
   count = num_devices or device_count
-  for key in ("batch_size", "eval_batch_size"):
-    require(config[key] % count == 0, key,
+  for key, size in (("batch_size", config.batch_size),
+                    ("eval.batch_size", config.eval.batch_size)):
+    require(size % count == 0, key,
             f"a multiple of the {count} data-parallel devices (config.operations.num_devices, "
-            f"0: all jax.device_count())", config[key])
+            f"0: all jax.device_count())", size)
 
 
 def _validate_benchmark(bench) -> None:
@@ -178,90 +436,7 @@ def _validate_benchmark(bench) -> None:
             f"sizes of at most benchmark.num_examples={bench.num_examples}", bench.batch_sizes)
 
 
-def _validate_schedule(config) -> None:
-  require(config.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", config.schedule)
-  if config.schedule == "warmup_linear":
-    require(is_number(config.warmup_fraction) and 0 <= config.warmup_fraction < 1,
-            "warmup_fraction", "a number in [0, 1)", config.warmup_fraction)
-    for key in ("warmup_start_factor", "final_lr_factor"):
-      require(is_number(config[key]) and config[key] >= 0, key, "a non-negative number",
-              config[key])
-  if config.schedule != "step":
-    return  # the boundaries and factor are not used
-  boundaries = config.lr_boundaries_epochs
-  require(isinstance(boundaries, (tuple, list)) and all(is_int(b) for b in boundaries),
-          "lr_boundaries_epochs", "a tuple of integer epochs", boundaries)
-  require(all(0 < b < config.num_epochs for b in boundaries), "lr_boundaries_epochs",
-          f"epochs between 1 and num_epochs - 1 = {math.ceil(config.num_epochs) - 1}", boundaries)
-  require(all(a < b for a, b in zip(boundaries, boundaries[1:])), "lr_boundaries_epochs",
-          "strictly increasing epochs", boundaries)
-  require(is_number(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1,
-          "lr_decay_factor", "a number in (0, 1]", config.lr_decay_factor)
-
-
-def _validate_recipe(config) -> None:
-  """The loss, augmentation, parameter groups, lookahead and test-time augmentation keys."""
-  require(is_number(config.label_smoothing) and 0 <= config.label_smoothing < 1,
-          "label_smoothing", "a number in [0, 1)", config.label_smoothing)
-  require(config.loss_reduction in LOSS_REDUCTIONS, "loss_reduction",
-          f"one of {LOSS_REDUCTIONS}", config.loss_reduction)
-  require(is_int(config.augment_translate) and 0 <= config.augment_translate <= 16,
-          "augment_translate", "an integer number of pixels in [0, 16]", config.augment_translate)
-  require(config.augment_padding in AUGMENT_PADDINGS, "augment_padding",
-          f"one of {AUGMENT_PADDINGS}", config.augment_padding)
-  require(config.augment_flip in AUGMENT_FLIPS, "augment_flip", f"one of {AUGMENT_FLIPS}",
-          config.augment_flip)
-  for key in ("augment_brightness", "augment_contrast"):
-    require(is_number(config[key]) and 0 <= config[key] < 1, key, "a number in [0, 1)",
-            config[key])
-  require(config.test_time_augmentation in tta.LEVELS,
-          "test_time_augmentation", f"one of {tta.LEVELS}",
-          config.test_time_augmentation)
-  require(isinstance(config.decoupled_hyperparameters, bool), "decoupled_hyperparameters",
-          "True or False", config.decoupled_hyperparameters)
-  # The decoupled weight decay is weight_decay * batch_size / learning_rate.
-  require(not config.decoupled_hyperparameters or config.learning_rate > 0, "learning_rate",
-          "a positive number with config.decoupled_hyperparameters", config.learning_rate)
-  require(is_number(config.offset_lr_multiplier) and config.offset_lr_multiplier > 0,
-          "offset_lr_multiplier", "a positive number", config.offset_lr_multiplier)
-  for key in ("frozen_parameters", "late_frozen_parameters"):
-    require(isinstance(config[key], (tuple, list)) and all(
-        isinstance(name, str) and name for name in config[key]), key,
-            'a tuple of parameter paths such as "whiten/kernel"', config[key])
-  require(is_number(config.late_freeze_epochs) and config.late_freeze_epochs >= 0,
-          "late_freeze_epochs", "a non-negative number of epochs", config.late_freeze_epochs)
-  require(config.late_freeze_schedule in LATE_FREEZE_SCHEDULES, "late_freeze_schedule",
-          f"one of {LATE_FREEZE_SCHEDULES}", config.late_freeze_schedule)
-  require(config.late_freeze_schedule == "main" or config.late_freeze_epochs > 0,
-          "late_freeze_epochs", 'a positive number of epochs with late_freeze_schedule='
-          '"linear_to_zero"', config.late_freeze_epochs)
-  pairs = config.lr_multipliers
-  require(isinstance(pairs, (tuple, list)) and all(
-      isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
-      and pair[0] and is_number(pair[1]) and pair[1] > 0 for pair in pairs), "lr_multipliers",
-          'pairs of a parameter path and a positive multiplier, such as (("whiten/bias", 0.08),)',
-          pairs)
-  _validate_muon(config)
-  require(is_number(config.airbench_output_scale) and config.airbench_output_scale > 0,
-          "airbench_output_scale", "a positive number", config.airbench_output_scale)
-  require(isinstance(config.airbench_head_unit_std, bool), "airbench_head_unit_std",
-          "True or False", config.airbench_head_unit_std)
-  require(config.airbench_activation in airbench.ACTIVATIONS, "airbench_activation",
-          f"one of {tuple(airbench.ACTIVATIONS)}", config.airbench_activation)
-  require(is_int(config.airbench_whitening_examples) and config.airbench_whitening_examples > 0,
-          "airbench_whitening_examples", "a positive number of training images",
-          config.airbench_whitening_examples)
-  require(is_int(config.lookahead_every_steps) and config.lookahead_every_steps >= 0,
-          "lookahead_every_steps", "0 (no lookahead) or a positive integer",
-          config.lookahead_every_steps)
-  require(is_number(config.lookahead_decay) and 0 <= config.lookahead_decay <= 1,
-          "lookahead_decay", "a number in [0, 1]", config.lookahead_decay)
-  require(is_number(config.lookahead_power) and config.lookahead_power >= 0,
-          "lookahead_power", "a non-negative number", config.lookahead_power)
-
-
-def _validate_muon(config) -> None:
-  muon = config.muon
+def _validate_muon(muon) -> None:
   require(isinstance(muon.parameters, (tuple, list)) and all(
       isinstance(name, str) and name for name in muon.parameters), "muon.parameters",
           'a tuple of parameter paths such as "group1"', muon.parameters)
@@ -290,21 +465,22 @@ def _validate_muon(config) -> None:
 
 
 def check_parameter_paths(config, params) -> None:
-  """Every path of `frozen_parameters`, `late_frozen_parameters`, `lr_multipliers` and
+  """Every path of `freeze.parameters`, `freeze.late_parameters`, `optim.lr_multipliers` and
   `muon.parameters` names parameters of the model (`params`: its parameter tree, or its
   shapes), and Muon's name 4-D kernels that are not frozen."""
   leaves = [(optim.parameter_name(path), leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)]
   names = [name for name, _ in leaves]
-  patterns = {key: tuple(config[key]) for key in ("frozen_parameters", "late_frozen_parameters")}
-  patterns["lr_multipliers"] = tuple(pattern for pattern, _ in config.lr_multipliers)
-  patterns["muon.parameters"] = tuple(config.muon.parameters)
+  patterns = {"freeze.parameters": tuple(config.freeze.parameters),
+              "freeze.late_parameters": tuple(config.freeze.late_parameters),
+              "optim.lr_multipliers": tuple(pattern for pattern, _ in config.optim.lr_multipliers),
+              "muon.parameters": tuple(config.muon.parameters)}
   for key, key_patterns in patterns.items():
     for pattern in key_patterns:
       require(any(optim.matches(name, (pattern,)) for name in names), key,
-              f"paths of {config.model}'s parameters (such as {names[0]!r}); "
+              f"paths of {config.model.name}'s parameters (such as {names[0]!r}); "
               f"{pattern!r} names none", key_patterns)
-  frozen = patterns["frozen_parameters"] + patterns["late_frozen_parameters"]
+  frozen = patterns["freeze.parameters"] + patterns["freeze.late_parameters"]
   for pattern in patterns["muon.parameters"]:
     kernels = [name for name, leaf in leaves
                if optim.matches(name, (pattern,)) and len(leaf.shape) == 4]

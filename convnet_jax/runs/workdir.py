@@ -19,10 +19,12 @@ from typing import Callable, Mapping
 
 from absl import logging
 
+from convnet_jax import optim
+from convnet_jax.models import airbench
 from convnet_jax.runs import validation
-from convnet_jax.runs.errors import create_folder
-from convnet_jax.runs.errors import FolderUnwritable
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import create_folder
+from convnet_jax.errors import FolderUnwritable
+from convnet_jax.errors import UserError
 
 # The key of config.json that records the convolution path a run resolved to and why. Not a
 # config key: the same config may resolve differently on another machine, to the same math.
@@ -62,45 +64,59 @@ def write_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
     raise
 
 
-# Config keys added after runs were first saved, with the value that reproduces what a run
-# computed before each existed (as config.json holds it): a saved config without one ran with
-# that value, so its workdir still resumes.
+# Config keys added after runs were first saved (in today's groups), with the value that
+# reproduces what a run computed before each existed (as config.json holds it): a saved config
+# without one ran with that value, so its workdir still resumes.
 ADDED_KEYS = {
-    "lr_multipliers": [],
-    "late_freeze_schedule": "main",
-    "muon": {"parameters": [], "learning_rate": 0.24, "momentum": 0.6, "nesterov": True,
-             "newton_schulz_steps": 3, "normalize_filters": True,
-             "newton_schulz_coefficients": [3.4445, -4.7750, 2.0315], "weight_decay": 0.0,
-             "normalize_period": 1, "normalize_period_growth": 0},
-    "airbench_output_scale": 1 / 9,
-    "airbench_head_unit_std": False,
-    "airbench_activation": "gelu",
-    "airbench_whitening_examples": 5000,
-    "augment_brightness": 0.0,
-    "augment_contrast": 0.0,
+    "optim.lr_multipliers": [],
+    "freeze.late_schedule": "main",
+    "muon.parameters": [],
+    "muon.learning_rate": 0.24,
+    "muon.momentum": 0.6,
+    "muon.nesterov": True,
+    "muon.newton_schulz_steps": 3,
+    "muon.normalize_filters": True,
+    "muon.newton_schulz_coefficients": list(optim.NEWTON_SCHULZ_COEFFICIENTS),
+    "muon.weight_decay": 0.0,
+    "muon.normalize_period": 1,
+    "muon.normalize_period_growth": 0,
+    "model.airbench.output_scale": 1 / 9,
+    "model.airbench.head_unit_std": False,
+    "model.airbench.activation": "gelu",
+    "model.airbench.whitening_examples": airbench.WHITENING_EXAMPLES,
+    "model.airbench.widths": [64, 256, 256],
+    "augment.brightness": 0.0,
+    "augment.contrast": 0.0,
 }
 
 
-def with_added_keys(values: dict) -> dict:
-  """A saved config (as JSON data) with each of `ADDED_KEYS` it lacks at its old value (inside
-  a group too: a saved `muon` group lacking a later key gets it)."""
-  merged = {**ADDED_KEYS, **values}
-  for key, added in ADDED_KEYS.items():
-    if isinstance(added, dict) and isinstance(values.get(key), dict):
-      merged[key] = {**added, **values[key]}
-  return merged
+def upgraded(values: dict) -> dict:
+  """A saved config (as JSON data, of any version) in today's groups: the flat keys of before
+  the groups moved to their places (`validation.MOVED_KEYS`), and each of `ADDED_KEYS` it lacks
+  at its old value."""
+  values = json.loads(json.dumps(values))  # a deep copy
+  # All taken out first: an old key may have the name of a group ("model", "augment").
+  moved = [(new, values.pop(old)) for old, new in validation.MOVED_KEYS.items()
+           if old in values and not isinstance(values[old], dict)]
+  for key, value in moved:
+    _group_of(values, key)[key.rsplit(".", 1)[-1]] = value
+  for key, value in ADDED_KEYS.items():
+    _group_of(values, key).setdefault(key.rsplit(".", 1)[-1], value)
+  return values
 
 
-def _identity(values: dict) -> dict:
+def _group_of(values: dict, dotted: str) -> dict:
+  """The mapping in `values` that holds the dotted key's last part, made where missing."""
+  for group in dotted.split(".")[:-1]:
+    values = values.setdefault(group, {})
+  return values
+
+
+def identity(values: dict) -> dict:
   """Config values (of a config, or as config.json holds them) without the operation groups
-  and the recorded facts about a run."""
+  and the recorded facts about a run: what the run computes."""
   return {key: value for key, value in values.items()
           if key not in validation.OPERATION_GROUPS and key != CONV_RECORD_KEY}
-
-
-def run_identity(config) -> dict:
-  """What a run computes, as plain JSON data: the config without its operation groups."""
-  return _identity(json.loads(config.to_json_best_effort()))
 
 
 def flatten(values: Mapping, prefix: str = "", keep=()) -> dict:
@@ -124,10 +140,11 @@ def differences(here: Mapping, there: Mapping, limit: int = 3) -> str:
                    for key in differing[:limit]) + (", ..." if len(differing) > limit else "")
 
 
-def check_workdir(files: RunFiles, identity: dict) -> bool:
-  """Checks the workdir before any work. Returns True when it holds a run of the same config to
-  resume, False when it is new; raises `UserError` for a file in its place, a corrupt workdir
-  or another config's run, so nothing already written is lost."""
+def check_workdir(files: RunFiles, run_identity: dict) -> dict | None:
+  """Checks the workdir before any work. Returns the identity its config.json holds (as
+  written, of whichever version wrote it) when it holds a run of the same config to resume,
+  None when it is new; raises `UserError` for a file in its place, a corrupt workdir or another
+  config's run, so nothing already written is lost."""
   workdir = files.workdir
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir}: exists and is not a folder")
@@ -138,7 +155,7 @@ def check_workdir(files: RunFiles, identity: dict) -> bool:
       raise UserError(f"--workdir {workdir}: holds {', '.join(p.name for p in run_outputs)} but "
                       f"no config.json; not a convnet_jax run or corrupt. Choose a new workdir "
                       f"so nothing is overwritten")
-    return False
+    return None
   try:
     saved = json.loads(files.config.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -146,12 +163,11 @@ def check_workdir(files: RunFiles, identity: dict) -> bool:
                     f"workdir so nothing is overwritten") from None
   if not isinstance(saved, dict):
     raise UserError(f"{files.config}: expected a JSON object; corrupt workdir")
-  saved = _identity(with_added_keys(saved))
-  if saved != identity:
+  if identity(upgraded(saved)) != run_identity:
     raise UserError(f"--workdir {workdir}: holds a run of another config "
-                    f"({differences(identity, saved)}); use a new workdir or the same config "
-                    f"to resume")
-  return True
+                    f"({differences(run_identity, identity(upgraded(saved)))}); use a new "
+                    f"workdir or the same config to resume")
+  return identity(saved)
 
 
 def finished_run(files: RunFiles, num_epochs: int) -> list[str] | None:

@@ -30,10 +30,10 @@ from ml_collections import config_flags
 from convnet_jax import train
 from convnet_jax.runs import cli
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import check_writable_folder
-from convnet_jax.runs.errors import RunStopped
-from convnet_jax.runs.errors import TrainingDiverged
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import check_writable_folder
+from convnet_jax.errors import RunStopped
+from convnet_jax.errors import TrainingDiverged
+from convnet_jax.errors import UserError
 from convnet_jax.sweep import config as sweep_config
 from convnet_jax.sweep import report as sweep_report
 from convnet_jax.sweep import study as sweep_study
@@ -101,10 +101,24 @@ def make_objective(config, workdir: Path, sweep_fn: SweepFunction):
 
 def run_sweep(config, workdir: str | os.PathLike, sweep_fn: SweepFunction) -> list[dict]:
   """Runs (or resumes) the sweep in `workdir` until `config.num_trials` trials have finished,
-  counting every worker and every earlier run; returns the trials' rows, best first. With
-  shared storage it returns only once no trial of the study is running: it waits for the other
-  workers' trials and re-runs those whose worker died. Raises `UserError` before any training
-  for a bad sweep config or a workdir of another sweep."""
+  counting every worker and every earlier run. With shared storage it returns only once no trial
+  of the study is running: it waits for the other workers' trials and re-runs those whose
+  worker died.
+
+  Args:
+    config: the sweep config (see configs/sweep_lr.py): the training config `base`, the
+      sampler and its settings, the objective, the storage.
+    workdir: the sweep's folder (DIR/trials/NNNN hold the trials' workdirs).
+    sweep_fn: `sweep(trial)`, returning one trial's training-config values by dotted key.
+
+  Returns:
+    The trials' rows (trials.csv's), best first.
+
+  Raises:
+    UserError: a bad sweep config or a workdir of another sweep, before any training.
+    FolderUnwritable: a workdir that cannot be written, before any training (exit 74).
+    StorageUnavailable: the database stayed out of reach (exit 75).
+  """
   workdir = Path(workdir)
   space = sweep_config.validate_sweep_config(config, sweep_fn)
   identity = sweep_config.sweep_identity(config, space)

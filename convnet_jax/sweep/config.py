@@ -27,7 +27,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution,
 
 from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 SweepFunction = Callable[[optuna.Trial], Mapping[str, Any]]
 
@@ -43,8 +43,8 @@ OPERATIONAL_KEYS = ("num_trials", "heartbeat_interval", "grace_period", "storage
 # config does not say (`storage_retry_seconds`, see configs/sweep_lr.py).
 DEFAULT_STORAGE_RETRY_SECONDS = 300
 # Keys naming things on one machine: the workers of a shared study may differ in them.
-MACHINE_KEYS = ("storage", "base.data_dir", "base.data_url", "base.tfds_data_dir",
-                "base.tfds_manual_dir")
+MACHINE_KEYS = ("storage", "base.data.dir", "base.data.url", "base.data.tfds_data_dir",
+                "base.data.tfds_manual_dir")
 _require = functools.partial(validation.require, prefix="sweep")
 _is_int = validation.is_int
 
@@ -70,24 +70,34 @@ def direction(config) -> str:
 
 def trial_config(base: ml_collections.ConfigDict,
                  overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of the training config `base` with a trial's values set; `UserError` for a key that
-  is not in it or a value of the wrong type."""
+  """A copy of the training config `base` with a trial's values set, each under its dotted key
+  ("optim.learning_rate"); `UserError` for a key that is not in it (naming the new place of a
+  key of the flat config of before the groups) or a value of the wrong type."""
   if not isinstance(overrides, Mapping):
     raise UserError(f"sweep(trial) returned {overrides!r}: expected a dict of training-config "
                     f"values")
   config = copy.deepcopy(base)
   config.lock()  # a misspelt key must fail, not add a key that training ignores
   for key, value in overrides.items():
-    if key not in config:
-      raise UserError(f"sweep(trial) returned {key!r}, which is not a key of the training config")
+    *groups, leaf = key.split(".")
+    node = config
+    for group in groups:
+      node = node.get(group) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(
+        node[leaf], ml_collections.ConfigDict):
+      moved = validation.MOVED_KEYS.get(key)
+      hint = f"; it is now {moved!r}" if moved else ""
+      raise UserError(f"sweep(trial) returned {key!r}, which is not a key of the training "
+                      f"config{hint}")
     try:
-      config[key] = value
+      node[leaf] = value
     except TypeError as error:
       raise UserError(f"sweep(trial) returned {key}={value!r}: {error}") from None
   return config
 
 
 def _validate_base(base) -> None:
+  validation.check_no_moved_keys(base, prefix="sweep.base")
   try:
     validation.validate_config(base)
   except UserError as error:
@@ -268,7 +278,7 @@ def check_sweep_dir(workdir: Path, identity: dict) -> bool:
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise UserError(f"{saved_path}: not valid JSON ({error}); corrupt sweep folder") from None
   if isinstance(saved, dict) and isinstance(saved.get("base"), dict):
-    saved["base"] = workdir_lib.with_added_keys(saved["base"])
+    saved["base"] = workdir_lib.upgraded(saved["base"])
   if not isinstance(saved, dict) or compared(saved) != compared(identity):
     details = workdir_lib.differences(compared(identity),
                                       compared(saved if isinstance(saved, dict) else {}))

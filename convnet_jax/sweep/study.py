@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 
 from convnet_jax.runs import stopping
 from convnet_jax.runs import workdir as workdir_lib
-from convnet_jax.runs.errors import one_line
-from convnet_jax.runs.errors import StorageUnavailable
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import one_line
+from convnet_jax.errors import StorageUnavailable
+from convnet_jax.errors import UserError
 from convnet_jax.sweep import config as sweep_config
 
 # A trial whose worker stops sending heartbeats (shared storage) is re-run at most this often.

@@ -23,13 +23,15 @@ from jax.experimental import topologies
 from jax.sharding import Mesh
 
 from convnet_jax import models
+from convnet_jax import optim
 from convnet_jax import programs as programs_lib
 from convnet_jax import steps as steps_lib
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
 from convnet_jax.parallel import data_parallel
-from convnet_jax.runs.errors import one_line
-from convnet_jax.runs.errors import UserError
+from convnet_jax.runs import prepare
+from convnet_jax.errors import one_line
+from convnet_jax.errors import UserError
 
 # CIFAR-10 holds this many training and test images of each class.
 TRAIN_PER_CLASS, TEST_PER_CLASS = 5_000, 1_000
@@ -65,12 +67,12 @@ def tpu_mesh(topology: str) -> Mesh:
 
 def data_counts(config) -> tuple[int, int]:
   """The training and test set sizes the config loads (CIFAR-10's classes, the caps)."""
-  num_train = TRAIN_PER_CLASS * len(config.classes)
-  num_test = TEST_PER_CLASS * len(config.classes)
-  if config.max_train_examples:
-    num_train = min(num_train, config.max_train_examples)
-  if config.max_test_examples:
-    num_test = min(num_test, config.max_test_examples)
+  num_train = TRAIN_PER_CLASS * len(config.data.classes)
+  num_test = TEST_PER_CLASS * len(config.data.classes)
+  if config.data.max_train_examples:
+    num_train = min(num_train, config.data.max_train_examples)
+  if config.data.max_test_examples:
+    num_test = min(num_test, config.data.max_test_examples)
   return num_train, num_test
 
 
@@ -85,22 +87,26 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   device). Raises `UserError` when the configured convolution path cannot run there."""
   num_devices = data_parallel.mesh_size(mesh)
   try:
-    choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype,
+    choice = conv.choose_conv_implementation(config.model.conv_implementation, config.model.dtype,
                                              num_devices, backend=backend)
   except conv.ConvUnavailable as error:
-    raise error.naming_the_key(config.conv_implementation) from None
-  num_classes = len(config.classes)
-  model = models.create_model(config, num_classes, choice.implementation)
+    raise error.naming_the_key(config.model.conv_implementation) from None
+  num_classes = len(config.data.classes)
+  model = models.create_model(config.model, num_classes, choice.implementation)
   num_train, num_test = data_counts(config)
-  budget = steps_lib.StepBudget.for_examples(config, num_train)
+  budget = prepare.step_budget(config, num_train)
+  options = prepare.program_options(config, budget)
+  tx = optim.create_optimizer(prepare.optimizer_options(config), budget)
   state = jax.eval_shape(lambda key: steps_lib.create_train_state(
-      config, model, key, budget), jax.random.key(0))
+      model, key, tx, with_lookahead=config.lookahead.every_steps > 0), jax.random.key(0))
   mirrored, split = data_parallel.mirrored_sharding(mesh), data_parallel.split_sharding(mesh)
   state = _abstract(state, mirrored)
   images = lambda count: jax.ShapeDtypeStruct((count,) + input_pipeline.IMAGE_SHAPE, jnp.uint8,
                                               sharding=mirrored)
   labels = lambda count: jax.ShapeDtypeStruct((count,), jnp.int32, sharding=mirrored)
   channel = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=mirrored)
+  data = steps_lib.DeviceData(images(num_train), labels(num_train), images(num_test),
+                              labels(num_test), channel, channel)
   data_key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), mirrored)
   step_number = jax.ShapeDtypeStruct((), jnp.int32, sharding=mirrored)
 
@@ -108,12 +114,11 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
                                sharding=split)
   batch_labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=split)
   return {
-      "train_steps": programs_lib.jitted_train_steps(config, mesh, budget).trace(
-          state, images(num_train), labels(num_train), data_key, step_number, step_number,
-          step_number, channel, channel),
-      "evaluate": programs_lib.jitted_evaluate(config, model.apply, mesh).trace(
-          state.params, images(num_test), labels(num_test), channel, channel),
-      "train_step": programs_lib.jitted_train_step(config, mesh, budget).trace(
+      "train_steps": programs_lib.jitted_train_steps(options, mesh).trace(
+          state, data, data_key, step_number, step_number, step_number),
+      "evaluate": programs_lib.jitted_evaluate(options, model.apply, mesh).trace(
+          state.params, data),
+      "train_step": programs_lib.jitted_train_step(options, mesh).trace(
           state, batch, batch_labels),
       "conv_implementation": choice.implementation,
       "steps_per_epoch": budget.steps_per_epoch,
@@ -150,7 +155,7 @@ def compile_for_tpu(config, topology: str, programs=PROGRAMS) -> dict[str, Any]:
   report: dict[str, Any] = {
       "target": {"platform": "tpu", "topology": topology, "chips": int(mesh.size),
                  "device_kind": devices[0].device_kind},
-      "model": config.model, "dtype": config.dtype, "batch_size": config.batch_size,
+      "model": config.model.name, "dtype": config.model.dtype, "batch_size": config.batch_size,
       "conv_implementation": traced["conv_implementation"],
       "steps_per_epoch": traced["steps_per_epoch"], "programs": {},
   }

@@ -1,4 +1,4 @@
-"""Accelerator benchmark: `python -m convnet_jax.benchmark --config configs/default.py [--workdir DIR]`.
+"""Accelerator benchmark: `python -m convnet_jax.benchmark --config CONFIG [--workdir DIR]`.
 
 Times the training program the trainer runs (`programs.Programs.train_steps`, built by the
 same function) on synthetic data of the configured shape, on whatever backend JAX finds, and
@@ -37,16 +37,16 @@ from ml_collections import config_flags
 
 from convnet_jax import models
 from convnet_jax import programs as programs_lib
-from convnet_jax import steps
+from convnet_jax.budget import StepBudget
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
 from convnet_jax.runs import allocator
 from convnet_jax.runs import cli
 from convnet_jax.runs import compile_cache
-from convnet_jax.runs import setup as run_setup
+from convnet_jax.runs import prepare
 from convnet_jax.runs import validation
-from convnet_jax.runs.errors import check_writable_folder
-from convnet_jax.runs.errors import WriteFailed
+from convnet_jax.errors import check_writable_folder
+from convnet_jax.errors import WriteFailed
 
 FLAGS = flags.FLAGS
 
@@ -84,7 +84,7 @@ def _synthetic_data(config, num_examples: int, num_classes: int) -> input_pipeli
   """Random uint8 images and labels of CIFAR shape: `num_examples` to train on and one
   evaluation batch to test on, with a fixed mean and std."""
   rng = np.random.default_rng(0)
-  num_test = config.eval_batch_size
+  num_test = config.eval.batch_size
   images = rng.integers(0, 256, (num_examples + num_test,) + input_pipeline.IMAGE_SHAPE,
                         dtype=np.uint8)
   labels = rng.integers(0, num_classes, num_examples + num_test, dtype=np.int32)
@@ -97,15 +97,15 @@ def _synthetic_data(config, num_examples: int, num_classes: int) -> input_pipeli
 def synthetic_run(config, num_examples: int, num_classes: int, conv_implementation: str):
   """The programs a run of `config` executes (`programs.Programs`, built as
   `train.train_and_evaluate` builds them, on one device and without the program store) on
-  synthetic data of `num_examples` training images: (programs, state, data on the device, data
-  key, steps per epoch)."""
-  model = models.create_model(config, num_classes, conv_implementation)
+  synthetic data of `num_examples` training images: (programs, state, steps per epoch)."""
+  model = models.create_model(config.model, num_classes, conv_implementation)
   data = _synthetic_data(config, num_examples, num_classes)
-  budget = steps.StepBudget.for_examples(config, num_examples)
-  state, data_key = run_setup.create_run_state(config, model, budget, None, data)
+  budget = prepare.step_budget(config, num_examples)
+  state, data_key = prepare.create_run_state(config, model, budget, None, data)
   device_data = programs_lib.put_data(data, None)
-  programs = programs_lib.Programs(config, model, state, device_data, data_key, None, budget)
-  return programs, state, device_data, data_key, budget.steps_per_epoch
+  programs = programs_lib.Programs(prepare.program_options(config, budget), model, state,
+                                   device_data, data_key, None)
+  return programs, state, budget.steps_per_epoch
 
 
 # Published dense peaks per chip, in TFLOP/s, by a piece of JAX's device_kind and dtype: for
@@ -160,15 +160,13 @@ def device_ceiling(dtype: str, conv_implementation: str, num_calls: int = 5) -> 
                     f"{jax.default_backend()}, fastest of {num_calls} calls each"}
 
 
-def _runner(programs, state, data, data_key):
+def _runner(programs, state):
   """(run, holder): run(first, end) calls the trainer's training program on steps first to
   end - 1 of epoch 0, carrying the (donated) state from call to call in holder["state"]."""
   holder = {"state": state}
 
   def run(first: int, end: int):
-    holder["state"], metrics = programs.train_steps(
-        holder["state"], data.train_images, data.train_labels, data_key, np.int32(0),
-        np.int32(first), np.int32(end), data.mean, data.std)
+    holder["state"], metrics = programs.run_steps(holder["state"], 0, first, end)
     return metrics
 
   return run, holder
@@ -179,13 +177,13 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   """Times the training program the trainer runs (`programs.Programs.train_steps`) for one
   batch size and dtype: calls of one step each (the step time) and calls of a whole epoch."""
   config = config.copy_and_resolve_references()
-  config.batch_size, config.dtype, config.num_replicas = batch_size, dtype, 1
-  choice = conv.choose_conv_implementation(config.conv_implementation, dtype)
+  config.batch_size, config.model.dtype, config.replicas.count = batch_size, dtype, 1
+  choice = conv.choose_conv_implementation(config.model.conv_implementation, dtype)
   print(choice.describe(), file=sys.stderr)
-  programs, state, data, data_key, num_steps = synthetic_run(config, num_examples, num_classes,
-                                                             choice.implementation)
+  programs, state, num_steps = synthetic_run(config, num_examples, num_classes,
+                                             choice.implementation)
   full_batches = num_examples // batch_size  # one-step calls run full batches only
-  run, holder = _runner(programs, state, data, data_key)
+  run, holder = _runner(programs, state)
   calls = itertools.count()
 
   def run_step():
@@ -201,7 +199,7 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   # A step inside a call of a whole epoch, as a run's calls mostly are: without the fixed cost
   # of a call, which a one-step call carries whole.
   epoch_step = statistics.median(epoch_times) / num_steps
-  flops = _step_flops(config, holder["state"], data, batch_size, num_steps, num_classes,
+  flops = _step_flops(config, holder["state"], programs.data, num_steps,
                       choice.implementation)
   achieved = None if flops is None else flops / epoch_step / 1e9
   ceiling = device_ceiling(dtype, choice.implementation)
@@ -233,17 +231,18 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   }
 
 
-def _step_flops(config, state, data, batch_size: int, num_steps: int, num_classes: int,
-                conv_implementation: str) -> float | None:
+def _step_flops(config, state, data, num_steps: int, conv_implementation: str) -> float | None:
   """FLOPs of one training step, from XLA's cost analysis of the pure step. The training
   program's own count is of no use: XLA counts its loop's body once whatever the trip count,
   and nothing inside custom calls, so with oneDNN convolutions the step is counted on the
   im2col path (the same convolutions as matrix products)."""
   if conv_implementation == "onednn":
     state = state.replace(
-        apply_fn=models.create_model(config, num_classes, "im2col").apply)
+        apply_fn=models.create_model(config.model, len(config.data.classes), "im2col").apply)
+  batch_size = config.batch_size
   batch = input_pipeline.normalize(data.train_images[:batch_size], data.mean, data.std)
-  step = programs_lib.jitted_train_step(config, None, steps.StepBudget.of(config, num_steps))
+  budget = StepBudget(num_steps, config.num_epochs, config.freeze.late_epochs)
+  step = programs_lib.jitted_train_step(prepare.program_options(config, budget), None)
   return _flops(programs_lib.compile_for(step, None, state, batch,
                                          data.train_labels[:batch_size]))
 
@@ -253,12 +252,12 @@ def benchmark_replicas(config, num_replicas: int, num_examples: int, num_classes
   training program; one model: the plain program) on synthetic data. Throughput counts every
   replica's images."""
   config = config.copy_and_resolve_references()
-  config.num_replicas = num_replicas
-  config.replica_seeds = config.replica_learning_rates = config.replica_momenta = ()
-  choice = conv.choose_conv_implementation(config.conv_implementation, config.dtype)
-  programs, state, data, data_key, num_steps = synthetic_run(config, num_examples, num_classes,
-                                                             choice.implementation)
-  run, _ = _runner(programs, state, data, data_key)
+  config.replicas.count = num_replicas
+  config.replicas.seeds = config.replicas.learning_rates = config.replicas.momenta = ()
+  choice = conv.choose_conv_implementation(config.model.conv_implementation, config.model.dtype)
+  programs, state, num_steps = synthetic_run(config, num_examples, num_classes,
+                                             choice.implementation)
+  run, _ = _runner(programs, state)
   _time_calls(lambda: run(0, num_steps), 1)  # warm-up
   epoch_times = _time_calls(lambda: run(0, num_steps), config.benchmark.num_epochs)
   median = statistics.median(epoch_times)
@@ -282,10 +281,10 @@ def run_aot(config) -> dict:
   bench = config.benchmark
   aot.tpu_mesh(bench.aot_topology)  # no libtpu, or an unknown name: one line, before any work
   report = {"jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
-            "model": config.model, "tpu": [], "gpu_lowering": []}
-  for dtype in bench.dtypes or (config.dtype,):
+            "model": config.model.name, "tpu": [], "gpu_lowering": []}
+  for dtype in bench.dtypes or (config.model.dtype,):
     dtype_config = config.copy_and_resolve_references()
-    dtype_config.dtype = dtype
+    dtype_config.model.dtype = dtype
     report["tpu"].append(aot.compile_for_tpu(dtype_config, bench.aot_topology))
     print(json.dumps(report["tpu"][-1]), file=sys.stderr)
   for platform in bench.aot_gpu_platforms:
@@ -295,8 +294,15 @@ def run_aot(config) -> dict:
 
 def run_benchmark(config) -> dict:
   """Benchmarks every (batch size, dtype) pair the config lists, and every replica count of
-  `benchmark.num_replicas`; returns the report. With `benchmark.aot_topology`, compiles for it
-  instead (`run_aot`)."""
+  `benchmark.num_replicas`. With `benchmark.aot_topology`, compiles for it instead (`run_aot`).
+
+  Args:
+    config: a training config; its `benchmark` group says what to time.
+
+  Returns:
+    The report: backend, devices, versions, the allocator, and a result per (batch size, dtype)
+    with the step and epoch times, GFLOP/s and utilisation (see the module docstring).
+  """
   validation.validate_config(config)
   bench = config.benchmark
   if bench.aot_topology:
@@ -310,16 +316,16 @@ def run_benchmark(config) -> dict:
       "device_count": len(devices),
       "jax_version": jax.__version__,
       "jaxlib_version": jaxlib.__version__,
-      "model": config.model,
+      "model": config.model.name,
       "data": "synthetic uint8 images of CIFAR shape",
       "compilation_cache": str(cache.folder) if cache.folder else None,
       # What the C allocator does with each call's freed temporaries (`runs.allocator`).
       "malloc": allocator.describe(),
       "results": [],
   }
-  num_classes = len(config.classes)
+  num_classes = len(config.data.classes)
   for batch_size in bench.batch_sizes or (config.batch_size,):
-    for dtype in bench.dtypes or (config.dtype,):
+    for dtype in bench.dtypes or (config.model.dtype,):
       result = benchmark_one(config, batch_size, dtype, bench.num_examples, num_classes)
       print(json.dumps(result), file=sys.stderr)
       report["results"].append(result)

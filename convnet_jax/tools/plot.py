@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from convnet_jax.runs.errors import UserError
+from convnet_jax.errors import UserError
 
 # A learning rate counts as dropped when it falls to at most this fraction of the previous
 # epoch's after being flat: step decays (x0.1) qualify, while linear and cosine decays, which

@@ -160,26 +160,24 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 
 # What each batch-size key sizes, in the out-of-memory line.
-BATCH_SIZE_PHASES = {"batch_size": "a training step", "eval_batch_size": "the evaluation"}
+BATCH_SIZE_PHASES = {"batch_size": "a training step", "eval.batch_size": "the evaluation"}
 
 
 @contextlib.contextmanager
-def naming_the_batch_size(config, key: str):
-  """XLA's out-of-memory error in what the batch-size `key` sizes ("batch_size",
-  "eval_batch_size") becomes one `OutOfMemory` line naming the key to lower, the model and the
-  dtype."""
+def naming_the_batch_size(key: str, value: int, subject: str):
+  """XLA's out-of-memory error in what the batch-size config key `key` sizes ("batch_size",
+  "eval.batch_size") becomes one `OutOfMemory` line naming the key and its `value` to lower,
+  and the `subject` ("model resnet18 in float32", with its replicas)."""
   try:
     yield
   except jax.errors.JaxRuntimeError as error:
     size = out_of_memory_bytes(error)
     if size is None:
       raise
-    phase = BATCH_SIZE_PHASES[key]
-    replicated = f" ({config.num_replicas} replicas)" if config.num_replicas > 1 else ""
     raise OutOfMemory(
-        f"config.{key}={config[key]}: out of memory in {phase} of model {config.model} in "
-        f"{config.dtype}{replicated}: XLA could not allocate {size / 2**30:.1f} GiB on "
-        f"{jax.devices()[0].platform}; lower {key}") from None
+        f"config.{key}={value}: out of memory in {BATCH_SIZE_PHASES[key]} of {subject}: XLA "
+        f"could not allocate {size / 2**30:.1f} GiB on {jax.devices()[0].platform}; lower "
+        f"{key}") from None
 
 
 @contextlib.contextmanager
