@@ -47,8 +47,10 @@ def get_config():
   config.model.resnet.width = 64
   # airbench94 (and the recipes built on it):
   config.model.airbench = ml_collections.ConfigDict()
-  # the output channels of its three conv groups;
+  # the output channels of its three conv groups, and the convolutions in each: 2
+  # (airbench94's, airbench95's) or 3 (airbench96's, a residual over the last two);
   config.model.airbench.widths = (64, 256, 256)
+  config.model.airbench.convs_per_group = 2
   # the logits are the head's output times output_scale (airbench94: 1/9; airbench94_muon:
   # 1/256, one over the head's width), and head_unit_std scales the head's initial weights to
   # standard deviation 1 (airbench94_muon);
@@ -101,6 +103,9 @@ def get_config():
   # (hiverge/cifar10-speedrun's colour jitter); 0 and 0: none.
   config.augment.brightness = 0.0
   config.augment.contrast = 0.0
+  # Last, a square of cutout x cutout pixels of each image set to 0 (the channel means, as it is
+  # normalised), anywhere it fits (airbench96's 12); 0: none.
+  config.augment.cutout = 0
 
   # The loss and SGD (`optim.create_optimizer`).
   config.optim = ml_collections.ConfigDict()

@@ -156,9 +156,10 @@ def _sum_metrics(a, b):
 # augmentation's stream, so that the shuffle keeps using the epoch key itself (and the runs
 # without augmentation stay as they were).
 EPOCH_KEY_AUGMENT_STREAM = 1
-# Into a step's augmentation key: the colour jitter's draws, so the crops and flips stay those
-# of the same run without it.
+# Into a step's augmentation key: the colour jitter's draws and the cutout's, so the crops and
+# flips stay those of the same run without them.
 STEP_KEY_JITTER_STREAM = 1
+STEP_KEY_CUTOUT_STREAM = 2
 # Into the run's data key (with a value no epoch number takes): the flips of
 # `augment.flip="alternate"`, drawn once per run.
 ALTERNATE_FLIPS_KEY = 2**32 - 1
@@ -176,6 +177,8 @@ class AugmentOptions:
   # Colour jitter after normalisation (hiverge/cifar10-speedrun's): see `input_pipeline.jitter`.
   brightness: float = 0.0
   contrast: float = 0.0
+  # Then a square of this size set to 0 in each image (airbench96's): `input_pipeline.cutout`.
+  cutout: int = 0
 
 
 def augment_options(augment) -> AugmentOptions | None:
@@ -183,7 +186,7 @@ def augment_options(augment) -> AugmentOptions | None:
   if not augment.enabled:
     return None
   return AugmentOptions(augment.translate, augment.padding, augment.flip, augment.brightness,
-                        augment.contrast)
+                        augment.contrast, augment.cutout)
 
 
 def epoch_flips(data_key: jax.Array, epoch, num_examples: int) -> jax.Array:
@@ -204,6 +207,24 @@ def _flips_of_the_epoch(augment: AugmentOptions | None, data_key: jax.Array, epo
   if augment is not None and augment.flip == "none":
     return jnp.zeros(num_examples, bool)
   return None
+
+
+def training_batch(key: jax.Array, images: jax.Array, normalization, augment: AugmentOptions | None,
+                   flips: jax.Array | None = None) -> jax.Array:
+  """A gathered uint8 batch as a training step sees it: cropped and flipped
+  (`input_pipeline.augment`, `flips` where the epoch fixes them), normalised with
+  `normalization` (mean, std), colour-jittered and cut out, as `augment` says (None: only
+  normalised); the jitter and the cutout each draw from a stream of `key` of their own."""
+  if augment is not None:
+    images = input_pipeline.augment(key, images, augment.translate, augment.padding, flips)
+  images = input_pipeline.normalize(images, *normalization)
+  if augment is not None and (augment.brightness or augment.contrast):
+    images = input_pipeline.jitter(jax.random.fold_in(key, STEP_KEY_JITTER_STREAM), images,
+                                   augment.brightness, augment.contrast)
+  if augment is not None and augment.cutout:
+    images = input_pipeline.cutout(jax.random.fold_in(key, STEP_KEY_CUTOUT_STREAM), images,
+                                   augment.cutout)
+  return images
 
 
 def _record(per_step, metrics, step_index):
@@ -246,7 +267,8 @@ def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, epoch:
   augmented (`input_pipeline.augment`) before normalisation, under the key
   fold_in(fold_in(epoch key, EPOCH_KEY_AUGMENT_STREAM), step), so every image gets a fresh
   augmentation every epoch, and then, normalised, colour-jittered (`input_pipeline.jitter`)
-  under that key folded with STEP_KEY_JITTER_STREAM. With `options.batch_sharding`, each batch
+  under that key folded with STEP_KEY_JITTER_STREAM and cut out (`input_pipeline.cutout`)
+  under it folded with STEP_KEY_CUTOUT_STREAM. With `options.batch_sharding`, each batch
   is split over its devices (`data_parallel.split_batch`). From the run's step
   `options.step.late_freeze_step` on, the `options.step.late_frozen_parameters` get no
   gradient.
@@ -268,16 +290,8 @@ def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, epoch:
   def step(state, indices, step_index, options=step_options):
     # Sharding the indices makes each device gather only its own part of the batch.
     indices = data_parallel.split_batch(indices, batch_sharding)
-    batch_images = images[indices]
-    step_key = jax.random.fold_in(augment_key, step_index)
-    if augment is not None:
-      batch_images = input_pipeline.augment(
-          step_key, batch_images, augment.translate, augment.padding,
-          None if flips is None else flips[indices])
-    batch_images = input_pipeline.normalize(batch_images, mean, std)
-    if augment is not None and (augment.brightness or augment.contrast):
-      batch_images = input_pipeline.jitter(jax.random.fold_in(step_key, STEP_KEY_JITTER_STREAM),
-                                           batch_images, augment.brightness, augment.contrast)
+    batch_images = training_batch(jax.random.fold_in(augment_key, step_index), images[indices],
+                                  (mean, std), augment, None if flips is None else flips[indices])
     batch_images = data_parallel.split_batch(batch_images, batch_sharding)
     return train_step(state, batch_images,
                       data_parallel.split_batch(labels[indices], batch_sharding), options)

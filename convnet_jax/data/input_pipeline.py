@@ -207,6 +207,20 @@ def jitter(key: jax.Array, images: jax.Array, brightness: float, contrast: float
   return (images + shift) * scale
 
 
+def cutout(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
+  """airbench96's cutout of a normalised NHWC batch: in each image a `size` x `size` square is
+  set to 0 (the channel means, in normalised units), its top-left corner uniform over the
+  positions that keep the square inside the image, drawn independently per image from `key`."""
+  batch, height, width, _ = images.shape
+  top_key, left_key = jax.random.split(key)
+  top = jax.random.randint(top_key, (batch, 1), 0, height - size + 1)
+  left = jax.random.randint(left_key, (batch, 1), 0, width - size + 1)
+  rows = (jnp.arange(height) >= top) & (jnp.arange(height) < top + size)  # (batch, height)
+  columns = (jnp.arange(width) >= left) & (jnp.arange(width) < left + size)
+  square = rows[:, :, None, None] & columns[:, None, :, None]
+  return jnp.where(square, jnp.zeros((), images.dtype), images)
+
+
 def augment(key: jax.Array, images: jax.Array, padding: int = AUGMENT_PADDING,
             pad_mode: str = "zeros", flips: jax.Array | None = None) -> jax.Array:
   """Random crop and horizontal flip of a batch of NHWC images, independently per image.

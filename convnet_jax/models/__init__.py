@@ -55,8 +55,9 @@ def _resnet(stage_sizes: Sequence[int], block_cls: type[nn.Module]) -> Callable[
 def _airbench(model_config, num_classes: int, **settings) -> nn.Module:
   options = model_config.airbench
   return Airbench94(num_classes=num_classes, widths=tuple(options.widths),
-                    scale=options.output_scale, head_unit_std=options.head_unit_std,
-                    activation=options.activation, **settings)
+                    convs_per_group=options.convs_per_group, scale=options.output_scale,
+                    head_unit_std=options.head_unit_std, activation=options.activation,
+                    **settings)
 
 
 # Every model `model.name` can name, and how to build it from (the config's `model` group,

@@ -51,14 +51,17 @@ ACTIVATIONS = {"gelu": gelu, "silu": silu}
 
 
 class ConvGroup(nn.Module):
-  """conv3x3 -> 2x2 max-pool -> BN -> GELU -> conv3x3 -> BN -> GELU, bias-free convolutions with
-  identity-initialised first filters, BatchNorm with a learnable offset only (`activation`: a
-  key of `ACTIVATIONS` in place of GELU)."""
+  """conv3x3 -> 2x2 max-pool -> BN -> GELU -> conv3x3 -> BN -> GELU (airbench94's,
+  `num_convs=2`); with `num_convs=3`, airbench96's: conv3x3 -> 2x2 max-pool -> BN -> GELU, kept
+  as x0, then conv3x3 -> BN -> GELU -> conv3x3 -> BN, plus x0, -> GELU (a residual over the last
+  two convolutions). Bias-free convolutions with identity-initialised first filters, BatchNorm
+  with a learnable offset only (`activation`: a key of `ACTIVATIONS` in place of GELU)."""
 
   features: int
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
   activation: str = "gelu"
+  num_convs: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -78,11 +81,16 @@ class ConvGroup(nn.Module):
     activation = ACTIVATIONS[self.activation]
     x = max_pool_2x2(conv("conv1", padding=(1, 0) if odd_square else None)(x))
     x = activation(norm("norm1")(x))
-    return activation(norm("norm2")(conv("conv2")(x)))
+    if self.num_convs == 2:
+      return activation(norm("norm2")(conv("conv2")(x)))
+    residual = x
+    x = activation(norm("norm2")(conv("conv2")(x)))
+    return activation(norm("norm3")(conv("conv3")(x)) + residual)
 
 
 class Airbench94(nn.Module):
-  """whiten (2x2 conv 3 -> 24 with bias, no padding) -> GELU -> conv groups of `widths` ->
+  """whiten (2x2 conv 3 -> 24 with bias, no padding) -> GELU -> conv groups of `widths` (each
+  of `convs_per_group` convolutions: 2, airbench94's and airbench95's, or 3, airbench96's) ->
   3x3 max-pool -> bias-free linear -> times `scale`. Returns logits. `head_unit_std`: the
   linear head's initial weights divided by their standard deviation (airbench94_muon's
   `w *= 1 / w.std()`). `activation`: the conv groups' activation, a key of `ACTIVATIONS` (GELU
@@ -92,6 +100,7 @@ class Airbench94(nn.Module):
 
   num_classes: int = 10
   widths: Sequence[int] = (64, 256, 256)
+  convs_per_group: int = 2
   whitening_kernel_size: int = 2
   scale: float = 1 / 9
   head_unit_std: bool = False
@@ -110,7 +119,8 @@ class Airbench94(nn.Module):
     x = gelu(x)  # hiverge's SiLU recipe keeps this one GELU
     for index, features in enumerate(self.widths):
       x = ConvGroup(features, dtype=self.dtype, conv_implementation=self.conv_implementation,
-                    activation=self.activation, name=f"group{index + 1}")(x)
+                    activation=self.activation, num_convs=self.convs_per_group,
+                    name=f"group{index + 1}")(x)
     if x.shape[1:3] == (3, 3):
       # MaxPool2d(3) on the 3x3 map that three halvings leave of 31x31 is one window: a plain
       # max, whose gradient is cheaper on the CPU than reduce_window's select-and-scatter.

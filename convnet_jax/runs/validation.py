@@ -226,6 +226,9 @@ def _validate_model(model) -> None:
   require(isinstance(options.widths, (tuple, list)) and len(options.widths) == 3
           and all(is_int(w) and w > 0 for w in options.widths), "model.airbench.widths",
           "three positive integers, the output channels of the conv groups", options.widths)
+  require(options.convs_per_group in (2, 3), "model.airbench.convs_per_group",
+          "2 (airbench94's groups) or 3 (airbench96's, with a residual over the last two)",
+          options.convs_per_group)
   require(is_number(options.output_scale) and options.output_scale > 0,
           "model.airbench.output_scale", "a positive number", options.output_scale)
   require(isinstance(options.head_unit_std, bool), "model.airbench.head_unit_std",
@@ -268,6 +271,9 @@ def _validate_augment(augment) -> None:
   for key in ("brightness", "contrast"):
     require(is_number(augment[key]) and 0 <= augment[key] < 1, f"augment.{key}",
             "a number in [0, 1)", augment[key])
+  require(is_int(augment.cutout) and 0 <= augment.cutout <= input_pipeline.IMAGE_SHAPE[0],
+          "augment.cutout", f"0 (none) or a square's side in pixels, at most "
+          f"{input_pipeline.IMAGE_SHAPE[0]}", augment.cutout)
 
 
 def _validate_optim(optim_config) -> None:

@@ -85,6 +85,8 @@ ADDED_KEYS = {
     "model.airbench.activation": "gelu",
     "model.airbench.whitening_examples": airbench.WHITENING_EXAMPLES,
     "model.airbench.widths": [64, 256, 256],
+    "model.airbench.convs_per_group": 2,
+    "augment.cutout": 0,
     "augment.brightness": 0.0,
     "augment.contrast": 0.0,
 }
