@@ -179,5 +179,6 @@ def test_the_recipe_learns_on_real_cifar10(config_module, cifar10_dir, tmp_path)
                                            batch_size=500, num_epochs=2)
   assert [r["epoch"] for r in records] == [0, 1]
   assert records[1]["train_loss"] < records[0]["train_loss"]
-  assert records[1]["test_acc"] > 0.2  # chance is 0.1
-  assert last == records[1] and 0.2 < last["tta_test_acc"] <= 1
+  # Chance is 0.1; 0.14 is four standard errors above it on 1,000 test images.
+  assert records[1]["test_acc"] > 0.14
+  assert last == records[1] and 0.14 < last["tta_test_acc"] <= 1

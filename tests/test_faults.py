@@ -657,7 +657,7 @@ READ_ONLY_LINE = ("error: {who} {folder}: cannot write there (read-only file sys
 def test_a_workdir_on_a_read_only_file_system_is_one_line_before_any_work(
     command, cifar10_dir, read_only_folder):
   config = "configs/sweep_lr.py" if command == "convnet_jax.sweep" else "configs/smoke.py"
-  data_key = "base.data.dir" if command == "convnet_jax.sweep" else "data_dir"
+  data_key = "base.data.dir" if command == "convnet_jax.sweep" else "data.dir"
   workdir = read_only_folder / "run"
   result = subprocess.run(
       [sys.executable, "-m", command, "--config", config, f"--config.{data_key}={cifar10_dir}",

@@ -107,10 +107,10 @@ def test_grid_sweep_trials_tables_and_plot(grid_sweep):
   points = set()
   for row in rows:
     config = json.loads((workdir / row["workdir"] / "config.json").read_text())
-    assert (config["learning_rate"], config["momentum"]) == (float(row["learning_rate"]),
-                                                            float(row["momentum"]))
-    assert config["num_epochs"] == 3 and config["max_train_examples"] == 128
-    points.add((config["learning_rate"], config["momentum"]))
+    assert (config["optim"]["learning_rate"], config["optim"]["momentum"]) == (
+        float(row["learning_rate"]), float(row["momentum"]))
+    assert config["num_epochs"] == 3 and config["data"]["max_train_examples"] == 128
+    points.add((config["optim"]["learning_rate"], config["optim"]["momentum"]))
   assert points == set(itertools.product(GRID_LR, [0.9]))
   assert len({row["workdir"] for row in rows}) == 3
   # The completed trials first, by the test accuracy of their last epoch, best first.
@@ -191,7 +191,8 @@ def test_sigkill_during_a_trial_then_rerun_resumes_it(env, cifar10_dir, tmp_path
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert len(metrics.read_text().splitlines()) == 1, "trial 0 ended before the kill"
-  killed_point = json.loads((workdir / "trials" / "0000" / "config.json").read_text())["momentum"]
+  killed_point = json.loads(
+      (workdir / "trials" / "0000" / "config.json").read_text())["optim"]["momentum"]
 
   result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -208,7 +209,8 @@ def test_sigkill_during_a_trial_then_rerun_resumes_it(env, cifar10_dir, tmp_path
   assert float(rerun["test_acc"]) == last_metrics(workdir / "trials" / "0000")["test_acc"]
   for row in rows:
     config = json.loads((workdir / row["workdir"] / "config.json").read_text())
-    assert config["momentum"] == float(row["momentum"]) and config["learning_rate"] == 0.05
+    assert config["optim"]["momentum"] == float(row["momentum"])
+    assert config["optim"]["learning_rate"] == 0.05
   assert sorted(path.name for path in (workdir / "trials").iterdir()) == sorted(
       row["workdir"].removeprefix("trials/") for row in rows)
   # Exactly num_trials trials counted: the interrupted one is in the database, failed.
