@@ -37,7 +37,8 @@ def schedule(config, step_budget: StepBudget, peak: float | None = None):
 
 
 def with_values(config, values: dict):
-  """`config` with each dotted key of `values` ("optim.learning_rate") set, in place."""
+  """`config` with each dotted key of `values` ("optim.learning_rate") set, in place, as the
+  command line sets them."""
   for key, value in values.items():
     *groups, leaf = key.split(".")
     node = config

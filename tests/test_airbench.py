@@ -100,30 +100,43 @@ def test_network_shapes_and_parameter_count_are_airbench94s():
   assert models.count_parameters(params) + offsets == 1_972_792
 
 
-def _numpy_group(x, kernel1, offset1, kernel2, offset2, activation="gelu"):
-  """airbench's ConvGroup as PyTorch defines it, in float64: Conv2d(3, padding=1), then
-  MaxPool2d(2) (an odd last row and column dropped), BatchNorm of the batch's statistics plus
-  the offset, exact GELU (or hiverge's SiLU, x sigmoid(x)), and again without the pool."""
+def numpy_conv_same(x, kernel):
+  """PyTorch's Conv2d(3, padding=1, bias=False) of NHWC `x` with an HWIO `kernel`, in numpy."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  size = x.shape[1]
+  return sum(np.einsum("nijc,co->nijo", padded[:, a:a + size, b:b + size], kernel[a, b])
+             for a in range(3) for b in range(3))
+
+
+def numpy_pool(y):
+  """PyTorch's MaxPool2d(2): an odd last row and column dropped."""
+  half = y.shape[1] // 2
+  return y[:, :2 * half, :2 * half].reshape(len(y), half, 2, half, 2, -1).max(axis=(2, 4))
+
+
+def numpy_norm(y, offset):
+  """airbench's BatchNorm in training mode: the batch's statistics (biased variance, eps
+  1e-12), no scale, plus the offset."""
+  return (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-12) + offset
+
+
+def numpy_gelu(y):
+  """PyTorch's nn.GELU(): the exact (erf) form."""
   from scipy.special import erf
 
-  def conv_same(x, kernel):
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    size = x.shape[1]
-    return sum(np.einsum("nijc,co->nijo", padded[:, a:a + size, b:b + size], kernel[a, b])
-               for a in range(3) for b in range(3))
+  return y * (1 + erf(y / np.sqrt(2))) / 2
 
-  def norm_gelu(y, offset):
-    y = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2))
-                                          + airbench.OFFSET_ONLY_BATCH_NORM_EPSILON)
-    y = y + offset
-    if activation == "silu":
-      return y / (1 + np.exp(-y))
-    return y * (1 + erf(y / np.sqrt(2))) / 2
 
-  y = conv_same(x, kernel1)
-  half = y.shape[1] // 2
-  y = y[:, :2 * half, :2 * half].reshape(len(y), half, 2, half, 2, -1).max(axis=(2, 4))
-  return norm_gelu(conv_same(norm_gelu(y, offset1), kernel2), offset2)
+def _numpy_group(x, kernel1, offset1, kernel2, offset2, activation="gelu"):
+  """airbench's ConvGroup as PyTorch defines it, in float64: Conv2d(3, padding=1), then
+  MaxPool2d(2), BatchNorm of the batch's statistics plus the offset, exact GELU (or hiverge's
+  SiLU, x sigmoid(x)), and again without the pool."""
+  def activate(y):
+    return y / (1 + np.exp(-y)) if activation == "silu" else numpy_gelu(y)
+
+  y = numpy_pool(numpy_conv_same(x, kernel1))
+  return activate(numpy_norm(numpy_conv_same(activate(numpy_norm(y, offset1)), kernel2),
+                             offset2))
 
 
 def _group_and_its_numpy_form(size, implementation, activation="gelu"):

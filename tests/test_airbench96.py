@@ -6,8 +6,6 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
-from scipy.special import erf
-
 import built
 import real_runs
 from configs import cifar10_airbench94
@@ -19,30 +17,16 @@ from convnet_jax.errors import UserError
 from convnet_jax.models import airbench
 from convnet_jax.runs import prepare
 from convnet_jax.runs import validation
+from test_airbench import numpy_conv_same, numpy_gelu, numpy_norm, numpy_pool
 
 
 def _numpy_three_conv_group(x, kernels, offsets):
   """airbench96's ConvGroup as PyTorch defines it, in float64: conv1 (3x3, padding 1) ->
   MaxPool2d(2) -> BatchNorm (the batch's statistics, eps 1e-12, plus the offset) -> GELU, kept
   as x0; conv2 -> BN -> GELU -> conv3 -> BN; x + x0 -> GELU."""
-  def conv_same(x, kernel):
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    size = x.shape[1]
-    return sum(np.einsum("nijc,co->nijo", padded[:, a:a + size, b:b + size], kernel[a, b])
-               for a in range(3) for b in range(3))
-
-  def norm(y, offset):
-    return (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-12) + offset
-
-  def gelu(y):
-    return y * (1 + erf(y / np.sqrt(2))) / 2
-
-  y = conv_same(x, kernels[0])
-  half = y.shape[1] // 2
-  y = y[:, :2 * half, :2 * half].reshape(len(y), half, 2, half, 2, -1).max(axis=(2, 4))
-  x0 = gelu(norm(y, offsets[0]))
-  y = gelu(norm(conv_same(x0, kernels[1]), offsets[1]))
-  return gelu(norm(conv_same(y, kernels[2]), offsets[2]) + x0)
+  x0 = numpy_gelu(numpy_norm(numpy_pool(numpy_conv_same(x, kernels[0])), offsets[0]))
+  y = numpy_gelu(numpy_norm(numpy_conv_same(x0, kernels[1]), offsets[1]))
+  return numpy_gelu(numpy_norm(numpy_conv_same(y, kernels[2]), offsets[2]) + x0)
 
 
 @pytest.mark.parametrize("implementation", ["onednn", "im2col", "xla"])

@@ -18,6 +18,7 @@ import ml_collections
 import optuna
 import pytest
 
+import built
 import sweep_tiny
 from conftest import REPO_ROOT
 from convnet_jax.errors import UserError
@@ -53,14 +54,7 @@ def sweep_command(workdir, changes):
 
 def sweep_config(changes):
   """tests/sweep_tiny.py with `changes`, as the command line would set them."""
-  config = sweep_tiny.get_config()
-  for key, value in changes.items():
-    *parents, name = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return config
+  return built.with_values(sweep_tiny.get_config(), changes)
 
 
 def run_sweep(env, workdir, changes, timeout=600):
