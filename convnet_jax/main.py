@@ -4,7 +4,14 @@ Only parses flags (starting JAX's multi-process runtime when asked) and hands ov
 `train.train_and_evaluate`.
 """
 
-import sys
+# First, before JAX and the rest are imported: the restart that sets the C allocator
+# (`runs.allocator`) then costs nothing (once imported, it would import everything again).
+from convnet_jax.runs import allocator
+
+if __name__ == "__main__":
+  allocator.restart_with_tunables()
+
+import sys  # noqa: E402 (after the restart above)
 import time
 
 from absl import app

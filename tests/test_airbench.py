@@ -145,7 +145,7 @@ def _group_and_its_numpy_form(size, implementation, activation="gelu"):
   rng = np.random.default_rng(size)
   x = rng.standard_normal((4, size, size, 5)).astype(np.float32)
   group = airbench.ConvGroup(6, conv_implementation=implementation, activation=activation)
-  params = group.init(jax.random.key(0), jnp.asarray(x))["params"]
+  params = jax.jit(group.init)(jax.random.key(0), jnp.asarray(x))["params"]
   params = jax.tree_util.tree_map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.3, jnp.float32), params)
   got = group.apply({"params": params}, jnp.asarray(x))

@@ -35,7 +35,7 @@ def test_a_three_conv_group_is_airbench96s(implementation, size):
   rng = np.random.default_rng(size)
   x = rng.standard_normal((4, size, size, 5)).astype(np.float32)
   group = airbench.ConvGroup(6, conv_implementation=implementation, num_convs=3)
-  params = group.init(jax.random.key(0), jnp.asarray(x))["params"]
+  params = jax.jit(group.init)(jax.random.key(0), jnp.asarray(x))["params"]
   assert sorted(params) == ["conv1", "conv2", "conv3", "norm1", "norm2", "norm3"]
   params = jax.tree_util.tree_map(
       lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.3, jnp.float32), params)

@@ -29,7 +29,7 @@ def _params(config):
   config = config.copy_and_resolve_references()
   config.model.dtype = "float32"  # exact comparisons
   model = models.create_model(config.model, 10, "im2col")
-  return model, model.init(jax.random.key(0), IMAGES)["params"]
+  return model, jax.jit(model.init)(jax.random.key(0), IMAGES)["params"]
 
 
 def test_the_recipe_is_airbench94_muons():
@@ -78,8 +78,8 @@ def test_the_logits_are_the_head_over_its_width_and_the_head_starts_at_unit_std(
   whiten = dict(legacy_params["whiten"], kernel=jax.random.normal(
       jax.random.key(1), legacy_params["whiten"]["kernel"].shape))
   legacy_params = dict(legacy_params, whiten=whiten)
-  ratio = model.apply({"params": legacy_params}, IMAGES) / legacy_model.apply(
-      {"params": legacy_params}, IMAGES)
+  ratio = jax.jit(model.apply)({"params": legacy_params}, IMAGES) / jax.jit(
+      legacy_model.apply)({"params": legacy_params}, IMAGES)
   np.testing.assert_allclose(np.asarray(ratio), 9 / 256, rtol=1e-4)
 
 

@@ -58,7 +58,8 @@ def make_model(conv_implementation="im2col", dtype="float32"):
 
 
 def init_params(model, seed=0, size=8):
-  return model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
+  # Compiled as one program: op by op, each of the init's small operations compiles on its own.
+  return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
 
 
 def test_batch_norm_matches_formula():
@@ -173,7 +174,7 @@ def test_forward_pass_matches_numpy_reference(implementation):
   model = make_model(implementation)
   params = init_params(model, seed=5)
   x = np.random.default_rng(7).normal(size=(4, 8, 8, 3))
-  got = model.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  got = jax.jit(model.apply)({"params": params}, jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), numpy_seed_convnet(params, x), rtol=1e-3,
                              atol=1e-5)
 
@@ -183,7 +184,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   params = init_params(model)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
   x = np.random.default_rng(7).normal(size=(4, 8, 8, 3))
-  got = model.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  got = jax.jit(model.apply)({"params": params}, jnp.asarray(x, jnp.float32))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), numpy_seed_convnet(params, x), atol=0.05)
 

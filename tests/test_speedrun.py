@@ -74,19 +74,22 @@ def test_the_whitening_keeps_gelu_under_silu():
 
   images = np.random.default_rng(6).normal(size=(4, 32, 32, 3)).astype(np.float32)
   model = models.Airbench94(conv_implementation="im2col", activation="silu")
-  params = model.init(jax.random.key(0), jnp.asarray(images))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(images))["params"]
   whiten = dict(params["whiten"], kernel=jax.random.normal(jax.random.key(1),
                                                            params["whiten"]["kernel"].shape))
   params = dict(params, whiten=whiten)
-  _, state = model.apply({"params": params}, jnp.asarray(images), mutable=["intermediates"],
-                         capture_intermediates=lambda module, _: module.name == "group1")
+  _, state = jax.jit(lambda params, images: model.apply(
+      {"params": params}, images, mutable=["intermediates"],
+      capture_intermediates=lambda module, _: module.name == "group1"))(params,
+                                                                         jnp.asarray(images))
   got = state["intermediates"]["group1"]["__call__"][0]
   kernel = np.asarray(params["whiten"]["kernel"], np.float64).reshape(4, 3, -1)  # (dy dx), c, o
   patches = np.stack([images[:, i:i + 31, j:j + 31] for i in (0, 1) for j in (0, 1)], axis=3)
   whitened = np.einsum("nhwpc,pco->nhwo", patches, kernel) + np.asarray(params["whiten"]["bias"])
   after_gelu = whitened * (1 + erf(whitened / np.sqrt(2))) / 2
   group = airbench.ConvGroup(64, conv_implementation="im2col", activation="silu")
-  want = group.apply({"params": params["group1"]}, jnp.asarray(after_gelu, jnp.float32))
+  want = jax.jit(group.apply)({"params": params["group1"]},
+                              jnp.asarray(after_gelu, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
 
 
