@@ -31,8 +31,11 @@ def numpy_batch_norm(x, eps=1e-5):
   return (x - mean) / np.sqrt(var + eps)
 
 
-def numpy_seed_convnet(params, x):
-  """The specification's network written out in float64 numpy."""
+def numpy_seed_convnet(params, x, norm=None):
+  """The specification's network written out in float64 numpy; `norm(name, x)`, if given,
+  normalises the input of the BatchNorm `name` ("stem_bn", "block1/bn", ...) in place of the
+  batch's own statistics."""
+  norm = norm or (lambda name, a: numpy_batch_norm(a))
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   relu = lambda a: np.maximum(a, 0)
 
@@ -40,14 +43,15 @@ def numpy_seed_convnet(params, x):
     n, h, w, c = a.shape
     return a.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
-  def block(a, q):
-    return relu(numpy_batch_norm(numpy_conv(a, q["conv"]["kernel"]))) + \
+  def block(a, name):
+    q = p[name]
+    return relu(norm(f"{name}/bn", numpy_conv(a, q["conv"]["kernel"]))) + \
         numpy_conv(a, q["skip"]["kernel"])
 
-  a = relu(numpy_batch_norm(numpy_conv(x, p["stem_conv"]["kernel"])))
-  a = pool(block(a, p["block1"]))
-  a = pool(block(a, p["block2"]))
-  a = block(a, p["block3"]).max(axis=(1, 2))
+  a = relu(norm("stem_bn", numpy_conv(x, p["stem_conv"]["kernel"])))
+  a = pool(block(a, "block1"))
+  a = pool(block(a, "block2"))
+  a = block(a, "block3").max(axis=(1, 2))
   return 0.125 * (a @ p["head"]["kernel"])
 
 

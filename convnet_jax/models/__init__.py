@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from convnet_jax.models import airbench
 from convnet_jax.models.airbench import Airbench94
+from convnet_jax.models.layers import BATCH_STATISTICS
 from convnet_jax.models.layers import batch_norm
 from convnet_jax.models.layers import BATCH_NORM_EPSILON
 from convnet_jax.models.layers import BatchNorm
@@ -27,6 +28,7 @@ from convnet_jax.models.layers import Conv
 from convnet_jax.models.layers import dirac_then_fan_in_uniform
 from convnet_jax.models.layers import fan_in_uniform
 from convnet_jax.models.layers import max_pool_2x2
+from convnet_jax.models.layers import POPULATION
 from convnet_jax.models.layers import uniform_bias
 from convnet_jax.models.resnet import BasicBlock
 from convnet_jax.models.resnet import BottleneckBlock
@@ -37,11 +39,12 @@ from convnet_jax.ops import conv as conv_lib
 
 # The package's public names: the layers and every family's modules, as `models.X`.
 __all__ = [
-    "Airbench94", "BATCH_NORM_EPSILON", "BasicBlock", "BatchNorm", "BottleneckBlock", "Conv",
+    "Airbench94", "BATCH_NORM_EPSILON", "BATCH_STATISTICS", "BasicBlock", "BatchNorm",
+    "BottleneckBlock", "Conv",
     "DATA_INITIALISERS", "MODELS", "ResNet", "ResidualBlock", "SeedConvNet", "airbench",
     "batch_norm", "count_parameters", "create_model", "describe_shapes",
     "dirac_then_fan_in_uniform", "fan_in_uniform", "initialise_from_data", "max_pool_2x2",
-    "uniform_bias",
+    "POPULATION", "uniform_bias",
 ]
 
 

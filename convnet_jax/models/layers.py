@@ -1,8 +1,10 @@
 """The layers every model family shares: batch-statistics BatchNorm, the convolution module,
 the 2x2 max-pool and the initialisers.
 
-BatchNorm always normalises with the statistics of the batch at hand, in training and in
-evaluation; there are no running averages and no mutable state.
+BatchNorm normalises with the statistics of the batch at hand, in training and in evaluation;
+there are no running averages and no mutable state. Only after training, to evaluate or predict
+on small batches, may a `population` collection of statistics be given instead
+(`convnet_jax.trained`: precise BatchNorm, computed from training images once).
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ import jax.numpy as jnp
 from convnet_jax.ops import conv as conv_lib
 
 BATCH_NORM_EPSILON = 1e-5
+# Flax variable collections of BatchNorm, both absent in training: `model.apply(..., mutable=
+# [BATCH_STATISTICS])` records each BatchNorm's batch mean and variance as it normalises;
+# `{"params": ..., POPULATION: ...}` normalises with those statistics (each layer's "mean" and
+# "variance") in place of the batch's.
+BATCH_STATISTICS = "batch_statistics"
+POPULATION = "population"
 
 
 def batch_norm(x: jax.Array, epsilon: float = BATCH_NORM_EPSILON) -> jax.Array:
@@ -68,7 +76,11 @@ _normalize.defvjp(_normalize_forward, _normalize_backward)
 class BatchNorm(nn.Module):
   """Batch-statistics BatchNorm with no running averages; optionally a learnable scale and
   offset (`use_scale_and_offset`, init 1 and 0) or a learnable offset alone (`use_offset`, the
-  scale fixed at 1, as airbench has it)."""
+  scale fixed at 1, as airbench has it).
+
+  After training only: with a mutable `BATCH_STATISTICS` collection it also records the batch's
+  mean and (biased) variance; given a `POPULATION` collection it normalises with its "mean" and
+  "variance" instead."""
 
   use_scale_and_offset: bool = False
   use_offset: bool = False
@@ -78,7 +90,19 @@ class BatchNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     # In float32 to the end, scale and offset included, then returned in the input's dtype:
     # one rounding in a bfloat16 run instead of one per operation.
-    y = _normalize(x.astype(jnp.float32), self.epsilon)
+    x32 = x.astype(jnp.float32)
+    if self.has_variable(POPULATION, "mean"):
+      mean = self.get_variable(POPULATION, "mean")
+      variance = self.get_variable(POPULATION, "variance")
+      y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+    else:
+      y = _normalize(x32, self.epsilon)
+    # (In `init` every collection is mutable: nothing is recorded there.)
+    if self.is_mutable_collection(BATCH_STATISTICS) and not self.is_initializing():
+      mean = jnp.mean(x32, axis=_STATISTICS_AXES)
+      self.sow(BATCH_STATISTICS, "mean", mean)
+      self.sow(BATCH_STATISTICS, "variance",
+               jnp.mean(jnp.square(x32 - mean), axis=_STATISTICS_AXES))
     channels = x.shape[-1]
     if self.use_scale_and_offset:
       y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32)

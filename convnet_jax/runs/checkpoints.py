@@ -12,6 +12,7 @@ nothing is unpickled and no code runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -60,21 +61,24 @@ class ForeignCheckpointError(ValueError):
 
 
 class CheckpointStore:
-  """The workdir's checkpoints, one per saved step count, keeping the newest `max_to_keep`."""
+  """The workdir's checkpoints, one per saved step count, keeping the newest `max_to_keep`;
+  `read_only`: only restores, touching nothing (a run may be writing there meanwhile)."""
 
-  def __init__(self, directory: Path, max_to_keep: int):
+  def __init__(self, directory: Path, max_to_keep: int | None = None, read_only: bool = False):
     self.directory = Path(directory).absolute()
     # Step count of the newest checkpoint known to read back intact: the one restored or the
     # last one saved (None: none yet). Not orbax's latest step, which may be a damaged one.
     self.newest_intact: int | None = None
     # Where the run stood at that checkpoint, in words (its record's "position").
     self.newest_intact_position: str | None = None
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not read_only:
       remove_unfinished(self.directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+    with logs.warnings_quiet() if read_only else contextlib.nullcontext():
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               read_only=read_only,
+                                               enable_async_checkpointing=False))
 
   def save(self, step: int, state, record: dict[str, Any]) -> None:
     """Saves `state` and the JSON `record` (a checksum of `state` is added) synchronously as

@@ -32,6 +32,20 @@ def quiet_stderr() -> None:
   handler.addFilter(_not_orbax_thread_errors)
 
 
+@contextlib.contextmanager
+def warnings_quiet():
+  """Keeps the warnings logged inside the block off stderr and out of the log file: for those
+  that describe a choice made on purpose (orbax's on a read-only checkpoint manager: "setting
+  save_interval_steps=0", "Given directory is read only")."""
+  logger = absl_logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 _ORBAX_FILES = f"{os.sep}orbax{os.sep}"
 
 
