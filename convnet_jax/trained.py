@@ -336,7 +336,13 @@ def load(workdir: str | Path, *, data_dir: str | None = None, replica: int = 0
   if not steps_saved:
     raise NotARun(f"--workdir {files.workdir}: no checkpoint in {files.checkpoints}")
   data = prepare.load_data(config)
-  conv_choice = prepare.choose_convolutions(config, None)
+  try:
+    conv_choice = prepare.choose_convolutions(config, None)
+  except UserError:  # the run's path cannot run here (oneDNN on a GPU): the same math another way
+    logging.info("convolutions %r unavailable here; choosing again ('auto')",
+                 config.model.conv_implementation)
+    config.model.conv_implementation = "auto"
+    conv_choice = prepare.choose_convolutions(config, None)
   model = models.create_model(config.model, data.num_classes, conv_choice.implementation)
   budget = prepare.step_budget(config, len(data.train_labels))
   state, _ = prepare.create_run_state(config, model, budget, None, data)
