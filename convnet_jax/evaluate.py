@@ -55,8 +55,7 @@ def main(argv):
   source = FLAGS.data or "the run's test set"
   print(json.dumps({"workdir": str(model.workdir), "step": model.step,
                     "epochs": len(model.history), "data": source,
-                    "batch_norm_statistics": FLAGS.batch_norm_statistics,
-                    "batch_size": FLAGS.batch_size or model.config.eval.batch_size, **record}),
+                    "batch_norm_statistics": FLAGS.batch_norm_statistics, **record}),
         flush=True)
 
 

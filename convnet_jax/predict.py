@@ -16,10 +16,10 @@ if __name__ == "__main__":
 
 import json  # noqa: E402 (after the restart above)
 
-from absl import app
 from absl import flags
 
 from convnet_jax.data import images as images_lib
+from convnet_jax.errors import UserError
 from convnet_jax.runs import cli
 
 FLAGS = flags.FLAGS
@@ -39,7 +39,7 @@ flags.DEFINE_integer("replica", 0, "Of a run that trained several replicas, whic
 def main(argv):
   paths = argv[1:]
   if not paths:
-    raise app.UsageError("expected image files (PNG, JPEG) or .npz files after the flags")
+    raise UserError("expected image files (PNG, JPEG) or .npz files after the flags")
   names, images = images_lib.read_unlabelled(paths)  # before the model: a bad file costs nothing
   from convnet_jax import trained as trained_lib
 

@@ -183,7 +183,8 @@ class TrainedModel:
         run's `eval.test_time_augmentation`.
 
     Returns:
-      {"examples", "test_acc", "test_loss"} and, with test-time augmentation, "tta_test_acc":
+      {"examples", "batch_size", "test_acc", "test_loss"} and, with test-time augmentation,
+      "tta_test_acc":
       the keys and values of the run's metrics.jsonl (with the defaults, on its test set, the
       same digits).
     """
@@ -191,7 +192,8 @@ class TrainedModel:
       images, labels = self.data.test_images, self.data.test_labels
     if labels is None or len(labels) != len(images):
       raise UserError(f"evaluate: {len(images)} images need as many labels")
-    batch_size = batch_size or self.config.eval.batch_size
+    # A set smaller than a batch is one batch.
+    batch_size = min(batch_size or self.config.eval.batch_size, len(labels))
     level = (self.config.eval.test_time_augmentation if test_time_augmentation is None
              else test_time_augmentation)
     if level not in tta.LEVELS:
@@ -204,7 +206,7 @@ class TrainedModel:
         test_labels=np.asarray(labels, np.int32)), None)
     options = programs_lib.ProgramOptions(steps_lib.EpochOptions(self.config.batch_size),
                                           eval_batch_size=batch_size)
-    record = {"examples": len(labels)}
+    record = {"examples": len(labels), "batch_size": batch_size}
     for view_level in ("none",) + ((level,) if level != "none" else ()):
       program = programs_lib.compile_for(
           programs_lib.jitted_evaluate(options, apply_fn, None, view_level), None,

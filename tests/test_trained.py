@@ -291,3 +291,17 @@ def test_population_statistics_are_computed_once_and_read_back(seed_workdir):
   # Population statistics make every image's prediction independent of its batch.
   assert first["test_acc"] == again["test_acc"]
   np.testing.assert_allclose(first["test_loss"], again["test_loss"], rtol=1e-5)
+
+
+def test_evaluate_on_fewer_images_than_a_batch_takes_them_as_one_batch():
+  model = make_model()
+  params = init_params(model)
+  model_here = _tiny_trained(params, model, _uint8_images(8))  # eval batch size 4
+  images, labels = _uint8_images(3, seed=4), np.array([1, 0, 1], np.int32)
+  got = model_here.evaluate(images, labels)
+  logits = numpy_seed_convnet(params, _normalized(images))  # one batch, its own statistics
+  log_probabilities = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  assert (got["examples"], got["batch_size"]) == (3, 3)
+  assert got["test_acc"] == np.mean(np.argmax(logits, axis=1) == labels)
+  np.testing.assert_allclose(got["test_loss"], -log_probabilities[np.arange(3), labels].mean(),
+                             rtol=1e-4)
