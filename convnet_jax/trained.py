@@ -135,6 +135,9 @@ class TrainedModel:
   data: input_pipeline.Dataset
   workdir: Path
   replica: int = 0
+  # The jitted probability functions, by (statistics, test-time augmentation): repeated
+  # predictions compile once per batch shape.
+  _probability_fns: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -243,16 +246,19 @@ class TrainedModel:
           f"{MIN_IMAGES_FOR_BATCH_STATISTICS} images the predictions are not the model's; use "
           f"batch_norm_statistics='population'")
     batch_size = batch_size or self.config.eval.batch_size
-    apply_fn = self._apply_fn(batch_norm_statistics)
+    key = (batch_norm_statistics, test_time_augmentation)
+    if key not in self._probability_fns:
+      apply_fn = self._apply_fn(batch_norm_statistics)
 
-    @jax.jit
-    def batch_probabilities(params, batch):
-      normalized = input_pipeline.normalize(batch, self.data.mean, self.data.std)
-      return jax.nn.softmax(tta.logits(params, apply_fn, normalized, test_time_augmentation))
+      @jax.jit
+      def batch_probabilities(params, batch):
+        normalized = input_pipeline.normalize(batch, self.data.mean, self.data.std)
+        return jax.nn.softmax(tta.logits(params, apply_fn, normalized, test_time_augmentation))
 
-    return np.concatenate([
-        np.asarray(batch_probabilities(self.params, images[start:start + batch_size]))
-        for start in range(0, len(images), batch_size)])
+      self._probability_fns[key] = batch_probabilities
+    run = self._probability_fns[key]
+    return np.concatenate([np.asarray(run(self.params, images[start:start + batch_size]))
+                           for start in range(0, len(images), batch_size)])
 
   def predict(self, images: np.ndarray, **options) -> tuple[np.ndarray, np.ndarray]:
     """(classes, probabilities of those classes) of `images`; `options` as `probabilities`."""

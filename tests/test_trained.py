@@ -117,23 +117,30 @@ def _tiny_trained(params, model, train_images):
 def test_population_normalisation_gives_what_numpy_computes_with_those_statistics():
   model = make_model()
   params = init_params(model)
-  model_here = _tiny_trained(params, model, _uint8_images(8, size=32))
-  statistics = trained.population_statistics(model, params, model_here.data.train_images, MEAN,
-                                             STD, batch_size=4)
-  object.__setattr__(model_here, "population", statistics)  # cached_property's slot: no file
-  images = _uint8_images(5, size=32, seed=2)
-  got = model_here.probabilities(images, batch_norm_statistics="population", batch_size=2)
+  statistics = trained.population_statistics(model, params, _uint8_images(8), MEAN, STD,
+                                             batch_size=4)
+  images = _uint8_images(5, seed=2)
+  apply = trained._apply_with_population(model.apply, statistics)
+  got = jax.jit(apply)({"params": params}, jnp.asarray(_normalized(images), jnp.float32))
 
   def norm(name, a):
     layer = _get(statistics, name)
     return (a - layer["mean"]) / np.sqrt(layer["variance"].astype(np.float64) + 1e-5)
 
-  logits = numpy_seed_convnet(params, _normalized(images), norm=norm)
-  expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-  # Each image alone gets the same probabilities: nothing depends on the batch.
-  alone = model_here.probabilities(images[:1], batch_norm_statistics="population")
-  np.testing.assert_allclose(alone[0], expected[0], rtol=1e-4, atol=1e-6)
+  expected = numpy_seed_convnet(params, _normalized(images), norm=norm)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predictions_with_population_statistics_do_not_depend_on_the_batch():
+  model = make_model()
+  model_here = _tiny_trained(init_params(model), model, _uint8_images(8, size=32))
+  images = _uint8_images(5, size=32, seed=2)
+  together = model_here.probabilities(images, batch_norm_statistics="population", batch_size=5)
+  np.testing.assert_allclose(together.sum(axis=1), 1.0, rtol=1e-5)
+  for index in range(len(images)):
+    alone = model_here.probabilities(images[index:index + 1],
+                                     batch_norm_statistics="population")
+    np.testing.assert_allclose(alone[0], together[index], rtol=1e-4, atol=1e-6)
 
 
 def test_prediction_with_batch_statistics_refuses_too_few_images_naming_the_option():
