@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -153,14 +154,15 @@ class TrainedModel:
                               else "") + ".npz")
     if path.is_file():
       with np.load(path) as saved:
-        flat = {key: saved[key] for key in saved.files}
-      return _unflattened(flat)
+        return traverse_util.unflatten_dict({key: saved[key] for key in saved.files},
+                                            sep="/")
     statistics = population_statistics(self.model, self.params, self.data.train_images,
                                        self.data.mean, self.data.std, self.config.batch_size)
     try:
       path.parent.mkdir(exist_ok=True)
       workdir_lib.write_atomically(
-          path, lambda temporary: _save_npz(temporary, _flattened(statistics)))
+          path, lambda temporary: _save_npz(
+              temporary, traverse_util.flatten_dict(statistics, sep="/")))
     except OSError as error:
       logging.warning("population statistics not stored (%s); computed again next time", error)
     return statistics
@@ -203,9 +205,11 @@ class TrainedModel:
       raise UserError(f"test_time_augmentation: {level!r}, expected one of "
                       f"{', '.join(tta.LEVELS)}")
     apply_fn = self._apply_fn(batch_norm_statistics)
-    # The data the run's own evaluation program takes, with these images as its test set.
+    # The data the run's own evaluation program takes, with these images as its test set; it
+    # reads no training image, so none is copied to the device.
     data = programs_lib.put_data(dataclasses.replace(
-        self.data, test_images=np.asarray(images, np.uint8),
+        self.data, train_images=self.data.train_images[:0],
+        train_labels=self.data.train_labels[:0], test_images=np.asarray(images, np.uint8),
         test_labels=np.asarray(labels, np.int32)), None)
     options = programs_lib.ProgramOptions(steps_lib.EpochOptions(self.config.batch_size),
                                           eval_batch_size=batch_size)
@@ -267,27 +271,6 @@ class TrainedModel:
     return classes, probabilities[np.arange(len(classes)), classes]
 
 
-def _flattened(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  flat = {}
-  for name, child in tree.items():
-    if isinstance(child, dict):
-      flat.update(_flattened(child, f"{prefix}{name}/"))
-    else:
-      flat[f"{prefix}{name}"] = np.asarray(child)
-  return flat
-
-
-def _unflattened(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *groups, name = key.split("/")
-    node = tree
-    for group in groups:
-      node = node.setdefault(group, {})
-    node[name] = value
-  return tree
-
-
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
   with open(path, "wb") as file:  # a file object: np.savez would add ".npz" to a path
     np.savez(file, **arrays)
@@ -339,9 +322,7 @@ def load(workdir: str | Path, *, data_dir: str | None = None, replica: int = 0
   validation.validate_config(config)
   if not 0 <= replica < config.replicas.count:
     raise UserError(f"replica {replica}: the run trained {config.replicas.count} replica(s)")
-  steps_saved = sorted(int(p.name) for p in files.checkpoints.glob("*") if p.name.isdigit()) \
-      if files.checkpoints.is_dir() else []
-  if not steps_saved:
+  if not any(path.name.isdigit() for path in files.checkpoints.glob("*")):
     raise NotARun(f"--workdir {files.workdir}: no checkpoint in {files.checkpoints}")
   data = prepare.load_data(config)
   try:

@@ -40,11 +40,15 @@ def batch_norm(x: jax.Array, epsilon: float = BATCH_NORM_EPSILON) -> jax.Array:
 _STATISTICS_AXES = (0, 1, 2)
 
 
-def _statistics(x: jax.Array, epsilon: float):
+def _mean_and_variance(x: jax.Array):
   mean = jnp.mean(x, axis=_STATISTICS_AXES)
   # Two passes (variance of the centred values), as the formula reads: the one-pass
   # E[x^2]-E[x]^2 loses precision when |mean| >> std.
-  variance = jnp.mean(jnp.square(x - mean), axis=_STATISTICS_AXES)
+  return mean, jnp.mean(jnp.square(x - mean), axis=_STATISTICS_AXES)
+
+
+def _statistics(x: jax.Array, epsilon: float):
+  mean, variance = _mean_and_variance(x)
   return mean, jax.lax.rsqrt(variance + epsilon)
 
 
@@ -99,10 +103,9 @@ class BatchNorm(nn.Module):
       y = _normalize(x32, self.epsilon)
     # (In `init` every collection is mutable: nothing is recorded there.)
     if self.is_mutable_collection(BATCH_STATISTICS) and not self.is_initializing():
-      mean = jnp.mean(x32, axis=_STATISTICS_AXES)
+      mean, variance = _mean_and_variance(x32)
       self.sow(BATCH_STATISTICS, "mean", mean)
-      self.sow(BATCH_STATISTICS, "variance",
-               jnp.mean(jnp.square(x32 - mean), axis=_STATISTICS_AXES))
+      self.sow(BATCH_STATISTICS, "variance", variance)
     channels = x.shape[-1]
     if self.use_scale_and_offset:
       y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
