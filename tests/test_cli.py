@@ -103,6 +103,8 @@ BAD_INPUTS = [
      "config.operations.checkpoint_every_epochs=0: expected a positive integer"),
     (["--config.data.max_train_examples=10"],
      "config.batch_size=128: expected at most the 10 training examples"),
+    (["--config.data.max_test_examples=100"],
+     "config.eval.batch_size=128: expected at most the 100 test examples"),
 ]
 
 

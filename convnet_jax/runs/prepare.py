@@ -143,7 +143,7 @@ def load_data(config) -> input_pipeline.Dataset:
   """The run's data set, loaded, and the batch sizes checked against it. The config is checked
   before (`validation.validate_config`), the workdir too (`workdir.check_workdir`)."""
   data = input_pipeline.load_dataset(config.data)
-  validation.check_batch_sizes(config, len(data.train_labels))
+  validation.check_batch_sizes(config, len(data.train_labels), len(data.test_labels))
   return data
 
 

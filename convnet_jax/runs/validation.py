@@ -498,7 +498,10 @@ def check_parameter_paths(config, params) -> None:
               f"kernels that are not also frozen; {name!r} is", patterns["muon.parameters"])
 
 
-def check_batch_sizes(config, num_train_examples: int) -> None:
-  """The batch must not be larger than the training set."""
+def check_batch_sizes(config, num_train_examples: int, num_test_examples: int) -> None:
+  """Neither batch may be larger than its set (the evaluation's batches are the test set's
+  slices, and BatchNorm normalises each with its own statistics)."""
   require(config.batch_size <= num_train_examples, "batch_size",
           f"at most the {num_train_examples} training examples", config.batch_size)
+  require(config.eval.batch_size <= num_test_examples, "eval.batch_size",
+          f"at most the {num_test_examples} test examples", config.eval.batch_size)
