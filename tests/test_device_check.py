@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,38 @@ def test_the_dry_run_passes_from_the_gpu_images_packages_alone(cifar10_dir, tmp_
   assert sorted(path.name for path in out.iterdir()) == ["log.txt", "results.jsonl",
                                                          "summary.md"]
   assert "| benchmark_seed_net | ok |" in (out / "summary.md").read_text()
+
+
+def _context(tmp_path, seconds_left=60.0):
+  out = tmp_path / "out"
+  out.mkdir()
+  return device_check.Context(out, tmp_path / "runs", {}, dict(os.environ), True,
+                              time.perf_counter() + seconds_left, lambda text: None)
+
+
+def test_a_part_over_its_limit_is_stopped_with_what_it_started(tmp_path):
+  pid_file = tmp_path / "grandchild.pid"
+  script = f"sleep 60 & echo $! > {pid_file}; wait"
+  status, taken = device_check._child(_context(tmp_path), ["sh", "-c", script], seconds=1.0)
+  assert status is None and 1.0 <= taken < 20
+  stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+  time.sleep(0.2)
+  # The background sleep went with its parent: gone, or dead and not yet reaped by whoever
+  # inherited it.
+  assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_damaged_data_fails_its_part_and_the_check_goes_on(tiny_cifar_dir, tmp_path):
+  folder = tmp_path / "pack"
+  device_check.pack_data(tiny_cifar_dir, folder, full=False, chunk_bytes=1000)
+  path = folder / "cifar2" / "seed_records.xz"
+  path.write_bytes(path.read_bytes()[:-20])  # a truncated transfer
+  out = tmp_path / "out"
+  status = device_check.main(["run", f"--out={out}", f"--folder={folder}",
+                              f"--scratch={tmp_path / 'scratch'}", "--parts=seed_run"])
+  results = [json.loads(line) for line in (out / "results.jsonl").open()]
+  assert status == 1
+  assert [(r["part"], r["status"].split(" ")[0]) for r in results] == [
+      ("install", "ok"), ("data", "failed"), ("seed_run", "skipped:")]
+  assert "LZMAError" in results[1]["note"]
+  assert "| seed_run | skipped: needs cifar2" in (out / "summary.md").read_text()

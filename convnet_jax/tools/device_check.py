@@ -36,6 +36,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -332,10 +333,15 @@ def _child(context: Context, argv: list[str], seconds: float, extra_env: dict | 
   start = time.perf_counter()
   context.log(f"$ {' '.join(argv)}" + (f"   ({extra_env})" if extra_env else ""))
   with open(context.out / "log.txt", "a") as log:
+    # A session of its own, so that a part over its limit is stopped with everything it
+    # started, and leaves the device free for the next.
+    child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
-      status = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=max(seconds, 1)).returncode
+      status = child.wait(timeout=max(seconds, 1))
     except subprocess.TimeoutExpired:
+      os.killpg(child.pid, signal.SIGKILL)
+      child.wait()
       status = None
   return status, round(time.perf_counter() - start, 2)
 
@@ -561,12 +567,20 @@ def run(args) -> int:
 
   results: list[dict] = []
   site = scratch / "site"
-  record({"part": "install", "status": "ok",
-          "wheels": install_wheels(folder / "wheels", site),
-          "part_seconds": round(time.perf_counter() - start, 2)})
+  try:
+    record({"part": "install", "status": "ok",
+            "wheels": install_wheels(folder / "wheels", site),
+            "part_seconds": round(time.perf_counter() - start, 2)})
+  except subprocess.CalledProcessError as error:  # the parts then say what is missing
+    record({"part": "install", "status": f"failed ({error})"})
   data_start = time.perf_counter()
-  data = unpack_data(folder, scratch / "data")
-  record({"part": "data", "status": "ok", "cifar2": bool(data["cifar2"]),
+  try:
+    data = unpack_data(folder, scratch / "data")
+    status = "ok"
+  except (OSError, ValueError, RuntimeError, lzma.LZMAError) as error:
+    data = {"cifar2": None, "cifar10": None, "note": f"{type(error).__name__}: {error}"}
+    status = f"failed ({data['note']})"
+  record({"part": "data", "status": status, "cifar2": bool(data["cifar2"]),
           "cifar10": bool(data["cifar10"]), "note": data["note"],
           "part_seconds": round(time.perf_counter() - data_start, 2)})
   env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
