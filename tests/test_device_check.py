@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convnet_jax.data import input_pipeline
 from convnet_jax.tools import device_check
 from tests.conftest import REPO_ROOT
 from tests.conftest import write_records
@@ -21,6 +22,12 @@ SEED_CLASSES = (0, 1)  # the spec's CIFAR-2
 
 def _records(path: Path) -> np.ndarray:
   return np.fromfile(path, np.uint8).reshape(-1, 3073)
+
+
+def test_the_stdlib_only_constants_are_the_readers_own():
+  assert device_check.RECORD_BYTES == input_pipeline.RECORD_BYTES
+  assert device_check.FILES == input_pipeline.TRAIN_FILES + input_pipeline.TEST_FILES
+  assert device_check.DATA_DIR_ENV == input_pipeline.DATA_DIR_ENV
 
 
 def test_the_pack_unpacks_to_the_seed_classes_and_to_the_original_files(tiny_cifar_dir,

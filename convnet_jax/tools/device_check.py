@@ -59,8 +59,11 @@ WHEEL_PYTHON = "3.12"  # the image's python
 CALL_LIMIT_BYTES = 64 * 2**20
 # Room kept free in a call beside the tree and the carried paths (files added before the call).
 CALL_MARGIN_BYTES = 2 * 2**20
+# input_pipeline's RECORD_BYTES, TRAIN_FILES + TEST_FILES and DATA_DIR_ENV, written again
+# because the package imports JAX (tests/test_device_check.py holds them equal):
 RECORD_BYTES = 3073  # CIFAR-10's binary records: one label byte, then 3 x 32 x 32 pixels
 FILES = tuple(f"data_batch_{index}.bin" for index in range(1, 6)) + ("test_batch.bin",)
+DATA_DIR_ENV = "CONVNET_JAX_DATA_DIR"
 SEED_CLASSES = (0, 1)  # the seed run's CIFAR-2
 XZ_PRESET = 6
 # The budget of `run`: a device command may run 10 minutes; this leaves ~2 for the start-up,
@@ -74,14 +77,6 @@ COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 # ----------------------------------------------------------------------------------------------
 # Here: wheels, data packs, sizes.
-
-
-def _sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as file:
-    for block in iter(lambda: file.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _folder_bytes(path: Path) -> int:
@@ -208,7 +203,7 @@ def plan_calls(folder: Path, manifest: dict, tree: int) -> list[dict]:
 def prepare(args) -> None:
   """`prepare`: the wheels, the data pack and the plan of calls (see the module)."""
   folder = Path(args.folder).resolve()
-  data_dir = Path(args.data_dir or os.environ.get("CONVNET_JAX_DATA_DIR")
+  data_dir = Path(args.data_dir or os.environ.get(DATA_DIR_ENV)
                   or REPO.parent / "shared" / "data" / "cifar10")
   for name in FILES:  # before any download or packing
     if not (data_dir / name).is_file():
