@@ -40,6 +40,11 @@ def get_config():
   # data-parallel devices), im2col on other CPUs, xla on GPU/TPU. The run's first stderr line
   # says which runs and why.
   config.model.conv_implementation = "auto"
+  # How BatchNorm is computed (same math, other last digits): "onednn" (oneDNN's batch
+  # normalisation primitive, with the ReLU after it in the same pass where nothing comes between
+  # them: float32 on one device; other dtypes and data-parallel meshes run "jax"), "jax" (XLA's
+  # fusions), or "auto": onednn where the convolutions run in oneDNN, jax elsewhere.
+  config.model.batch_norm_implementation = "auto"
   # The ResNets: channels of the stem and the first stage (the stages have 1, 2, 4 and 8 times
   # this, times the block's expansion); 64 is the standard ResNet, smaller widths are for quick
   # runs.

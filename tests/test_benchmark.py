@@ -68,6 +68,16 @@ def test_benchmark_report_on_smoke_config(tmp_path):
   assert run["utilisation"] == pytest.approx(
       run["achieved_gflop_per_second"] / ceiling["gflop_per_second"], rel=0.01, abs=1e-3)
   assert run["compile_seconds"] > 0 and run["epoch_seconds"]["median"] > 0
+  # The step split by the extension's clocks: the convolutions and the rest add up to the step
+  # (one timed epoch, so its mean is its median); BatchNorm ran in oneDNN ("auto" beside
+  # oneDNN's convolutions), as part of the rest.
+  assert run["epoch_seconds"]["count"] == 1
+  assert run["convolution_ms"] + run["non_convolution_ms"] == pytest.approx(
+      run["epoch_step_ms"], abs=0.02)
+  assert 0 < run["convolution_ms"] < run["epoch_step_ms"]
+  assert 0 < run["onednn_batch_norm_ms"] < run["non_convolution_ms"]
+  assert run["non_convolution_share"] == pytest.approx(
+      run["non_convolution_ms"] / (run["convolution_ms"] + run["non_convolution_ms"]), abs=2e-3)
   # Replicas: every replica's images count towards the throughput of one epoch.
   assert [r["num_replicas"] for r in report["replica_results"]] == [1, 3]
   for replicas in report["replica_results"]:

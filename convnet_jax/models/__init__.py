@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from convnet_jax.models import airbench
+from convnet_jax.models import layers
 from convnet_jax.models.airbench import Airbench94
 from convnet_jax.models.layers import BATCH_STATISTICS
 from convnet_jax.models.layers import batch_norm
@@ -64,7 +65,8 @@ def _airbench(model_config, num_classes: int, **settings) -> nn.Module:
 
 
 # Every model `model.name` can name, and how to build it from (the config's `model` group,
-# num_classes, dtype=, conv_implementation=). The ResNets: blocks per stage and the block type.
+# num_classes, dtype=, conv_implementation=, batch_norm_implementation=). The ResNets: blocks per
+# stage and the block type.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "seed_convnet": lambda model_config, num_classes, **settings: SeedConvNet(
         num_classes=num_classes, **settings),
@@ -98,7 +100,8 @@ def create_model(model_config, num_classes: int, conv_implementation: str | None
 
   Args:
     model_config: the config's `model` group: `name` (a key of `MODELS`), `dtype`,
-      `conv_implementation` and the family's own subgroup (`resnet`, `airbench`).
+      `conv_implementation`, `batch_norm_implementation` and the family's own subgroup
+      (`resnet`, `airbench`).
     num_classes: the number of outputs.
     conv_implementation: the resolved convolution path (a key of
       `conv.CONV_IMPLEMENTATIONS`); default: `model_config.conv_implementation` resolved for
@@ -113,9 +116,11 @@ def create_model(model_config, num_classes: int, conv_implementation: str | None
         model_config.conv_implementation, model_config.dtype).implementation
   if model_config.name not in MODELS:
     raise ValueError(f"unknown model {model_config.name!r}; expected one of {tuple(MODELS)}")
-  return MODELS[model_config.name](model_config, num_classes,
-                                   dtype=jnp.dtype(model_config.dtype),
-                                   conv_implementation=conv_implementation)
+  return MODELS[model_config.name](
+      model_config, num_classes, dtype=jnp.dtype(model_config.dtype),
+      conv_implementation=conv_implementation,
+      batch_norm_implementation=layers.choose_batch_norm_implementation(
+          model_config.batch_norm_implementation, conv_implementation))
 
 
 def count_parameters(params) -> int:

@@ -60,6 +60,7 @@ class ConvGroup(nn.Module):
   features: int
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
+  batch_norm_implementation: str = "jax"
   activation: str = "gelu"
   num_convs: int = 2
 
@@ -71,7 +72,9 @@ class ConvGroup(nn.Module):
                   kernel_init=dirac_then_fan_in_uniform(), name=name)
 
     def norm(name):
-      return BatchNorm(use_offset=True, epsilon=OFFSET_ONLY_BATCH_NORM_EPSILON, name=name)
+      return BatchNorm(use_offset=True, epsilon=OFFSET_ONLY_BATCH_NORM_EPSILON,
+                       implementation=self.batch_norm_implementation,
+                       name=name)
 
     # On an odd-sized map (31, 15, 7) the max-pool drops the convolution's last row and
     # column: padding (1, 0) computes only the rows and columns it keeps, the same numbers
@@ -107,6 +110,7 @@ class Airbench94(nn.Module):
   activation: str = "gelu"
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
+  batch_norm_implementation: str = "jax"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -119,6 +123,7 @@ class Airbench94(nn.Module):
     x = gelu(x)  # hiverge's SiLU recipe keeps this one GELU
     for index, features in enumerate(self.widths):
       x = ConvGroup(features, dtype=self.dtype, conv_implementation=self.conv_implementation,
+                    batch_norm_implementation=self.batch_norm_implementation,
                     activation=self.activation, num_convs=self.convs_per_group,
                     name=f"group{index + 1}")(x)
     if x.shape[1:3] == (3, 3):

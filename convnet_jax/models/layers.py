@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from convnet_jax.ops import batch_norm as norm_lib
 from convnet_jax.ops import conv as conv_lib
 
 BATCH_NORM_EPSILON = 1e-5
@@ -77,10 +78,24 @@ def _normalize_backward(epsilon, residuals, output_gradient):
 _normalize.defvjp(_normalize_forward, _normalize_backward)
 
 
+def choose_batch_norm_implementation(requested: str, conv_implementation: str) -> str:
+  """`config.model.batch_norm_implementation` resolved: "auto" is "onednn" beside oneDNN's
+  convolutions (its batch normalisation primitive, `ops.batch_norm`) and "jax" elsewhere; the
+  others are as asked (validation has checked that oneDNN loads where it is asked for)."""
+  if requested == "auto":
+    return "onednn" if conv_implementation == "onednn" else "jax"
+  return requested
+
+
 class BatchNorm(nn.Module):
   """Batch-statistics BatchNorm with no running averages; optionally a learnable scale and
   offset (`use_scale_and_offset`, init 1 and 0) or a learnable offset alone (`use_offset`, the
-  scale fixed at 1, as airbench has it).
+  scale fixed at 1, as airbench has it), and a ReLU after it all (`relu`).
+
+  `implementation` "onednn" normalises float32 maps of a multiple of 16 channels with oneDNN's
+  primitive (the ReLU in the same pass where there is no scale or offset between them); other
+  maps, a batch split over a data-parallel mesh and the statistics below run the pure-JAX path
+  ("jax"), which computes the same function.
 
   After training only: with a mutable `BATCH_STATISTICS` collection it also records the batch's
   mean and (biased) variance; given a `POPULATION` collection it normalises with its "mean" and
@@ -89,16 +104,23 @@ class BatchNorm(nn.Module):
   use_scale_and_offset: bool = False
   use_offset: bool = False
   epsilon: float = BATCH_NORM_EPSILON
+  relu: bool = False
+  implementation: str = "jax"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    affine = self.use_scale_and_offset or self.use_offset
     # In float32 to the end, scale and offset included, then returned in the input's dtype:
     # one rounding in a bfloat16 run instead of one per operation.
     x32 = x.astype(jnp.float32)
+    fused_relu = False
     if self.has_variable(POPULATION, "mean"):
       mean = self.get_variable(POPULATION, "mean")
       variance = self.get_variable(POPULATION, "variance")
       y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+    elif self._runs_onednn(x):
+      fused_relu = self.relu and not affine
+      y = norm_lib.batch_norm_relu_onednn(x, self.epsilon, fused_relu)
     else:
       y = _normalize(x32, self.epsilon)
     # (In `init` every collection is mutable: nothing is recorded there.)
@@ -109,9 +131,17 @@ class BatchNorm(nn.Module):
     channels = x.shape[-1]
     if self.use_scale_and_offset:
       y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    if self.use_scale_and_offset or self.use_offset:
+    if affine:
       y = y + self.param("offset", nn.initializers.zeros, (channels,), jnp.float32)
+    if self.relu and not fused_relu:
+      y = nn.relu(y)
     return y.astype(x.dtype)
+
+  def _runs_onednn(self, x: jax.Array) -> bool:
+    # Float32 maps of a multiple of 16 channels on one device only (see `ops.batch_norm`);
+    # `init` needs no custom call.
+    return (self.implementation == "onednn" and norm_lib.supports(x)
+            and not self.is_initializing() and conv_lib.split_mesh(x.shape[0]) is None)
 
 
 def fan_in_uniform() -> nn.initializers.Initializer:

@@ -22,12 +22,14 @@ class ResidualBlock(nn.Module):
   features: int
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
+  batch_norm_implementation: str = "jax"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = functools.partial(Conv, self.features, dtype=self.dtype,
                              implementation=self.conv_implementation)
-    main = nn.relu(BatchNorm(name="bn")(conv(3, name="conv")(x)))
+    norm = BatchNorm(relu=True, implementation=self.batch_norm_implementation, name="bn")
+    main = norm(conv(3, name="conv")(x))
     return main + conv(1, name="skip")(x)
 
 
@@ -47,15 +49,17 @@ class SeedConvNet(nn.Module):
   alpha: float = 0.125
   dtype: Any = jnp.float32
   conv_implementation: str = "im2col"
+  batch_norm_implementation: str = "jax"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(self.dtype)
     x = Conv(self.stem_features, 3, dtype=self.dtype, implementation=self.conv_implementation,
              name="stem_conv")(x)
-    x = nn.relu(BatchNorm(name="stem_bn")(x))
+    x = BatchNorm(relu=True, implementation=self.batch_norm_implementation, name="stem_bn")(x)
     for index, features in enumerate(self.block_features):
       x = ResidualBlock(features, dtype=self.dtype, conv_implementation=self.conv_implementation,
+                        batch_norm_implementation=self.batch_norm_implementation,
                         name=f"block{index + 1}")(x)
       if index < len(self.block_features) - 1:
         x = max_pool_2x2(x)

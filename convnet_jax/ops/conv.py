@@ -185,7 +185,7 @@ def _onednn_call(target: str, shape, *operands, strides: int,
                               padding_high=np.int64(padding[1]))
 
 
-def _split_mesh(batch: int):
+def split_mesh(batch: int):
   """The mesh in context (`jax.set_mesh`, as `steps` sets it for a data-parallel run) when a
   batch of this size is split over its data axis (`data_parallel.split_batch`'s rule), else None."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -217,7 +217,7 @@ def _conv_onednn(x: jax.Array, kernel: jax.Array, strides: int,
                     conv_output_size(width, strides, size, padding), kernel.shape[-1])
     return _onednn_call("forward", output_shape, x, kernel, strides=strides, padding=padding)
 
-  return _per_device(forward, _split_mesh(x.shape[0]), (_SPLIT, _WHOLE), _SPLIT)(x, kernel)
+  return _per_device(forward, split_mesh(x.shape[0]), (_SPLIT, _WHOLE), _SPLIT)(x, kernel)
 
 
 def _conv_onednn_forward(x, kernel, strides, padding):
@@ -226,7 +226,7 @@ def _conv_onednn_forward(x, kernel, strides, padding):
 
 def _conv_onednn_backward(strides, padding, residuals, output_gradient):
   x, kernel = residuals
-  mesh = _split_mesh(x.shape[0])
+  mesh = split_mesh(x.shape[0])
 
   # Two separate calls, so XLA drops the input gradient where nothing uses it (the stem's).
   def input_gradient(output_gradient, kernel):

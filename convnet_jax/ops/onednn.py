@@ -33,6 +33,8 @@ TARGETS = {
     "forward": "convnet_onednn_conv_forward",
     "backward_data": "convnet_onednn_conv_backward_data",
     "backward_weights": "convnet_onednn_conv_backward_weights",
+    "batch_norm_forward": "convnet_onednn_batch_norm_forward",
+    "batch_norm_backward": "convnet_onednn_batch_norm_backward",
 }
 
 
@@ -44,6 +46,19 @@ class Status:
   available: bool
   detail: str
   bf16_native: bool = False
+  # The loaded extension (None where it is not available), for `convolution_clock`.
+  library: ctypes.CDLL | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallClock:
+  """Wall time during which at least one call of the extension's convolutions, and of its
+  batch normalisations, ran (overlapping calls of one kind count once), and the number of
+  calls of each, since the extension was loaded."""
+  convolution_seconds: float
+  convolution_calls: int
+  batch_norm_seconds: float
+  batch_norm_calls: int
 
 
 def _runtime_library() -> str:
@@ -88,5 +103,35 @@ def load() -> Status:
     jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   library.convnet_onednn_version.restype = ctypes.c_char_p
+  for counter in (library.convnet_onednn_busy_nanoseconds, library.convnet_onednn_calls):
+    counter.restype, counter.argtypes = ctypes.c_int64, [ctypes.c_int]
+  library.convnet_onednn_batch_norm_workspace_bytes.restype = ctypes.c_int64
+  library.convnet_onednn_batch_norm_workspace_bytes.argtypes = (
+      [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64])
   return Status(True, f"oneDNN {library.convnet_onednn_version().decode()}",
-                bool(library.convnet_onednn_bf16_native()))
+                bool(library.convnet_onednn_bf16_native()), library)
+
+
+def batch_norm_workspace_bytes(shape: tuple[int, int, int, int], epsilon: float,
+                               relu: bool) -> int:
+  """Bytes of the workspace oneDNN's float32 batch normalisation of an NHWC `shape` keeps for
+  its backward pass (the fused ReLU's mask; 0 without it). Raises RuntimeError where the
+  extension is not loaded or oneDNN refuses the shape."""
+  status = load()
+  if status.library is None:
+    raise RuntimeError(f"the oneDNN extension is not available: {status.detail}")
+  size = status.library.convnet_onednn_batch_norm_workspace_bytes(*shape, epsilon, int(relu))
+  if size < 0:
+    raise RuntimeError(f"oneDNN has no batch normalisation for float32 NHWC {shape}")
+  return size
+
+
+def call_clock() -> CallClock | None:
+  """The extension's clocks now (None where the extension is not loaded): two readings around
+  some calls give the time those calls spent in oneDNN's convolutions and batch
+  normalisations."""
+  library = load().library
+  if library is None:
+    return None
+  busy, calls = library.convnet_onednn_busy_nanoseconds, library.convnet_onednn_calls
+  return CallClock(busy(0) / 1e9, calls(0), busy(1) / 1e9, calls(1))

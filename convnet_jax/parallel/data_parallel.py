@@ -42,7 +42,8 @@ def tpu_chips_here() -> bool:
 
 def tracing_mesh(mesh: Mesh | None):
   """A context in which programs are traced for `mesh`: it makes the mesh JAX's context mesh,
-  from which the oneDNN convolutions learn to run per device (`conv._split_mesh`)."""
+  from which the oneDNN convolutions learn to run per device (`conv.split_mesh`; BatchNorm
+  then keeps to its pure-JAX path)."""
   return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 

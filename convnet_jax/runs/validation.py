@@ -32,6 +32,7 @@ DATASETS = ("cifar10",)
 DATA_SOURCES = ("binary", "tfds")
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLEMENTATIONS = ("auto",) + tuple(conv.CONV_IMPLEMENTATIONS)
+BATCH_NORM_IMPLEMENTATIONS = ("auto", "jax", "onednn")
 # The config groups that say how a run is operated, not what it computes: a run is the config
 # without them (`workdir.identity`), so a workdir may be resumed with other values in them.
 OPERATION_GROUPS = ("operations", "benchmark")
@@ -220,6 +221,15 @@ def _validate_model(model) -> None:
   except conv.ConvUnavailable as error:
     raise error.naming_the_key(model.conv_implementation, "; use 'auto' (which falls back to "
                                "'im2col' here) or 'im2col'") from None
+  require(model.batch_norm_implementation in BATCH_NORM_IMPLEMENTATIONS,
+          "model.batch_norm_implementation", f"one of {BATCH_NORM_IMPLEMENTATIONS}",
+          model.batch_norm_implementation)
+  if model.batch_norm_implementation == "onednn":
+    try:
+      conv.check_conv_implementation("onednn")
+    except conv.ConvUnavailable as error:
+      raise UserError(f"config.model.batch_norm_implementation='onednn': {error}; use 'auto' or "
+                      f"'jax'") from None
   require(is_int(model.resnet.width) and model.resnet.width > 0, "model.resnet.width",
           "a positive integer", model.resnet.width)
   options = model.airbench

@@ -89,6 +89,10 @@ ADDED_KEYS = {
     "augment.cutout": 0,
     "augment.brightness": 0.0,
     "augment.contrast": 0.0,
+    # Runs before it computed BatchNorm in XLA ("jax"); "auto" computes the same function
+    # (oneDNN's where the convolutions are oneDNN's), other last digits, as "auto" convolutions
+    # do on another machine.
+    "model.batch_norm_implementation": "auto",
 }
 
 

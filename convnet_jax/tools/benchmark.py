@@ -7,7 +7,8 @@ min, max over `benchmark.num_steps` calls of one step each after warm-up, each e
 `block_until_ready`: the step and a call's fixed cost), the time of a call of one whole epoch
 and of a step within it, images per second, achieved GFLOP/s from XLA's cost analysis, and the
 utilisation (that as a fraction of the device's `ceiling`: published for known GPUs and TPUs,
-measured with a large matmul on a CPU, its source named). Optionally over lists of
+measured with a large matmul on a CPU, its source named) and, where the convolutions run in
+oneDNN, how much of a step is spent outside them (the extension's clock). Optionally over lists of
 batch sizes and dtypes (`config.benchmark.batch_sizes`, `config.benchmark.dtypes`), and the epoch
 time and throughput of N models trained together (`config.benchmark.num_replicas`, e.g.
 "(1, 2, 4, 8, 16)").
@@ -40,6 +41,7 @@ from convnet_jax import programs as programs_lib
 from convnet_jax.budget import StepBudget
 from convnet_jax.data import input_pipeline
 from convnet_jax.ops import conv
+from convnet_jax.ops import onednn
 from convnet_jax.runs import allocator
 from convnet_jax.runs import cli
 from convnet_jax.runs import compile_cache
@@ -199,7 +201,9 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   _time_calls(run_step, bench.warmup_steps)
   step_times = _time_calls(run_step, bench.num_steps)
   _time_calls(lambda: run(0, num_steps), 1)  # warm-up
+  clock_before = onednn.call_clock()
   epoch_times = _time_calls(lambda: run(0, num_steps), bench.num_epochs)
+  clock_after = onednn.call_clock()
   median = statistics.median(step_times)
   # A step inside a call of a whole epoch, as a run's calls mostly are: without the fixed cost
   # of a call, which a one-step call carries whole.
@@ -229,11 +233,36 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
       "ceiling": ceiling,
       "utilisation": None if achieved is None else round(
           achieved / ceiling["gflop_per_second"], 3),
+      # Where a step within the epoch's calls goes: inside the oneDNN convolution calls, and
+      # everything else (BatchNorm, activations, pools, augmentation, loss, optimiser, the
+      # loop), of which oneDNN's BatchNorm calls. Means over the timed epochs; None where the
+      # convolutions are not oneDNN's.
+      **_convolution_split(clock_before, clock_after, sum(epoch_times),
+                           len(epoch_times) * num_steps, choice.implementation),
       "epoch_examples": num_examples,
       "epoch_steps": num_steps,
       "epoch_seconds": {"median": round(statistics.median(epoch_times), 3),
                         "min": round(min(epoch_times), 3), "count": len(epoch_times)},
   }
+
+
+def _convolution_split(before: onednn.CallClock | None, after: onednn.CallClock | None,
+                       seconds: float, steps: int, conv_implementation: str) -> dict:
+  """Where one of `steps` steps that took `seconds` goes, from the oneDNN extension's clocks
+  read before and after them: {"convolution_ms", "non_convolution_ms" (the step less its
+  convolutions), "non_convolution_share", "onednn_batch_norm_ms" (the part of the
+  non-convolution time in oneDNN's batch normalisation)}; None where the convolutions are not
+  oneDNN's."""
+  if conv_implementation != "onednn" or before is None or after is None:
+    return dict.fromkeys(("convolution_ms", "non_convolution_ms", "non_convolution_share",
+                          "onednn_batch_norm_ms"))
+  convolution = (after.convolution_seconds - before.convolution_seconds) / steps
+  batch_norm = (after.batch_norm_seconds - before.batch_norm_seconds) / steps
+  step = seconds / steps
+  return {"convolution_ms": round(1e3 * convolution, 2),
+          "non_convolution_ms": round(1e3 * (step - convolution), 2),
+          "non_convolution_share": round(1 - convolution / step, 3),
+          "onednn_batch_norm_ms": round(1e3 * batch_norm, 2)}
 
 
 def _step_flops(config, state, data, num_steps: int, conv_implementation: str) -> float | None:

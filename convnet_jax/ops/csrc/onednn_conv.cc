@@ -1,4 +1,5 @@
-// XLA FFI custom calls into oneDNN for the trainer's convolutions on x86-64 CPUs.
+// XLA FFI custom calls into oneDNN for the trainer's convolutions and batch normalisations on
+// x86-64 CPUs.
 //
 // Three handlers, one per pass of a convolution with NHWC activations and an HWIO kernel, square
 // kernel, `padding_low` zeros before and `padding_high` after the rows and the columns, and the
@@ -11,7 +12,8 @@
 // XLA's row-major buffers are handed to oneDNN as they are (its `nhwc` and `hwio` tags); only the
 // small kernels are reordered into the blocked layout oneDNN picks for each primitive.
 // Every operand of a call is float32, or every one bfloat16 (oneDNN accumulates bfloat16 in
-// float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively.
+// float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively. The batch
+// normalisations (below the convolutions) take float32 only.
 //
 // Primitives are built once per (pass, shape, stride, paddings) and kept in a mutex-guarded cache; each
 // executing thread has its own stream and its own scratch buffers (scratchpad and reordered
@@ -20,13 +22,16 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <cstring>
 #include <string>
+#include <unordered_map>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -173,9 +178,49 @@ ThreadResources& thread_resources() {
   return resources;
 }
 
+// Wall time during which at least one call of a kind (convolutions, batch normalisations) ran,
+// and the number of calls, since the library was loaded: the benchmark reads them around its
+// timed calls to split a step into these calls and the rest. Overlapping calls of one kind
+// count once (the union of their intervals).
+enum class Clock : int { kConvolution = 0, kBatchNorm = 1 };
+
+struct BusyClock {
+  std::mutex mutex;
+  int running = 0;
+  std::chrono::steady_clock::time_point since;
+  int64_t nanoseconds = 0;
+  int64_t calls = 0;
+
+  void start() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (running++ == 0) since = std::chrono::steady_clock::now();
+  }
+  void stop() {
+    std::lock_guard<std::mutex> lock(mutex);
+    ++calls;
+    if (--running == 0) {
+      nanoseconds += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         std::chrono::steady_clock::now() - since).count();
+    }
+  }
+};
+
+BusyClock& busy_clock(Clock kind) {
+  static BusyClock clocks[2];
+  return clocks[static_cast<int>(kind)];
+}
+
+// Runs a clock for the life of one call, exceptions included.
+struct BusyScope {
+  BusyClock& clock;
+  explicit BusyScope(Clock kind) : clock(busy_clock(kind)) { clock.start(); }
+  ~BusyScope() { clock.stop(); }
+};
+
 // Runs one pass. `x`, `w`, `y` are the (possibly unused) src, user-layout weights and dst
 // pointers: dy/dx take the place of y/x in the backward passes.
 void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
+  BusyScope busy(Clock::kConvolution);
   const Prepared& p = cached(pass, s);
   ThreadResources& r = thread_resources();
   dnnl::engine& eng = cpu_engine();
@@ -297,6 +342,138 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Batch normalisation with the statistics of the batch (no scale or shift: the trainer adds
+// those in XLA), optionally followed by a ReLU in the same pass (oneDNN's fuse_norm_relu):
+//   convnet_onednn_batch_norm_forward   x[N,H,W,C] -> y[N,H,W,C], mean[C], variance[C],
+//                                       workspace[bytes] (the ReLU's mask; 1 byte unused without)
+//   convnet_onednn_batch_norm_backward  x, mean, variance, dy, workspace -> dx
+// float32 only; the variance is the biased one (divided by N*H*W), as the trainer's own.
+
+struct NormShape {
+  int64_t n, h, w, c;
+  float epsilon;
+  bool relu;
+};
+
+struct PreparedNorm {
+  dnnl::batch_normalization_forward forward;
+  dnnl::batch_normalization_backward backward;
+  memory::desc data, statistics, workspace;
+  size_t forward_scratchpad = 0, backward_scratchpad = 0;
+};
+
+PreparedNorm prepare_norm(const NormShape& s) {
+  PreparedNorm p;
+  p.data = memory::desc({s.n, s.c, s.h, s.w}, memory::data_type::f32, tag::nhwc);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto flags = s.relu ? dnnl::normalization_flags::fuse_norm_relu
+                            : dnnl::normalization_flags::none;
+  auto forward = dnnl::batch_normalization_forward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::forward_training, p.data, p.data, s.epsilon, flags, attr);
+  auto backward = dnnl::batch_normalization_backward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::backward_data, p.data, p.data, p.data, s.epsilon, flags,
+      forward, attr);
+  p.forward = dnnl::batch_normalization_forward(forward);
+  p.backward = dnnl::batch_normalization_backward(backward);
+  p.statistics = forward.mean_desc();
+  p.workspace = forward.workspace_desc();
+  p.forward_scratchpad = forward.scratchpad_desc().get_size();
+  p.backward_scratchpad = backward.scratchpad_desc().get_size();
+  return p;
+}
+
+const PreparedNorm& cached_norm(const NormShape& s) {
+  static std::mutex mutex;
+  static std::map<std::array<int64_t, 6>, std::unique_ptr<PreparedNorm>> cache;
+  int32_t epsilon_bits;
+  std::memcpy(&epsilon_bits, &s.epsilon, sizeof(epsilon_bits));
+  std::array<int64_t, 6> key = {s.n, s.h, s.w, s.c, epsilon_bits, s.relu};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    it = cache.emplace(key, std::make_unique<PreparedNorm>(prepare_norm(s))).first;
+  }
+  return *it->second;
+}
+
+memory scratchpad_memory(ScratchBuffer& buffer, size_t bytes) {
+  return memory(memory::desc({static_cast<int64_t>(bytes)}, memory::data_type::u8, tag::x),
+                cpu_engine(), buffer.get(bytes ? bytes : 1));
+}
+
+ffi::Error norm_shape(const ffi::AnyBuffer& x, float epsilon, int64_t relu, NormShape* s) {
+  auto d = x.dimensions();
+  if (d.size() != 4 || x.element_type() != ffi::DataType::F32) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "convnet_onednn_batch_norm: expected 4-D float32 NHWC activations");
+  }
+  *s = NormShape{d[0], d[1], d[2], d[3], epsilon, relu != 0};
+  if (s->n < 1 || s->h < 1 || s->w < 1 || s->c < 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "convnet_onednn_batch_norm: expected non-empty NHWC activations");
+  }
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error guarded_norm(F&& body) {
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("convnet_onednn_batch_norm: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> variance,
+                            ffi::Result<ffi::AnyBuffer> workspace, float epsilon, int64_t relu) {
+  NormShape s;
+  if (ffi::Error e = norm_shape(x, epsilon, relu, &s); e.failure()) return e;
+  return guarded_norm([&] {
+    BusyScope busy(Clock::kBatchNorm);
+    const PreparedNorm& p = cached_norm(s);
+    ThreadResources& r = thread_resources();
+    dnnl::engine& eng = cpu_engine();
+    memory src(p.data, eng, x.untyped_data()), dst(p.data, eng, y->untyped_data());
+    memory m(p.statistics, eng, mean->untyped_data()), v(p.statistics, eng, variance->untyped_data());
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_MEAN, m}, {DNNL_ARG_VARIANCE, v},
+        {DNNL_ARG_SCRATCHPAD, scratchpad_memory(r.scratchpad, p.forward_scratchpad)}};
+    if (s.relu) args.emplace(DNNL_ARG_WORKSPACE, memory(p.workspace, eng, workspace->untyped_data()));
+    p.forward.execute(r.stream, args);
+    r.stream.wait();
+  });
+}
+
+ffi::Error BatchNormBackward(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer variance,
+                             ffi::AnyBuffer dy, ffi::AnyBuffer workspace,
+                             ffi::Result<ffi::AnyBuffer> dx, float epsilon, int64_t relu) {
+  NormShape s;
+  if (ffi::Error e = norm_shape(x, epsilon, relu, &s); e.failure()) return e;
+  return guarded_norm([&] {
+    BusyScope busy(Clock::kBatchNorm);
+    const PreparedNorm& p = cached_norm(s);
+    ThreadResources& r = thread_resources();
+    dnnl::engine& eng = cpu_engine();
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, memory(p.data, eng, x.untyped_data())},
+        {DNNL_ARG_MEAN, memory(p.statistics, eng, mean.untyped_data())},
+        {DNNL_ARG_VARIANCE, memory(p.statistics, eng, variance.untyped_data())},
+        {DNNL_ARG_DIFF_DST, memory(p.data, eng, dy.untyped_data())},
+        {DNNL_ARG_DIFF_SRC, memory(p.data, eng, dx->untyped_data())},
+        {DNNL_ARG_SCRATCHPAD, scratchpad_memory(r.scratchpad, p.backward_scratchpad)}};
+    if (s.relu) args.emplace(DNNL_ARG_WORKSPACE, memory(p.workspace, eng, workspace.untyped_data()));
+    p.backward.execute(r.stream, args);
+    r.stream.wait();
+  });
+}
+
 }  // namespace
 
 #define CONVNET_ONEDNN_BINDING                                                               \
@@ -307,6 +484,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_data, ConvBackwardDat
                               CONVNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_weights, ConvBackwardWeights,
                               CONVNET_ONEDNN_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_batch_norm_forward, BatchNormForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_batch_norm_backward, BatchNormBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("relu"));
+
+// Bytes of the workspace a float32 batch normalisation of this NHWC shape keeps for its
+// backward pass (the fused ReLU's mask), 0 without the ReLU, or -1 where oneDNN refuses it.
+extern "C" int64_t convnet_onednn_batch_norm_workspace_bytes(int64_t n, int64_t h, int64_t w,
+                                                             int64_t c, float epsilon,
+                                                             int64_t relu) {
+  try {
+    return static_cast<int64_t>(cached_norm(NormShape{n, h, w, c, epsilon, relu != 0})
+                                    .workspace.get_size());
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 // 1 when oneDNN runs bfloat16 convolutions with native instructions on this CPU (its effective
 // ISA has AVX512_BF16 or AMX), 0 when it would emulate them or has none (AVX2 and older).
@@ -321,6 +531,21 @@ extern "C" int convnet_onednn_bf16_native() {
     default:
       return 0;
   }
+}
+
+// Nanoseconds during which at least one call of `kind` ran (0: convolutions, 1: batch
+// normalisations), and the calls, since loading; -1 for another kind.
+extern "C" int64_t convnet_onednn_busy_nanoseconds(int kind) {
+  if (kind != 0 && kind != 1) return -1;
+  BusyClock& clock = busy_clock(static_cast<Clock>(kind));
+  std::lock_guard<std::mutex> lock(clock.mutex);
+  return clock.nanoseconds;
+}
+extern "C" int64_t convnet_onednn_calls(int kind) {
+  if (kind != 0 && kind != 1) return -1;
+  BusyClock& clock = busy_clock(static_cast<Clock>(kind));
+  std::lock_guard<std::mutex> lock(clock.mutex);
+  return clock.calls;
 }
 
 // The oneDNN version this library runs with, for the start-up line ("3.2.0").

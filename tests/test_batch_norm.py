@@ -1,0 +1,186 @@
+"""BatchNorm in oneDNN (`ops.batch_norm`, `model.batch_norm_implementation`) against its
+definition in float64 numpy and against the pure-JAX path, which stays."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from convnet_jax import models
+from convnet_jax.errors import UserError
+from convnet_jax.models import layers
+from convnet_jax.ops import batch_norm as norm_lib
+from convnet_jax.ops import onednn
+from convnet_jax.runs import validation
+
+pytestmark = pytest.mark.xdist_group("conv")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension_loaded():
+  """Where these tests run (Linux x86-64, as CI) the extension must load: never a skip."""
+  status = onednn.load()
+  assert status.available, status.detail
+
+
+def numpy_batch_norm(x, epsilon, relu):
+  """The definition in float64: per channel over N, H, W, y = (x - mean) / sqrt(var + eps) with
+  the biased variance, then max(y, 0) when relu."""
+  x = np.asarray(x, np.float64)
+  mean = x.mean(axis=(0, 1, 2))
+  variance = ((x - mean) ** 2).mean(axis=(0, 1, 2))
+  y = (x - mean) / np.sqrt(variance + epsilon)
+  return np.maximum(y, 0) if relu else y
+
+
+def numpy_batch_norm_gradient(x, g, epsilon, relu):
+  """dL/dx for output gradient g: through the ReLU (g where y > 0), then batch normalisation's
+  gradient written out by hand, dx = (g - mean(g) - y mean(g y)) / std over the M = N H W
+  values of a channel (from dy_i/dx_j = (delta_ij - 1/M - y_i y_j / M) / std)."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  mean = x.mean(axis=(0, 1, 2))
+  std = np.sqrt(((x - mean) ** 2).mean(axis=(0, 1, 2)) + epsilon)
+  y = (x - mean) / std
+  if relu:
+    g = np.where(y > 0, g, 0.0)
+  axes = (0, 1, 2)
+  return (g - g.mean(axis=axes) - y * (g * y).mean(axis=axes)) / std
+
+
+SHAPES = [(4, 6, 6, 16), (3, 5, 7, 48), (8, 4, 4, 32), (2, 31, 31, 64)]
+
+
+def _inputs(shape, seed=0):
+  x = 3.0 * jax.random.normal(jax.random.key(seed), shape) + 1.5
+  g = jax.random.normal(jax.random.key(seed + 1), shape)
+  return x, g
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_gradient_match_the_definition(shape, relu):
+  x, g = _inputs(shape)
+  y, vjp = jax.vjp(lambda x: norm_lib.batch_norm_relu_onednn(x, 1e-5, relu), x)
+  np.testing.assert_allclose(y, numpy_batch_norm(x, 1e-5, relu), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(vjp(g)[0], numpy_batch_norm_gradient(x, g, 1e-5, relu),
+                             rtol=1e-4, atol=2e-5)
+
+
+def test_airbench_epsilon_and_a_constant_channel():
+  """airbench's epsilon (1e-12, the offsets alone are learnt) and a channel with no variance:
+  that channel's output is 0 and so is its gradient, as the definition gives."""
+  epsilon = 1e-12
+  x, g = _inputs((4, 5, 5, 16))
+  x = x.at[..., 2].set(0.75)
+  y, vjp = jax.vjp(lambda x: norm_lib.batch_norm_relu_onednn(x, epsilon, False), x)
+  np.testing.assert_allclose(y, numpy_batch_norm(x, epsilon, False), rtol=1e-5, atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(y)[..., 2], 0.0)
+  np.testing.assert_allclose(vjp(g)[0], numpy_batch_norm_gradient(x, g, epsilon, False),
+                             rtol=1e-4, atol=2e-5)
+
+
+def test_under_jit_scan_and_vmap_each_replica_has_its_own_statistics():
+  x, g = _inputs((4, 6, 6, 16))
+  batch = jnp.stack([x, 2.0 * x - 1.0, x[::-1] ** 2])
+
+  def loss(x):
+    return jnp.sum(g * norm_lib.batch_norm_relu_onednn(x, 1e-5, True))
+
+  def scanned(x):
+    _, gradients = jax.lax.scan(lambda c, x: (c, jax.grad(loss)(x)), None, x)
+    return gradients
+
+  replicas = jax.jit(jax.vmap(lambda x: norm_lib.batch_norm_relu_onednn(x, 1e-5, True)))(batch)
+  gradients = jax.jit(scanned)(batch)
+  for index in range(3):
+    np.testing.assert_allclose(replicas[index], numpy_batch_norm(batch[index], 1e-5, True),
+                               rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(gradients[index],
+                               numpy_batch_norm_gradient(batch[index], g, 1e-5, True),
+                               rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"relu": True}, {"use_offset": True, "relu": True},
+                                     {"use_scale_and_offset": True, "relu": True},
+                                     {"use_offset": True, "epsilon": 1e-12}])
+def test_the_module_matches_its_pure_jax_path(options):
+  """Every BatchNorm form the models use: oneDNN's output and the gradients of the input and of
+  the scale and offset match the "jax" path's (the parameters set away from their initial
+  values, so that the ReLU after the offset is tested where it differs from one before)."""
+  x, g = _inputs((6, 5, 5, 32))
+  modules = {name: layers.BatchNorm(implementation=name, **options) for name in ("jax", "onednn")}
+  params = modules["jax"].init(jax.random.key(0), x)
+  params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2),
+                                                                         p.shape), params)
+  results = {}
+  for name, module in modules.items():
+    y, vjp = jax.vjp(lambda params, x: module.apply(params, x), params, x)
+    results[name] = (y, *vjp(g))
+    jaxpr = str(jax.make_jaxpr(lambda x: module.apply(params, x))(x))
+    assert ("convnet_onednn_batch_norm_forward" in jaxpr) == (name == "onednn")
+  for ours, theirs in zip(jax.tree_util.tree_leaves(results["onednn"]),
+                          jax.tree_util.tree_leaves(results["jax"])):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-5)
+
+
+def test_bfloat16_odd_channel_counts_and_population_statistics_keep_to_the_pure_jax_path():
+  x, _ = _inputs((4, 5, 5, 16))
+  module = layers.BatchNorm(implementation="onednn", relu=True)
+  for maps in (x.astype(jnp.bfloat16), x[..., :4], x[..., :8]):
+    jaxpr = str(jax.make_jaxpr(lambda x: module.apply({}, x))(maps))
+    assert "convnet_onednn_batch_norm" not in jaxpr, maps.shape
+  with pytest.raises(ValueError, match="multiple of 16 channels"):
+    norm_lib.batch_norm_relu_onednn(x[..., :4], 1e-5, False)
+  population = {layers.POPULATION: {"mean": jnp.full((16,), 1.5),
+                                    "variance": jnp.full((16,), 9.0)}}
+  y = module.apply(population, x)
+  np.testing.assert_allclose(y, np.maximum((np.asarray(x) - 1.5) / np.sqrt(9.0 + 1e-5), 0),
+                             rtol=1e-5, atol=1e-6)
+
+
+def _model(name, batch_norm_implementation):
+  model_config = default_config.get_config().model
+  # The smallest widths whose BatchNorms all run in oneDNN (multiples of 16 channels).
+  model_config.name, model_config.resnet.width = name, 16
+  model_config.airbench.widths = (16, 32, 32)
+  model_config.conv_implementation = "onednn"
+  model_config.batch_norm_implementation = batch_norm_implementation
+  return models.create_model(model_config, num_classes=10)
+
+
+@pytest.mark.parametrize("name", ["seed_convnet", pytest.param("resnet18", marks=pytest.mark.slow),
+                                  pytest.param("airbench94", marks=pytest.mark.slow)])
+def test_each_model_gives_the_same_logits_and_gradients_with_either_path(name):
+  images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+  labels = jnp.arange(8) % 10
+  results = {}
+  for implementation in ("jax", "onednn"):
+    model = _model(name, implementation)
+    params = model.init(jax.random.key(0), images)
+    # airbench's whitening is zeros until the data fills it in (and its BatchNorm's epsilon is
+    # 1e-12): moved away from zero, every BatchNorm sees maps with a variance.
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.key(4), p.shape), params)
+
+    def loss(params):
+      logits = model.apply(params, images)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels]), logits
+
+    results[implementation] = jax.jit(jax.grad(loss, has_aux=True))(params)
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, images))(params))
+    assert ("convnet_onednn_batch_norm_forward" in jaxpr) == (implementation == "onednn")
+  for ours, theirs in zip(jax.tree_util.tree_leaves(results["onednn"]),
+                          jax.tree_util.tree_leaves(results["jax"])):
+    np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-5)
+
+
+def test_auto_follows_the_convolutions_and_a_bad_value_is_one_line():
+  assert layers.choose_batch_norm_implementation("auto", "onednn") == "onednn"
+  assert layers.choose_batch_norm_implementation("auto", "im2col") == "jax"
+  assert layers.choose_batch_norm_implementation("jax", "onednn") == "jax"
+  config = default_config.get_config()
+  config.model.batch_norm_implementation = "cudnn"
+  with pytest.raises(UserError, match=r"^config\.model\.batch_norm_implementation='cudnn': "
+                                      r"expected one of \('auto', 'jax', 'onednn'\)$"):
+    validation.validate_config(config)
