@@ -101,6 +101,18 @@ def test_under_jit_scan_and_vmap_each_replica_has_its_own_statistics():
                                rtol=1e-4, atol=2e-5)
 
 
+def _assert_runs_onednn(function, argument, expected: bool):
+  """Whether `function`'s program calls oneDNN's BatchNorm is `expected`."""
+  jaxpr = str(jax.make_jaxpr(function)(argument))
+  assert ("convnet_onednn_batch_norm_forward" in jaxpr) == expected
+
+
+def _assert_trees_close(ours, theirs, rtol):
+  for mine, reference in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs),
+                             strict=True):
+    np.testing.assert_allclose(mine, reference, rtol=rtol, atol=2e-5)
+
+
 @pytest.mark.parametrize("options", [{}, {"relu": True}, {"use_offset": True, "relu": True},
                                      {"use_scale_and_offset": True, "relu": True},
                                      {"use_offset": True, "epsilon": 1e-12}])
@@ -117,11 +129,8 @@ def test_the_module_matches_its_pure_jax_path(options):
   for name, module in modules.items():
     y, vjp = jax.vjp(lambda params, x: module.apply(params, x), params, x)
     results[name] = (y, *vjp(g))
-    jaxpr = str(jax.make_jaxpr(lambda x: module.apply(params, x))(x))
-    assert ("convnet_onednn_batch_norm_forward" in jaxpr) == (name == "onednn")
-  for ours, theirs in zip(jax.tree_util.tree_leaves(results["onednn"]),
-                          jax.tree_util.tree_leaves(results["jax"])):
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-5)
+    _assert_runs_onednn(lambda x: module.apply(params, x), x, name == "onednn")
+  _assert_trees_close(results["onednn"], results["jax"], rtol=1e-4)
 
 
 def test_bfloat16_odd_channel_counts_and_population_statistics_keep_to_the_pure_jax_path():
@@ -168,11 +177,8 @@ def test_each_model_gives_the_same_logits_and_gradients_with_either_path(name):
       return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), labels]), logits
 
     results[implementation] = jax.jit(jax.grad(loss, has_aux=True))(params)
-    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, images))(params))
-    assert ("convnet_onednn_batch_norm_forward" in jaxpr) == (implementation == "onednn")
-  for ours, theirs in zip(jax.tree_util.tree_leaves(results["onednn"]),
-                          jax.tree_util.tree_leaves(results["jax"])):
-    np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=2e-5)
+    _assert_runs_onednn(lambda p: model.apply(p, images), params, implementation == "onednn")
+  _assert_trees_close(results["onednn"], results["jax"], rtol=2e-3)
 
 
 def test_auto_follows_the_convolutions_and_a_bad_value_is_one_line():
