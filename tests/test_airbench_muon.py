@@ -161,6 +161,11 @@ def test_added_keys_hold_the_defaults_values():
 
   current = workdir_lib.flatten(json.loads(default.get_config().to_json_best_effort()))
   for key, value in workdir_lib.ADDED_KEYS.items():
+    if key == "model.batch_norm_implementation":
+      # The one exception: runs before it computed BatchNorm in XLA, which "auto" now leaves
+      # for oneDNN's beside oneDNN's convolutions (the same function; not part of the identity).
+      assert (value, current[key]) == ("jax", "auto")
+      continue
     assert current[key] == value, key
   assert math.isclose(workdir_lib.ADDED_KEYS["model.airbench.output_scale"], 1 / 9)
 

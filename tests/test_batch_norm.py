@@ -1,6 +1,8 @@
 """BatchNorm in oneDNN (`ops.batch_norm`, `model.batch_norm_implementation`) against its
 definition in float64 numpy and against the pure-JAX path, which stays."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from convnet_jax.models import layers
 from convnet_jax.ops import batch_norm as norm_lib
 from convnet_jax.ops import onednn
 from convnet_jax.runs import validation
+from convnet_jax.runs import workdir as workdir_lib
 
 pytestmark = pytest.mark.xdist_group("conv")
 
@@ -179,6 +182,17 @@ def test_each_model_gives_the_same_logits_and_gradients_with_either_path(name):
     results[implementation] = jax.jit(jax.grad(loss, has_aux=True))(params)
     _assert_runs_onednn(lambda p: model.apply(p, images), params, implementation == "onednn")
   _assert_trees_close(results["onednn"], results["jax"], rtol=2e-3)
+
+
+def test_how_batch_norm_is_computed_is_not_part_of_a_runs_identity():
+  """A workdir resumes whichever BatchNorm path it started with (the same function)."""
+  config = default_config.get_config()
+  values = json.loads(config.to_json_best_effort())
+  other = json.loads(config.to_json_best_effort())
+  other["model"]["batch_norm_implementation"] = "jax"
+  assert workdir_lib.identity(values) == workdir_lib.identity(other)
+  other["model"]["conv_implementation"] = "im2col"
+  assert workdir_lib.identity(values) != workdir_lib.identity(other)
 
 
 def test_auto_follows_the_convolutions_and_a_bad_value_is_one_line():

@@ -89,10 +89,9 @@ ADDED_KEYS = {
     "augment.cutout": 0,
     "augment.brightness": 0.0,
     "augment.contrast": 0.0,
-    # Runs before it computed BatchNorm in XLA ("jax"); "auto" computes the same function
-    # (oneDNN's where the convolutions are oneDNN's), other last digits, as "auto" convolutions
-    # do on another machine.
-    "model.batch_norm_implementation": "auto",
+    # Runs before it computed BatchNorm in XLA: loaded, they evaluate to their recorded digits.
+    # (Not part of a run's identity, see `identity`: resumed, they go on as the command says.)
+    "model.batch_norm_implementation": "jax",
 }
 
 
@@ -119,10 +118,15 @@ def _group_of(values: dict, dotted: str) -> dict:
 
 
 def identity(values: dict) -> dict:
-  """Config values (of a config, or as config.json holds them) without the operation groups
-  and the recorded facts about a run: what the run computes."""
-  return {key: value for key, value in values.items()
+  """Config values (of a config, or as config.json holds them) without the operation groups,
+  the recorded facts about a run and how BatchNorm is computed (the same function either way,
+  in other last digits): what the run computes."""
+  kept = {key: value for key, value in values.items()
           if key not in validation.OPERATION_GROUPS and key != CONV_RECORD_KEY}
+  if isinstance(kept.get("model"), Mapping):
+    kept["model"] = {key: value for key, value in kept["model"].items()
+                     if key != "batch_norm_implementation"}
+  return kept
 
 
 def flatten(values: Mapping, prefix: str = "", keep=()) -> dict:
