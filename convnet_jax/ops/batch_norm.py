@@ -5,17 +5,18 @@ The same function as `models.layers.batch_norm` (per-channel mean and biased var
 and W, then (x - mean) / sqrt(variance + epsilon)), computed by oneDNN's batch normalisation
 primitive: forward in one call that also returns the statistics, backward in one call. Measured
 on a 2-core Zen 3 (AVX2), float32 at batch 128 (median of 30, forward + backward with the ReLU):
-3x32x32... maps of 16, 32, 64 and 128 channels take 1.8, 5.9, 2.2 and 1.0 ms in oneDNN against
-~5, ~12, ~4 and ~1.3 ms in XLA's fusions, which read and write the map more often (the centred
-map is written out for the variance, the ReLU's mask is another pass backward).
+the seed net's maps (16, 32, 64 and 128 channels at 32x32, 32x32, 16x16 and 8x8) take 1.8, 5.9,
+2.2 and 1.0 ms in oneDNN against ~5, ~12, ~4 and ~1.3 ms in XLA's fusions, which read and write
+the map more often (the centred map is written out for the variance, the ReLU's mask is another
+pass backward).
 
 float32 only, and only for channel counts that are a multiple of `CHANNEL_MULTIPLE`: with 4
 channels oneDNN 3.2's AVX2 kernels (which work on 8 channels at a time) returned a wrong kernel
 gradient from the convolution that follows and at times spun forever in its barrier, as if the
 normalisation wrote past its buffers; every multiple of 8 tested was right, and every model here
-has multiples of 16 (AVX-512's width). On one device only: on a data-parallel mesh the statistics must be those of the whole
-batch, which a call on one device's part cannot give (`models.layers.BatchNorm` then runs the
-pure-JAX path, as it does for other dtypes).
+has multiples of 16 (AVX-512's width). On one device only: on a data-parallel mesh the
+statistics must be those of the whole batch, which a call on one device's part cannot give
+(`models.layers.BatchNorm` then runs the pure-JAX path, as it does for other dtypes).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def batch_norm_relu_onednn(x: jax.Array, epsilon: float, relu: bool) -> jax.Arra
 
 
 def _workspace(x: jax.Array, epsilon: float, relu: bool) -> jax.ShapeDtypeStruct:
+  # (Asking oneDNN for its size also loads the extension and registers the custom calls.)
   # The fused ReLU's mask, kept from the forward call for the backward one; one unused byte
   # without the ReLU (no buffer is empty).
   size = onednn.batch_norm_workspace_bytes(tuple(x.shape), epsilon, relu)
@@ -66,7 +68,6 @@ def _forward_call(x, epsilon, relu):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _normalize(x, epsilon, relu):
-  onednn.load()  # registers the custom-call targets on first use
   return _forward_call(x, epsilon, relu)[0]
 
 
