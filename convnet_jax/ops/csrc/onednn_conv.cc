@@ -259,17 +259,25 @@ ffi::Error check_shape(const ConvShape& s) {
   return ffi::Error::Success();
 }
 
+// Runs a handler's body, turning oneDNN's and other C++ exceptions into an XLA error whose
+// message starts with `name` (the handler family).
 template <typename F>
-ffi::Error guarded(const ConvShape& s, F&& body) {
-  if (ffi::Error error = check_shape(s); error.failure()) return error;
+ffi::Error guarded(const char* name, F&& body) {
   try {
     body();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("convnet_onednn_conv: ") + e.what());
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(name) + ": " + e.what());
   }
   return ffi::Error::Success();
+}
+
+// A convolution pass: its shape checked, then run.
+template <typename F>
+ffi::Error guarded_conv(const ConvShape& s, F&& body) {
+  if (ffi::Error error = check_shape(s); error.failure()) return error;
+  return guarded("convnet_onednn_conv", body);
 }
 
 // The oneDNN element type of an XLA buffer: float32 or bfloat16, else an error.
@@ -313,7 +321,7 @@ ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
       e.failure()) {
     return e;
   }
-  return guarded(s, [&] { run(Pass::kForward, s, x.untyped_data(), w.untyped_data(), y->untyped_data()); });
+  return guarded_conv(s, [&] { run(Pass::kForward, s, x.untyped_data(), w.untyped_data(), y->untyped_data()); });
 }
 
 ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
@@ -324,7 +332,7 @@ ffi::Error ConvBackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
       e.failure()) {
     return e;
   }
-  return guarded(s, [&] {
+  return guarded_conv(s, [&] {
     run(Pass::kBackwardData, s, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
   });
 }
@@ -337,7 +345,7 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
       e.failure()) {
     return e;
   }
-  return guarded(s, [&] {
+  return guarded_conv(s, [&] {
     run(Pass::kBackwardWeights, s, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
   });
 }
@@ -417,25 +425,12 @@ ffi::Error norm_shape(const ffi::AnyBuffer& x, float epsilon, int64_t relu, Norm
   return ffi::Error::Success();
 }
 
-template <typename F>
-ffi::Error guarded_norm(F&& body) {
-  try {
-    body();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("convnet_onednn_batch_norm: ") + e.what());
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Error BatchNormForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                             ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> variance,
                             ffi::Result<ffi::AnyBuffer> workspace, float epsilon, int64_t relu) {
   NormShape s;
   if (ffi::Error e = norm_shape(x, epsilon, relu, &s); e.failure()) return e;
-  return guarded_norm([&] {
+  return guarded("convnet_onednn_batch_norm", [&] {
     BusyScope busy(Clock::kBatchNorm);
     const PreparedNorm& p = cached_norm(s);
     ThreadResources& r = thread_resources();
@@ -456,7 +451,7 @@ ffi::Error BatchNormBackward(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuff
                              ffi::Result<ffi::AnyBuffer> dx, float epsilon, int64_t relu) {
   NormShape s;
   if (ffi::Error e = norm_shape(x, epsilon, relu, &s); e.failure()) return e;
-  return guarded_norm([&] {
+  return guarded("convnet_onednn_batch_norm", [&] {
     BusyScope busy(Clock::kBatchNorm);
     const PreparedNorm& p = cached_norm(s);
     ThreadResources& r = thread_resources();
