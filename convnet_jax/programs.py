@@ -45,10 +45,13 @@ class ProgramOptions:
   """What a run's programs compute besides the model (static; `runs.prepare.program_options`
   builds it from a config): how an epoch is trained (`steps.EpochOptions`, its batches split
   over the mesh when the programs are built), the evaluation's batch size, and whether the
-  state stacks replicas trained together (`vmap`)."""
+  state stacks replicas trained together (`vmap`); `first_evaluation`: the test-time
+  augmentation of the run's first evaluation, whose program is compiled with the training
+  program (so that a bad evaluation batch fails before training)."""
   epoch: steps_lib.EpochOptions
   eval_batch_size: int
   replicated: bool = False
+  first_evaluation: str = "none"
 
 
 def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
@@ -103,7 +106,7 @@ def compile_for(jitted, mesh, *arguments):
 
 class Programs:
   """The run's compiled programs, each compiled once when first needed (the training steps and
-  the plain evaluation at once).
+  the first evaluation's at once).
 
   Args:
     options: what the programs compute (`ProgramOptions`).
@@ -138,7 +141,7 @@ class Programs:
     self._compiled = {}
     self.compile_seconds = 0.0
     self.train_steps
-    self.evaluation_program("none")
+    self.evaluation_program(options.first_evaluation)
     logging.info("compiled the training and evaluation programs in %.2f s",
                  self.compile_seconds)
 
@@ -163,10 +166,12 @@ class Programs:
                      lambda: jitted_train_steps(self._options, self._mesh))
 
   def evaluation_program(self, test_time_augmentation: str = "none") -> Callable:
-    """The program that evaluates the test set, with `test_time_augmentation`."""
+    """The program that evaluates the test set, with `test_time_augmentation` also with its
+    views (`steps.evaluate`)."""
     state, data, _ = self._arguments
     arguments = (state.params, data)
-    outputs = (data.test_labels, dict.fromkeys(steps_lib.STEP_METRICS, data.mean))
+    outputs = (data.test_labels,
+               dict.fromkeys(steps_lib.evaluation_metrics(test_time_augmentation), data.mean))
     return self._get(f"evaluate-{test_time_augmentation}", arguments, outputs,
                      lambda: jitted_evaluate(self._options, self._model.apply, self._mesh,
                                              test_time_augmentation))

@@ -108,6 +108,14 @@ def lookahead(state: TrainState, options: StepOptions) -> TrainState:
 
 # What `train_step` returns for a batch, each a float32 scalar.
 STEP_METRICS = ("loss_sum", "correct")
+# What an evaluation with test-time augmentation sums besides: the same of the views' weighted
+# logits.
+AUGMENTED_METRICS = ("tta_loss_sum", "tta_correct")
+
+
+def evaluation_metrics(test_time_augmentation: str) -> tuple[str, ...]:
+  """The sums `evaluate` returns with `test_time_augmentation`."""
+  return STEP_METRICS + (AUGMENTED_METRICS if test_time_augmentation != "none" else ())
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -355,8 +363,9 @@ def evaluate(params, data: DeviceData, *, apply_fn: Callable, batch_size: int,
              batch_sharding=None, test_time_augmentation: str = "none"):
   """Evaluates on the whole test set of `data` in order, in batches of `batch_size` (the last
   one short), as BatchNorm uses each batch's statistics; with `batch_sharding` each batch is
-  split over its devices; with `test_time_augmentation`, on the weighted views of `tta.views`.
-  Returns predictions and summed metrics."""
+  split over its devices. Returns the predictions and the summed metrics (`STEP_METRICS`) of the
+  images as they are; with `test_time_augmentation`, in the same pass, also the sums of the
+  weighted views of `tta.views` (`AUGMENTED_METRICS`)."""
   images, labels, mean, std = data.test_images, data.test_labels, data.mean, data.std
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size
@@ -367,8 +376,12 @@ def evaluate(params, data: DeviceData, *, apply_fn: Callable, batch_size: int,
     batch_labels = data_parallel.split_batch(batch_labels, batch_sharding)
     if test_time_augmentation == "none":
       return eval_step(params, apply_fn, batch_images, batch_labels)
-    return _evaluate_logits(tta.logits(params, apply_fn, batch_images, test_time_augmentation),
-                            batch_labels)
+    plain, augmented = tta.plain_and_augmented_logits(params, apply_fn, batch_images,
+                                                      test_time_augmentation)
+    predictions, sums = _evaluate_logits(plain, batch_labels)
+    _, augmented_sums = _evaluate_logits(augmented, batch_labels)
+    return predictions, {**sums, **{f"tta_{name}": value for name, value in
+                                    augmented_sums.items()}}
 
   def step(_, start):
     return None, batch_step(jax.lax.dynamic_slice_in_dim(images, start, batch_size),

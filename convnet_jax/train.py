@@ -54,13 +54,15 @@ def _host_totals(totals):
 
 
 def test_time_accuracy(programs: programs_lib.Programs, state, test_time_augmentation: str,
-                       diverged: np.ndarray) -> dict[str, Any]:
+                       diverged: np.ndarray, totals: dict | None = None) -> dict[str, Any]:
   """{"tta_test_acc": accuracy} with `test_time_augmentation` (one value per replica, null
-  once diverged), or {} without it ("none")."""
+  once diverged), or {} without it ("none"); from `totals` (host sums) where the epoch's
+  evaluation already summed the views, else from an evaluation of its own."""
   if test_time_augmentation == "none":
     return {}
-  _, totals = programs.evaluate(state.params, test_time_augmentation)
-  accuracy = _host_totals(totals)["correct"] / programs.num_test
+  if totals is None or "tta_correct" not in totals:
+    totals = _host_totals(programs.evaluate(state.params, test_time_augmentation)[1])
+  accuracy = totals["tta_correct"] / programs.num_test
   return {"tta_test_acc": replicas.metric_values(accuracy, diverged)}
 
 
@@ -217,12 +219,16 @@ class TrainingLoop:
           config.replicas.count)
       in_progress = None
       state, diverged = self.train_epoch(state, history, progress, diverged)
-      test = None
+      last_epoch = epoch + 1 == budget.epochs_run
+      # The last epoch's evaluation also sums the test-time augmentation's views, in one pass.
+      views = config.eval.test_time_augmentation if last_epoch else "none"
+      test = test_totals = None
       if evaluation_is_due(config.operations.eval_every_epochs, epoch, budget.epochs_run):
         with errors.naming_the_batch_size("eval.batch_size", config.eval.batch_size,
                                           prepare.model_subject(config)):
-          predictions, test_totals = programs.evaluate(state.params)
-          test = Totals(_host_totals(test_totals), programs.num_test)
+          predictions, test_totals = programs.evaluate(state.params, views)
+          test_totals = _host_totals(test_totals)
+          test = Totals(test_totals, programs.num_test)
       epoch_steps = progress.steps_done
       num_trained = examples_trained(programs.num_train, config.batch_size,
                                      config.data.drop_last_batch, budget.steps_per_epoch,
@@ -231,9 +237,8 @@ class TrainingLoop:
       times = EpochTimes(time.perf_counter() - self.start, programs.compile_seconds)
       history.append(epoch_record(epoch, train, test, progress.learning_rate, diverged, times,
                                   seeds=self.seeds))
-      if epoch + 1 == budget.epochs_run:
-        history[-1].update(test_time_accuracy(programs, state,
-                                              config.eval.test_time_augmentation, diverged))
+      if last_epoch:
+        history[-1].update(test_time_accuracy(programs, state, views, diverged, test_totals))
       global_step = budget.global_step(epoch, epoch_steps)
       if (checkpoint_is_due(config.operations.checkpoint_every_epochs, epoch, budget.epochs_run)
           or self.planner.checkpoint_due(global_step)):

@@ -213,19 +213,16 @@ class TrainedModel:
         test_labels=np.asarray(labels, np.int32)), None)
     options = programs_lib.ProgramOptions(steps_lib.EpochOptions(self.config.batch_size),
                                           eval_batch_size=batch_size)
-    record = {"examples": len(labels), "batch_size": batch_size}
-    for view_level in ("none",) + ((level,) if level != "none" else ()):
-      program = programs_lib.compile_for(
-          programs_lib.jitted_evaluate(options, apply_fn, None, view_level), None,
-          self.params, data)
-      _, totals = jax.device_get(program(self.params, data))
-      # float64 on the host, as the run's records: an accuracy is exactly correct / count.
-      correct, loss_sum = (float(np.asarray(totals[key], np.float64))
-                           for key in ("correct", "loss_sum"))
-      if view_level == "none":
-        record.update(test_acc=correct / len(labels), test_loss=loss_sum / len(labels))
-      else:
-        record["tta_test_acc"] = correct / len(labels)
+    # One pass: with test-time augmentation, the plain sums come from its first view.
+    program = programs_lib.compile_for(programs_lib.jitted_evaluate(options, apply_fn, None, level),
+                                       None, self.params, data)
+    _, totals = jax.device_get(program(self.params, data))
+    # float64 on the host, as the run's records: an accuracy is exactly correct / count.
+    sums = {key: float(np.asarray(value, np.float64)) for key, value in totals.items()}
+    record = {"examples": len(labels), "batch_size": batch_size,
+              "test_acc": sums["correct"] / len(labels), "test_loss": sums["loss_sum"] / len(labels)}
+    if level != "none":
+      record["tta_test_acc"] = sums["tta_correct"] / len(labels)
     return record
 
   def probabilities(self, images: np.ndarray, *, batch_size: int | None = None,

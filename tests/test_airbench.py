@@ -402,6 +402,39 @@ def test_test_time_augmentation_is_the_weighted_mean_of_six_views():
       atol=1e-6)
 
 
+def test_an_evaluation_with_test_time_augmentation_gives_the_plain_evaluations_numbers():
+  """The run's last evaluation takes its plain accuracy and loss from the augmented program's
+  first view: the same as the plain program's (BatchNorm sees the same batches)."""
+  config = cifar10_airbench94.get_config()
+  config.model.airbench.widths = (16, 32, 32)
+  model = models.create_model(config.model, 10)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 50).astype(np.int32)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))["params"]
+  data = steps.DeviceData(images[:0], labels[:0], images, labels, jnp.zeros(3), jnp.ones(3))
+  results = {level: jax.jit(functools.partial(
+      steps.evaluate, apply_fn=model.apply, batch_size=25, test_time_augmentation=level))(
+          params, data) for level in ("none", "mirror_translate")}
+  (plain_predictions, plain), (predictions, totals) = results["none"], results["mirror_translate"]
+  np.testing.assert_array_equal(predictions, plain_predictions)
+  assert float(totals["correct"]) == float(plain["correct"])
+  assert float(totals["loss_sum"]) == pytest.approx(float(plain["loss_sum"]), rel=1e-6)
+  assert set(totals) == {"loss_sum", "correct", "tta_loss_sum", "tta_correct"}
+
+
+def test_a_run_evaluated_only_at_the_end_compiles_the_augmented_evaluation_first():
+  config = cifar10_airbench94.get_config()
+  budget = built.budget(config, 48)
+  assert config.eval.test_time_augmentation == "mirror_translate"
+  config.operations.eval_every_epochs = 0
+  assert prepare.program_options(config, budget).first_evaluation == "mirror_translate"
+  config.operations.eval_every_epochs = budget.epochs_run + 1
+  assert prepare.program_options(config, budget).first_evaluation == "mirror_translate"
+  config.operations.eval_every_epochs = 1
+  assert prepare.program_options(config, budget).first_evaluation == "none"
+
+
 def test_the_recipe_takes_476_steps_with_a_44_step_last_epoch():
   config = cifar10_airbench94.get_config()
   validation.validate_config(config)

@@ -81,6 +81,37 @@ def _numpy_losses(weights, images, labels):
   return -log_softmax[np.arange(len(labels)), labels], logits.argmax(axis=1)
 
 
+def test_evaluate_with_test_time_augmentation_sums_the_views_and_the_plain_images_in_one_pass():
+  images, labels = _tiny_data(10)
+  state = _linear_state(12)
+  traced_views = []
+
+  def apply_fn(variables, x):
+    traced_views.append(x.shape)
+    return state.apply_fn(variables, x)
+
+  run = jax.jit(functools.partial(steps.evaluate, apply_fn=apply_fn, batch_size=4,
+                                  test_time_augmentation="mirror"))
+  predictions, totals = run(state.params, steps.DeviceData(images[:0], labels[:0], images,
+                                                          labels, jnp.zeros(3), jnp.ones(3)))
+  # Two views (the images and their mirror images) for the full batches' program and two for
+  # the short last batch: no third pass for the plain accuracy.
+  assert traced_views == [(4, 2, 2, 3)] * 2 + [(2, 2, 2, 3)] * 2
+  losses, expected = _numpy_losses(state.params["w"], images, labels)
+  np.testing.assert_array_equal(np.asarray(predictions), expected)
+  assert float(totals["loss_sum"]) == pytest.approx(losses.sum(), rel=1e-5)
+  assert float(totals["correct"]) == np.sum(expected == labels)
+  # The mirror view's logits, by hand, and the views' mean.
+  weights = np.asarray(state.params["w"], np.float64)
+  plain = images.reshape(10, -1).astype(np.float64) / 255.0 @ weights
+  mirrored = images[:, :, ::-1].reshape(10, -1).astype(np.float64) / 255.0 @ weights
+  mean = (plain + mirrored) / 2
+  log_softmax = mean - np.log(np.exp(mean).sum(axis=1, keepdims=True))
+  assert float(totals["tta_loss_sum"]) == pytest.approx(
+      -log_softmax[np.arange(10), labels].sum(), rel=1e-5)
+  assert float(totals["tta_correct"]) == np.sum(mean.argmax(axis=1) == labels)
+
+
 @pytest.mark.parametrize("drop_last_batch", [False, True])
 def test_train_epoch_sees_every_example_once(drop_last_batch):
   images, labels = _tiny_data(10)  # two batches of 4 and a last one of 2

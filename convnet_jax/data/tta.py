@@ -15,7 +15,8 @@ LEVELS = ("none", "mirror", "mirror_translate")
 
 
 def views(images: jax.Array, level: str) -> list[tuple[jax.Array, float]]:
-  """The weighted views of a batch of NHWC images for test-time augmentation `level`."""
+  """The weighted views of a batch of NHWC images for test-time augmentation `level`; the first
+  is always the images as they are (`plain_and_augmented_logits` relies on it)."""
   if level == "none":
     return [(images, 1.0)]
 
@@ -33,7 +34,14 @@ def views(images: jax.Array, level: str) -> list[tuple[jax.Array, float]]:
 def logits(params, apply_fn: Callable, images: jax.Array, level: str) -> jax.Array:
   """The weighted sum of the logits of the views of `views`; each view is its own batch
   (so BatchNorm normalises it with its own statistics)."""
-  if level == "none":
-    return apply_fn({"params": params}, images)
-  return sum(weight * apply_fn({"params": params}, view)
-             for view, weight in views(images, level))
+  return plain_and_augmented_logits(params, apply_fn, images, level)[1]
+
+
+def plain_and_augmented_logits(params, apply_fn: Callable, images: jax.Array,
+                               level: str) -> tuple[jax.Array, jax.Array]:
+  """The logits of the images as they are, and `logits`: one pass over the views gives both,
+  as the first view is the images themselves (an evaluation with test-time augmentation then
+  costs its views alone, not one more pass for the plain accuracy)."""
+  view_logits = [(apply_fn({"params": params}, view), weight)
+                 for view, weight in views(images, level)]
+  return view_logits[0][0], sum(weight * logits for logits, weight in view_logits)
