@@ -206,7 +206,8 @@ def get_config():
   # tta_test_acc in the last JSON line: "mirror" (mean of the image's and its mirror image's
   # logits) or "mirror_translate" (airbench94's six views: that pair weighted 1/2, and the pairs
   # of the image translated by one pixel up-left and down-right, reflect-padded, 1/4 each);
-  # "none". (How often it is evaluated is operations.eval_every_epochs.)
+  # "none". The first view is the image itself, so the last evaluation is one pass over the
+  # views that also gives test_acc. (How often it is evaluated is operations.eval_every_epochs.)
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128
   config.eval.test_time_augmentation = "none"
