@@ -110,7 +110,8 @@ def lookahead(state: TrainState, options: StepOptions) -> TrainState:
 STEP_METRICS = ("loss_sum", "correct")
 # What an evaluation with test-time augmentation sums besides: the same of the views' weighted
 # logits.
-AUGMENTED_METRICS = ("tta_loss_sum", "tta_correct")
+AUGMENTED_PREFIX = "tta_"
+AUGMENTED_METRICS = tuple(AUGMENTED_PREFIX + name for name in STEP_METRICS)
 
 
 def evaluation_metrics(test_time_augmentation: str) -> tuple[str, ...]:
@@ -380,8 +381,8 @@ def evaluate(params, data: DeviceData, *, apply_fn: Callable, batch_size: int,
                                                       test_time_augmentation)
     predictions, sums = _evaluate_logits(plain, batch_labels)
     _, augmented_sums = _evaluate_logits(augmented, batch_labels)
-    return predictions, {**sums, **{f"tta_{name}": value for name, value in
-                                    augmented_sums.items()}}
+    return predictions, {**sums, **{AUGMENTED_PREFIX + name: value
+                                    for name, value in augmented_sums.items()}}
 
   def step(_, start):
     return None, batch_step(jax.lax.dynamic_slice_in_dim(images, start, batch_size),

@@ -26,6 +26,7 @@ from convnet_jax import errors
 from convnet_jax import models
 from convnet_jax import optim
 from convnet_jax import programs as programs_lib
+from convnet_jax import steps as steps_lib
 from convnet_jax.budget import StepBudget
 from convnet_jax.errors import RunStopped
 from convnet_jax.errors import TrainingDiverged
@@ -60,9 +61,10 @@ def test_time_accuracy(programs: programs_lib.Programs, state, test_time_augment
   evaluation already summed the views, else from an evaluation of its own."""
   if test_time_augmentation == "none":
     return {}
-  if totals is None or "tta_correct" not in totals:
+  correct = steps_lib.AUGMENTED_PREFIX + "correct"
+  if totals is None or correct not in totals:
     totals = _host_totals(programs.evaluate(state.params, test_time_augmentation)[1])
-  accuracy = totals["tta_correct"] / programs.num_test
+  accuracy = totals[correct] / programs.num_test
   return {"tta_test_acc": replicas.metric_values(accuracy, diverged)}
 
 

@@ -222,7 +222,7 @@ class TrainedModel:
     record = {"examples": len(labels), "batch_size": batch_size,
               "test_acc": sums["correct"] / len(labels), "test_loss": sums["loss_sum"] / len(labels)}
     if level != "none":
-      record["tta_test_acc"] = sums["tta_correct"] / len(labels)
+      record["tta_test_acc"] = sums[steps_lib.AUGMENTED_PREFIX + "correct"] / len(labels)
     return record
 
   def probabilities(self, images: np.ndarray, *, batch_size: int | None = None,
