@@ -22,6 +22,12 @@ def epochs_run(num_epochs: float) -> int:
   return math.ceil(num_epochs)
 
 
+def evaluation_is_due(every_epochs: int, epoch: int, epochs_run: int) -> bool:
+  """Every `every_epochs` epochs (`operations.eval_every_epochs`; 0: never), and after the
+  last."""
+  return epoch + 1 == epochs_run or (every_epochs > 0 and (epoch + 1) % every_epochs == 0)
+
+
 def _whole_steps(steps: float) -> int:
   """ceil(steps), but a product such as 0.07 x 100 = 7.000000000000001 counts as 7 steps."""
   return math.ceil(round(steps, 9))

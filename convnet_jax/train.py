@@ -28,6 +28,7 @@ from convnet_jax import optim
 from convnet_jax import programs as programs_lib
 from convnet_jax import steps as steps_lib
 from convnet_jax.budget import StepBudget
+from convnet_jax.budget import evaluation_is_due
 from convnet_jax.errors import RunStopped
 from convnet_jax.errors import TrainingDiverged
 from convnet_jax.parallel import data_parallel
@@ -152,12 +153,6 @@ def epoch_record(epoch: int, train: Totals, test: Totals | None, learning_rate: 
       record.update(replicas.replica_summary(record["test_acc"]))
     record.update(diverged=np.flatnonzero(diverged).tolist(), seeds=seeds)
   return record
-
-
-def evaluation_is_due(every_epochs: int, epoch: int, epochs_run: int) -> bool:
-  """Every `every_epochs` epochs (`operations.eval_every_epochs`; 0: never), and after the
-  last."""
-  return epoch + 1 == epochs_run or (every_epochs > 0 and (epoch + 1) % every_epochs == 0)
 
 
 def checkpoint_is_due(every_epochs: int, epoch: int, epochs_run: int) -> bool:

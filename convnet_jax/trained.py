@@ -220,7 +220,8 @@ class TrainedModel:
     # float64 on the host, as the run's records: an accuracy is exactly correct / count.
     sums = {key: float(np.asarray(value, np.float64)) for key, value in totals.items()}
     record = {"examples": len(labels), "batch_size": batch_size,
-              "test_acc": sums["correct"] / len(labels), "test_loss": sums["loss_sum"] / len(labels)}
+              "test_acc": sums["correct"] / len(labels),
+              "test_loss": sums["loss_sum"] / len(labels)}
     if level != "none":
       record["tta_test_acc"] = sums[steps_lib.AUGMENTED_PREFIX + "correct"] / len(labels)
     return record

@@ -70,8 +70,9 @@ def program_options(config, budget: StepBudget) -> programs_lib.ProgramOptions:
   epoch = steps_lib.EpochOptions(
       batch_size=config.batch_size, drop_last_batch=config.data.drop_last_batch,
       augment=steps_lib.augment_options(config.augment), step=step_options(config, budget))
-  every = config.operations.eval_every_epochs
-  only_last = every == 0 or every >= budget.epochs_run
+  only_last = not any(budget_lib.evaluation_is_due(config.operations.eval_every_epochs, epoch,
+                                                   budget.epochs_run)
+                       for epoch in range(budget.epochs_run - 1))
   return programs_lib.ProgramOptions(
       epoch, eval_batch_size=config.eval.batch_size, replicated=config.replicas.count > 1,
       # Evaluated only after the last epoch: with its test-time augmentation (`train.py`).
