@@ -8,6 +8,7 @@ the recipe of KellerJordan/cifar10-airbench `legacy/airbench96.py` (96.03% mean 
   12-pixel cutout in every image;
 * the optimiser: the decoupled learning rate 9.0 and weight decay 0.012, 10% of the steps of
   warm-up from 0.2x, then linearly to 0 after the last step; 37 epochs;
+* the dtype "auto", as airbench95's config (`configs/cifar10_airbench95.py`);
 * the same label smoothing, BatchNorm offsets at 64x the learning rate, Nesterov momentum 0.85,
   lookahead, whitening (its bias trained for 3 epochs) and six-view test-time augmentation.
 
@@ -30,4 +31,5 @@ def get_config():
   config.schedule.warmup_fraction = 0.1
   config.schedule.warmup_start_factor = 0.2
   config.schedule.final_lr_factor = 0.0
+  config.model.dtype = "auto"
   return config

@@ -32,6 +32,8 @@ def get_config():
   config.model.name = "seed_convnet"
   # Compute dtype for convolutions and matmuls ("float32" or "bfloat16"); parameters,
   # BatchNorm (statistics, scale and offset), the activations and the loss stay float32.
+  # "auto": bfloat16 on GPU, TPU and CPUs with bfloat16 arithmetic (AVX512_BF16 or AMX), float32
+  # on other CPUs (no faster in bfloat16 there); resolved at start-up, kept in config.json.
   config.model.dtype = "float32"
   # How convolutions are computed (same math, other last digits; see convnet_jax/ops/conv.py):
   # "onednn" (XLA FFI custom calls into oneDNN, fastest on x86-64 CPUs), "im2col" (patches

@@ -330,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """
   validation.validate_config(config)
   validation.check_devices(config, jax.device_count())
+  config, dtype_choice = prepare.resolve_dtype(config)
   files = workdir_lib.RunFiles(workdir)
   is_writer = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
@@ -349,6 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     reporter = reporting.Reporter(files, prepare.config_values(config), config.operations,
                                   is_writer=is_writer)
     conv_choice = prepare.choose_convolutions(config, mesh)
+    if dtype_choice is not None:
+      reporter.note(dtype_choice.describe())
     reporter.note(conv_choice.describe())
     # The CPU runtime's temporaries are what the allocator settings are for (`allocator`).
     malloc = allocator.describe()

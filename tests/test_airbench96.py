@@ -107,8 +107,10 @@ def test_the_recipes_are_the_scripts():
   # airbench95.py: airbench94 with widths 128/384/384, 15 epochs, lr 10.0; the rest unchanged.
   assert tuple(a95.model.airbench.widths) == (128, 384, 384)
   assert (a95.num_epochs, a95.optim.learning_rate) == (15.0, 10.0)
-  a95.model.airbench.widths, a95.num_epochs, a95.optim.learning_rate = (
-      base.model.airbench.widths, base.num_epochs, base.optim.learning_rate)
+  # And the dtype "auto": bfloat16 where it is faster (the "bfloat16 by default").
+  assert a95.model.dtype == "auto" and base.model.dtype == "float32"
+  a95.model.airbench.widths, a95.num_epochs, a95.optim.learning_rate, a95.model.dtype = (
+      base.model.airbench.widths, base.num_epochs, base.optim.learning_rate, base.model.dtype)
   assert a95 == base
   a96 = cifar10_airbench96.get_config()
   assert tuple(a96.model.airbench.widths) == (128, 384, 512)
@@ -118,6 +120,7 @@ def test_the_recipes_are_the_scripts():
   assert (a96.optim.momentum, a96.optim.offset_lr_multiplier, a96.optim.label_smoothing) == (
       0.85, 64.0, 0.2)
   assert (a96.freeze.late_epochs, a96.lookahead.every_steps) == (3, 5)
+  assert a96.model.dtype == "auto"
   for config in (a95, a96):
     validation.validate_config(config)
 

@@ -271,6 +271,32 @@ def test_bfloat16_keeps_onednn_and_says_which_kernels(monkeypatch, requested, bf
                                   "arithmetic (AVX512_BF16 or AMX)")
 
 
+@pytest.mark.parametrize("bf16_native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_bfloat16_only_on_a_cpu_with_bfloat16_arithmetic(monkeypatch, bf16_native,
+                                                                       expected):
+  monkeypatch.setattr(onednn, "load", lambda: onednn.Status(True, "oneDNN 3.2.0", bf16_native))
+  choice = conv.choose_dtype("auto", backend="cpu")
+  assert choice.dtype == expected and choice.reason.startswith("auto: the CPU has")
+  assert choice.describe() == f"dtype: {expected} ({choice.reason})"
+
+
+def test_auto_dtype_without_onednn_is_float32_and_bfloat16_on_accelerators(monkeypatch):
+  monkeypatch.setattr(onednn, "load", lambda: onednn.Status(False, "turned off"))
+  assert conv.choose_dtype("auto", backend="cpu") == conv.DtypeChoice(
+      "float32", "auto: no oneDNN bfloat16 kernels here (turned off)")
+  for backend in ("gpu", "tpu"):
+    assert conv.choose_dtype("auto", backend=backend).dtype == "bfloat16"
+  for dtype in ("float32", "bfloat16"):
+    assert conv.choose_dtype(dtype) == conv.DtypeChoice(dtype, "as configured")
+
+
+def test_auto_dtype_here_follows_the_cpus_bfloat16_instructions():
+  """Independent of oneDNN: the kernel's CPU flags (Linux)."""
+  flags = set(open("/proc/cpuinfo").read().split())
+  expected = "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+  assert conv.choose_dtype("auto").dtype == expected
+
+
 def test_the_kernels_this_cpu_gets_follow_its_bfloat16_instructions():
   """oneDNN's own ISA test against the kernel's CPU flags (Linux)."""
   flags = set(open("/proc/cpuinfo").read().split())

@@ -149,6 +149,24 @@ def test_a_run_evaluated_only_at_the_end_trains_the_same(tiny_cifar_dir, tmp_pat
   assert list((tmp_path / "only" / "tensorboard").iterdir())  # the writer took the records
 
 
+def test_an_auto_dtype_run_keeps_the_dtype_it_computed_in(tiny_cifar_dir, tmp_path, capsys):
+  """"auto" is resolved before the run's identity: config.json names the dtype, the start-up
+  says why, the caller's config is untouched, and the same command finds the run again."""
+  flags = set(open("/proc/cpuinfo").read().split())
+  expected = "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+  config = default_config.get_config()
+  config.data.dir = str(tiny_cifar_dir)
+  config.num_epochs, config.batch_size, config.eval.batch_size = 1, 4, 4
+  config.operations.progress_bar = config.operations.tensorboard = False
+  config.model.dtype = "auto"
+  first = train.train_and_evaluate(config, tmp_path)
+  assert config.model.dtype == "auto"
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["dtype"] == expected
+  assert f"dtype: {expected} (auto: " in capsys.readouterr().err
+  assert train.train_and_evaluate(config, tmp_path) == first  # finished: found, not retrained
+
+
 def _quiet_config():
   config = default_config.get_config()
   config.num_epochs = 2

@@ -99,7 +99,8 @@ def create_model(model_config, num_classes: int, conv_implementation: str | None
   """Builds the model the config's `model` group names.
 
   Args:
-    model_config: the config's `model` group: `name` (a key of `MODELS`), `dtype`,
+    model_config: the config's `model` group: `name` (a key of `MODELS`), `dtype` ("auto"
+      resolved here by `conv.choose_dtype`),
       `conv_implementation`, `batch_norm_implementation` and the family's own subgroup
       (`resnet`, `airbench`).
     num_classes: the number of outputs.
@@ -111,13 +112,14 @@ def create_model(model_config, num_classes: int, conv_implementation: str | None
     The Flax module; `init` gives its parameters, `apply` is a pure function of (parameters,
     images) returning logits.
   """
+  dtype = conv_lib.choose_dtype(model_config.dtype).dtype
   if conv_implementation is None:
     conv_implementation = conv_lib.choose_conv_implementation(
-        model_config.conv_implementation, model_config.dtype).implementation
+        model_config.conv_implementation, dtype).implementation
   if model_config.name not in MODELS:
     raise ValueError(f"unknown model {model_config.name!r}; expected one of {tuple(MODELS)}")
   return MODELS[model_config.name](
-      model_config, num_classes, dtype=jnp.dtype(model_config.dtype),
+      model_config, num_classes, dtype=jnp.dtype(dtype),
       conv_implementation=conv_implementation,
       batch_norm_implementation=layers.choose_batch_norm_implementation(
           model_config.batch_norm_implementation, conv_implementation))

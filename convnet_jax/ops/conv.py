@@ -14,7 +14,8 @@ speed on each backend and in the last digits of float sums:
 * "hybrid": XLA's convolution forward, matrix products for the kernel gradient (pure JAX).
 
 `choose_conv_implementation` resolves `config.model.conv_implementation` ("auto" included) to one of
-them and says why.
+them and says why; `choose_dtype` resolves `config.model.dtype` ("auto": bfloat16 where the
+hardware has bfloat16 arithmetic, float32 elsewhere).
 """
 
 from __future__ import annotations
@@ -264,6 +265,45 @@ class ConvChoice:
   def record(self) -> dict[str, str]:
     """As kept in a run's config.json."""
     return {"implementation": self.implementation, "reason": self.reason}
+
+
+# The compute dtypes a config may name, besides "auto" (`choose_dtype`).
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypeChoice:
+  """The compute dtype a run uses (one of `DTYPES`) and why."""
+  dtype: str
+  reason: str
+
+  def describe(self) -> str:
+    """The start-up line: "dtype: float32 (auto: ...)"."""
+    return f"dtype: {self.dtype} ({self.reason})"
+
+
+def choose_dtype(requested: str, backend: str | None = None) -> DtypeChoice:
+  """Resolves `config.model.dtype` for this process, or for `backend` ("cpu", "gpu", "tpu";
+  default: JAX's backend here) when compiling for another platform.
+
+  "auto" is bfloat16 where it is computed natively and so faster: GPUs and TPUs, and CPUs with
+  bfloat16 arithmetic (AVX512_BF16 or AMX, as oneDNN finds them: its bfloat16 kernels).
+  Elsewhere it is float32: without that arithmetic oneDNN runs bfloat16 on its float32 kernels
+  at float32 speed (docs/speed.md), and without oneDNN XLA's bfloat16 path is slower still, so
+  bfloat16 would only cost accuracy. Other values are returned as they are.
+  """
+  if requested != "auto":
+    return DtypeChoice(requested, "as configured")
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return DtypeChoice("bfloat16", f"auto: {backend} computes bfloat16 natively")
+  status = onednn.load()
+  if not status.available:
+    return DtypeChoice("float32", f"auto: no oneDNN bfloat16 kernels here ({status.detail})")
+  if status.bf16_native:
+    return DtypeChoice("bfloat16", "auto: the CPU has bfloat16 arithmetic (AVX512_BF16 or AMX)")
+  return DtypeChoice("float32", "auto: the CPU has no bfloat16 arithmetic (AVX512_BF16 or AMX), "
+                                "where bfloat16 runs float32 kernels no faster")
 
 
 class ConvUnavailable(UserError):

@@ -162,6 +162,19 @@ def check_model(config, model) -> None:
       config, jax.eval_shape(lambda: model.lazy_init(jax.random.key(0), dummy))["params"])
 
 
+def resolve_dtype(config, backend: str | None = None):
+  """(config, choice): a config naming `model.dtype="auto"` as a copy with the dtype chosen for
+  this process or for `backend` (`conv.choose_dtype`), and the choice; any other config as it is,
+  and None. Resolved before the run's identity, so config.json and the checkpoints name the dtype
+  the run computes in."""
+  if config.model.dtype != "auto":
+    return config, None
+  choice = conv.choose_dtype(config.model.dtype, backend)
+  resolved = config.copy_and_resolve_references()
+  resolved.model.dtype = choice.dtype
+  return resolved, choice
+
+
 def choose_convolutions(config, mesh) -> conv.ConvChoice:
   """The convolution path of this run (`conv.choose_conv_implementation`); `UserError` when
   the one asked for cannot run here."""

@@ -30,7 +30,7 @@ AUGMENT_FLIPS = ("random", "alternate", "none")
 LATE_FREEZE_SCHEDULES = ("main", "linear_to_zero")
 DATASETS = ("cifar10",)
 DATA_SOURCES = ("binary", "tfds")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto",) + tuple(conv.DTYPES)
 CONV_IMPLEMENTATIONS = ("auto",) + tuple(conv.CONV_IMPLEMENTATIONS)
 BATCH_NORM_IMPLEMENTATIONS = ("auto", "jax", "onednn")
 # The config groups that say how a run is operated, not what it computes: a run is the config

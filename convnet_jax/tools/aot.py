@@ -86,6 +86,7 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   on abstract arguments for `backend`'s convolution path, split over `mesh` (None: one
   device). Raises `UserError` when the configured convolution path cannot run there."""
   num_devices = data_parallel.mesh_size(mesh)
+  config, _ = prepare.resolve_dtype(config, backend)
   try:
     choice = conv.choose_conv_implementation(config.model.conv_implementation, config.model.dtype,
                                              num_devices, backend=backend)
@@ -150,6 +151,7 @@ def compile_for_tpu(config, topology: str, programs=PROGRAMS) -> dict[str, Any]:
   whether it sums across chips (all-reduce), and, with "train_step", the compiler's estimates
   for one training step: FLOPs per chip and, where XLA gives them, seconds and images/s."""
   mesh = tpu_mesh(topology)
+  config, _ = prepare.resolve_dtype(config, "tpu")
   traced = traced_programs(config, mesh, backend="tpu")
   devices = mesh.devices.ravel()
   report: dict[str, Any] = {

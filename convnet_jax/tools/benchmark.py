@@ -184,6 +184,7 @@ def benchmark_one(config, batch_size: int, dtype: str, num_examples: int,
   """Times the training program the trainer runs (`programs.Programs.train_steps`) for one
   batch size and dtype: calls of one step each (the step time) and calls of a whole epoch."""
   config = config.copy_and_resolve_references()
+  dtype = conv.choose_dtype(dtype).dtype
   config.batch_size, config.model.dtype, config.replicas.count = batch_size, dtype, 1
   choice = conv.choose_conv_implementation(config.model.conv_implementation, dtype)
   print(choice.describe(), file=sys.stderr)
@@ -341,6 +342,7 @@ def run_benchmark(config) -> dict:
   bench = config.benchmark
   if bench.aot_topology:
     return run_aot(config)
+  config, _ = prepare.resolve_dtype(config)
   # Compile times are then those of a warm start where the cache holds the programs.
   cache = compile_cache.enable(config.operations.compilation_cache)
   devices = jax.devices()
