@@ -193,6 +193,18 @@ def get_config():
   config.freeze.late_epochs = 0.0
   config.freeze.late_schedule = "main"
 
+  # Data selection (airbench96_faster's): a small proxy network, trained in the same step,
+  # scores each batch by its loss and the model trains only on the keep_fraction of highest
+  # loss (1.0: the whole batch, no proxy). The proxy is an airbench net (model.name
+  # "airbench94" only) of proxy_widths and proxy_convs_per_group, the rest as the model's; it
+  # trains on the same selection with the run's SGD (its schedule, no Muon, no lookahead) every
+  # proxy_update_every steps, with freeze.late_parameters frozen from the start.
+  config.select = ml_collections.ConfigDict()
+  config.select.keep_fraction = 1.0
+  config.select.proxy_widths = (32, 64, 64)
+  config.select.proxy_convs_per_group = 2
+  config.select.proxy_update_every = 4
+
   # Replicas: train this many models at once in one compiled program (vmap over parameters,
   # optimiser states and data order), for multi-seed statistics and dense sweeps. Replica i has
   # seed seeds[i] (empty: seed + i) and peak learning rate / momentum learning_rates[i] /

@@ -186,7 +186,7 @@ class OptimizerOptions(NamedTuple):
 
 
 def create_optimizer(options: OptimizerOptions, budget: StepBudget, learning_rate=None,
-                     momentum=None) -> optax.GradientTransformation:
+                     momentum=None, steps_per_update: int = 1) -> optax.GradientTransformation:
   """SGD with PyTorch's momentum formulation: v = m v + g; w = w - lr(t) v (Nesterov:
   w = w - lr(t) (g + m v)), lr(t) = learning_rate * the schedule's shape (`schedule.name` with
   peak 1).
@@ -210,12 +210,16 @@ def create_optimizer(options: OptimizerOptions, budget: StepBudget, learning_rat
     momentum: the momentum (default `optim.momentum`). Both live in the optimiser state
       (`optax.inject_hyperparams`), not in the compiled program, so replicas trained together
       under `vmap` can each have their own, and a checkpoint records them.
+    steps_per_update: for an optimiser that updates on every k-th step of the run only (the
+      data selection's proxy): its n-th update takes the schedule's value at step k n.
 
   Returns:
     The optax transformation; its updates are the whole change of each parameter.
   """
   optim, freezing = options.optim, options.freeze
-  shape = create_learning_rate_fn(options.schedule, budget, peak=1.0)
+  run_shape = create_learning_rate_fn(options.schedule, budget, peak=1.0)
+  shape = run_shape if steps_per_update == 1 else (
+      lambda count: run_shape(count * steps_per_update))
   multiplier = learning_rate_multipliers(optim)
   multiplied = optim.offset_lr_multiplier != 1 or bool(optim.lr_multipliers)
   frozen = tuple(freezing.parameters)

@@ -29,6 +29,21 @@ from convnet_jax.parallel import data_parallel
 class TrainState(flax_train_state.TrainState):
   """Flax's train state, plus lookahead's slow copy of the parameters (None without it)."""
   lookahead_params: Any = None
+  # No proxy network (a class attribute, not a field): a run without data selection keeps the
+  # state tree, and so reads the checkpoints, of the versions before selection existed.
+  proxy = None
+
+
+class SelectionTrainState(TrainState):
+  """The train state of a run with data selection: with the proxy network that selects each
+  batch's examples, a Flax train state of its own (`select_by_proxy`)."""
+  proxy: Any = None
+
+
+class Proxy(NamedTuple):
+  """The proxy network of a run with data selection: its Flax module and its optimiser."""
+  model: Any
+  tx: optax.GradientTransformation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +59,8 @@ class StepOptions:
   parameters become the slow copy (0: no lookahead). late_frozen_parameters: from step
   late_freeze_step on (counted over the run), `train_steps` treats them as frozen too (the
   optimiser already stops updating them there; this stops computing their gradient).
+  keep_fraction: below 1, each batch trains on its `kept_count` examples of highest proxy loss
+  and the proxy trains every `proxy_update_every` steps (`select_by_proxy`).
   """
   label_smoothing: float = 0.0
   loss_reduction: str = "mean"
@@ -54,20 +71,33 @@ class StepOptions:
   lookahead_decay: float = 0.0
   lookahead_power: float = 0.0
   total_steps: int = 0
+  keep_fraction: float = 1.0
+  proxy_update_every: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Steps: pure functions of (state or parameters, batch).
 
+# The proxy's parameters are drawn from fold_in(the model's key, PROXY_KEY_STREAM).
+PROXY_KEY_STREAM = 1
+
+
 def create_train_state(model, key: jax.Array, tx: optax.GradientTransformation,
-                       with_lookahead: bool = False) -> TrainState:
-  """The parameters of `model` initialised from `key`, the optimiser `tx`'s state, and (with
-  lookahead) a slow copy of the parameters."""
+                       with_lookahead: bool = False, proxy: Proxy | None = None) -> TrainState:
+  """The parameters of `model` initialised from `key`, the optimiser `tx`'s state, (with
+  lookahead) a slow copy of the parameters and (with a `proxy`) the proxy's own state."""
   # lazy_init: the same parameters as `init`, without computing the forward pass on a dummy.
   dummy = jax.ShapeDtypeStruct((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
   params = model.lazy_init(key, dummy)["params"]
-  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
-                    opt_state=tx.init(params), lookahead_params=params if with_lookahead else None)
+  state = TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
+                     opt_state=tx.init(params),
+                     lookahead_params=params if with_lookahead else None)
+  if proxy is None:
+    return state
+  proxy_params = proxy.model.lazy_init(jax.random.fold_in(key, PROXY_KEY_STREAM),
+                                       dummy)["params"]
+  return SelectionTrainState(**vars(state), proxy=flax_train_state.TrainState.create(
+      apply_fn=proxy.model.apply, params=proxy_params, tx=proxy.tx))
 
 
 def cross_entropy_losses(logits: jax.Array, labels: jax.Array,
@@ -119,10 +149,59 @@ def evaluation_metrics(test_time_augmentation: str) -> tuple[str, ...]:
   return STEP_METRICS + (AUGMENTED_METRICS if test_time_augmentation != "none" else ())
 
 
+def kept_count(batch_size: int, keep_fraction: float) -> int:
+  """How many examples of a batch of `batch_size` a step trains on: all of them, or with data
+  selection (`keep_fraction` < 1) the nearest whole number to that fraction, at least one."""
+  if keep_fraction >= 1:
+    return batch_size
+  return max(1, int(batch_size * keep_fraction + 0.5))
+
+
+def select_by_proxy(state: TrainState, images: jax.Array, labels: jax.Array,
+                    options: StepOptions):
+  """airbench96_faster's data selection: the proxy network scores the batch (its per-example
+  loss, label-smoothed as the model's) and the batch is cut to the `kept_count` examples of
+  highest loss. On every `proxy_update_every`-th step of the run (state.step a multiple of it)
+  the proxy also takes one step of its own optimiser on the summed loss of those same examples,
+  from the scoring forward pass (`jax.vjp`), as the script's `(loss1 * mask).sum()` does.
+  Returns the state with the proxy updated, and the kept images and labels."""
+  proxy = state.proxy
+  keep = kept_count(labels.shape[0], options.keep_fraction)
+  # The proxy's frozen parameters: the model's, with the late-frozen ones (airbench's whitening
+  # bias) frozen from the start, as the script's `model_proxy[0].bias.requires_grad = False`.
+  frozen = options.frozen_parameters + options.late_frozen_parameters
+
+  def losses_of(params):
+    logits = proxy.apply_fn({"params": stop_frozen_gradients(params, frozen)}, images)
+    return cross_entropy_losses(logits, labels, options.label_smoothing)
+
+  def highest(losses):
+    return jax.lax.top_k(jax.lax.stop_gradient(losses), keep)[1]
+
+  def score(proxy):
+    return proxy, highest(losses_of(proxy.params))
+
+  def score_and_train(proxy):
+    losses, pull_back = jax.vjp(losses_of, proxy.params)
+    kept = highest(losses)
+    # The gradient of the kept examples' loss (summed, or their mean as the model's loss
+    # reduction says): a cotangent of 1, or 1 / keep, on each of them.
+    weight = 1.0 if options.loss_reduction == "sum" else 1.0 / keep
+    (grads,) = pull_back(jnp.zeros_like(losses).at[kept].set(weight))
+    return proxy.apply_gradients(grads=grads), kept
+
+  proxy, kept = jax.lax.cond(state.step % options.proxy_update_every == 0, score_and_train,
+                             score, proxy)
+  return state.replace(proxy=proxy), images[kept], labels[kept]
+
+
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                options: StepOptions = StepOptions()):
-  """One SGD step on a normalised batch. Returns the new state and the batch's summed loss and
-  number of correct predictions (sums, so that batches of any size add up exactly)."""
+  """One SGD step on a normalised batch (with data selection, on the part of it that
+  `select_by_proxy` keeps). Returns the new state and the summed loss and number of correct
+  predictions of the examples trained on (sums, so that batches of any size add up exactly)."""
+  if options.keep_fraction < 1:
+    state, images, labels = select_by_proxy(state, images, labels, options)
 
   def loss_fn(params):
     params = stop_frozen_gradients(params, options.frozen_parameters)
@@ -352,12 +431,14 @@ def train_steps(state: TrainState, data: DeviceData, data_key: jax.Array, epoch:
   return carry
 
 
-def batch_sizes(num_examples: int, batch_size: int, num_steps: int) -> np.ndarray:
-  """The sizes of an epoch's first `num_steps` batches (all full but a short last one)."""
+def batch_sizes(num_examples: int, batch_size: int, num_steps: int,
+                keep_fraction: float = 1.0) -> np.ndarray:
+  """The sizes of an epoch's first `num_steps` batches (all full but a short last one), or with
+  data selection the examples trained on in each (`kept_count`)."""
   sizes = np.full(num_steps, batch_size, np.float32)
   if num_steps * batch_size > num_examples:
     sizes[-1] = num_examples - (num_steps - 1) * batch_size
-  return sizes
+  return np.array([kept_count(int(size), keep_fraction) for size in sizes], np.float32)
 
 
 def evaluate(params, data: DeviceData, *, apply_fn: Callable, batch_size: int,

@@ -70,9 +70,12 @@ def test_time_accuracy(programs: programs_lib.Programs, state, test_time_augment
 
 
 def examples_trained(num_examples: int, batch_size: int, drop_last_batch: bool,
-                     steps_per_epoch: int, num_steps: int) -> int:
+                     steps_per_epoch: int, num_steps: int, keep_fraction: float = 1.0) -> int:
   """Examples an epoch of `num_steps` steps trains on: all of them, the full batches only when
-  the short last batch is dropped, `num_steps` full batches in a fractional last epoch."""
+  the short last batch is dropped, `num_steps` full batches in a fractional last epoch; with
+  data selection (`keep_fraction` < 1) the part of each batch kept (`steps.kept_count`)."""
+  if keep_fraction < 1:
+    return int(steps_lib.batch_sizes(num_examples, batch_size, num_steps, keep_fraction).sum())
   if num_steps < steps_per_epoch or drop_last_batch:
     return num_steps * batch_size
   return num_examples
@@ -227,10 +230,16 @@ class TrainingLoop:
           test_totals = _host_totals(test_totals)
           test = Totals(test_totals, programs.num_test)
       epoch_steps = progress.steps_done
+      keep_fraction = config.select.keep_fraction
       num_trained = examples_trained(programs.num_train, config.batch_size,
                                      config.data.drop_last_batch, budget.steps_per_epoch,
-                                     epoch_steps)
-      train = Totals(progress.totals(programs.num_train, config.batch_size), num_trained)
+                                     epoch_steps, keep_fraction)
+      # Images per second count every image drawn, the proxy's scored ones too.
+      num_drawn = examples_trained(programs.num_train, config.batch_size,
+                                   config.data.drop_last_batch, budget.steps_per_epoch,
+                                   epoch_steps)
+      train = Totals(progress.totals(programs.num_train, config.batch_size, keep_fraction),
+                     num_trained)
       times = EpochTimes(time.perf_counter() - self.start, programs.compile_seconds)
       history.append(epoch_record(epoch, train, test, progress.learning_rate, diverged, times,
                                   seeds=self.seeds))
@@ -241,7 +250,7 @@ class TrainingLoop:
           or self.planner.checkpoint_due(global_step)):
         self.save(state, history, None)
       self.reporter.epoch(history[-1], step_time_ms=1e3 * progress.seconds / epoch_steps,
-                          images_per_second=num_trained * config.replicas.count / progress.seconds)
+                          images_per_second=num_drawn * config.replicas.count / progress.seconds)
     return state, predictions
 
   def train_epoch(self, state, history: list[dict], progress: epoch_calls.EpochInProgress,
@@ -266,7 +275,8 @@ class TrainingLoop:
       progress.add(per_step, first, end, seconds)
       self.planner.measured(end - first, seconds)
       diverged = check_divergence(
-          progress.step_losses(self.programs.num_train, config.batch_size), diverged,
+          progress.step_losses(self.programs.num_train, config.batch_size,
+                               config.select.keep_fraction), diverged,
           epoch=epoch, num_steps=self.budget.steps_per_epoch,
           last_checkpoint=self.store.newest_intact_position,
           checkpoint_dir=self.store.directory)

@@ -90,15 +90,18 @@ class EpochInProgress:
       setattr(self, name, np.concatenate([getattr(self, name), part], axis=-1))
     self.seconds += seconds
 
-  def step_losses(self, num_examples: int, batch_size: int) -> np.ndarray:
-    """Each step's mean loss so far."""
-    return self.loss_sum / steps_lib.batch_sizes(num_examples, batch_size, self.steps_done)
+  def step_losses(self, num_examples: int, batch_size: int,
+                  keep_fraction: float = 1.0) -> np.ndarray:
+    """Each step's mean loss so far (over the examples it trained on, `steps.batch_sizes`)."""
+    return self.loss_sum / steps_lib.batch_sizes(num_examples, batch_size, self.steps_done,
+                                                 keep_fraction)
 
-  def totals(self, num_examples: int, batch_size: int) -> dict[str, np.ndarray]:
+  def totals(self, num_examples: int, batch_size: int,
+             keep_fraction: float = 1.0) -> dict[str, np.ndarray]:
     """The summed metrics of the steps done (float64), with each step's mean loss under
     "step_losses"."""
     return {"loss_sum": self.loss_sum.sum(axis=-1), "correct": self.correct.sum(axis=-1),
-            "step_losses": self.step_losses(num_examples, batch_size)}
+            "step_losses": self.step_losses(num_examples, batch_size, keep_fraction)}
 
   def to_json(self) -> dict[str, Any]:
     """The record a mid-epoch checkpoint keeps (float32 metrics are exact as JSON numbers)."""

@@ -52,6 +52,32 @@ def optimizer_options(config) -> optim.OptimizerOptions:
                                 config.batch_size)
 
 
+def proxy_optimizer_options(config) -> optim.OptimizerOptions:
+  """The data selection proxy's optimiser: the run's SGD without Muon, its late-frozen
+  parameters (airbench's whitening bias) frozen from the start, as airbench96_faster's."""
+  freeze = config.freeze.copy_and_resolve_references()
+  freeze.parameters = tuple(freeze.parameters) + tuple(freeze.late_parameters)
+  freeze.late_parameters = ()
+  muon = config.muon.copy_and_resolve_references()
+  muon.parameters = ()
+  return optim.OptimizerOptions(config.optim, config.schedule, muon, freeze, config.batch_size)
+
+
+def create_proxy(config, model, budget: StepBudget, learning_rate=None,
+                 momentum=None) -> steps_lib.Proxy | None:
+  """The data selection's proxy (`config.select`): `model` (an airbench network) with the
+  proxy's conv groups, and its optimiser, updating every `select.proxy_update_every` steps on
+  the run's schedule; None without selection."""
+  select = config.select
+  if select.keep_fraction >= 1:
+    return None
+  proxy_model = model.clone(widths=tuple(select.proxy_widths),
+                            convs_per_group=select.proxy_convs_per_group)
+  tx = optim.create_optimizer(proxy_optimizer_options(config), budget, learning_rate, momentum,
+                              steps_per_update=select.proxy_update_every)
+  return steps_lib.Proxy(proxy_model, tx)
+
+
 def step_options(config, budget: StepBudget) -> steps_lib.StepOptions:
   """What a training step computes beyond plain SGD (`steps.StepOptions`)."""
   return steps_lib.StepOptions(
@@ -62,7 +88,8 @@ def step_options(config, budget: StepBudget) -> steps_lib.StepOptions:
       late_freeze_step=budget.late_freeze_step,
       lookahead_every_steps=config.lookahead.every_steps,
       lookahead_decay=config.lookahead.decay, lookahead_power=config.lookahead.power,
-      total_steps=budget.total_steps)
+      total_steps=budget.total_steps, keep_fraction=config.select.keep_fraction,
+      proxy_update_every=config.select.proxy_update_every)
 
 
 def program_options(config, budget: StepBudget) -> programs_lib.ProgramOptions:
@@ -114,8 +141,9 @@ def create_run_state(config, model, budget: StepBudget, mesh, data=None):
   def create(seed, learning_rate, momentum):
     init_key, data_key = jax.random.split(jax.random.key(seed))
     tx = optim.create_optimizer(options, budget, learning_rate, momentum)
-    state = steps_lib.create_train_state(model, init_key, tx,
-                                         with_lookahead=config.lookahead.every_steps > 0)
+    state = steps_lib.create_train_state(
+        model, init_key, tx, with_lookahead=config.lookahead.every_steps > 0,
+        proxy=create_proxy(config, model, budget, learning_rate, momentum))
     return state, data_key
 
   if stacked:
@@ -126,6 +154,11 @@ def create_run_state(config, model, budget: StepBudget, mesh, data=None):
       *args).compile(compiler_options=programs_lib.compiler_options(run_once=True))(*args)
   # The optimiser state only holds momenta (zeros) and counts: it does not depend on params.
   state = state.replace(params=models.initialise_from_data(config.model, state.params, data))
+  proxy = create_proxy(config, model, budget)
+  if proxy is not None:  # its whitening from the same images, and a concrete optimiser as below
+    state = state.replace(proxy=state.proxy.replace(
+        params=models.initialise_from_data(config.model, state.proxy.params, data),
+        tx=proxy.tx))
   if state.lookahead_params is not None:
     # Lookahead's slow copy starts as the (data-initialised) parameters, in buffers of its own,
     # since the epoch program donates both.
@@ -138,9 +171,12 @@ def create_run_state(config, model, budget: StepBudget, mesh, data=None):
 def describe_run(config, state, budget: StepBudget, mesh) -> str:
   """The start-up line on the model and the devices: "model seed: 102,784 parameters x 1
   replicas; 79 steps per epoch on 1 devices"."""
+  proxy = "" if state.proxy is None else (
+      f" (and a selection proxy of "
+      f"{models.count_parameters(state.proxy.params) // config.replicas.count:,})")
   return (f"model {config.model.name}: "
-          f"{models.count_parameters(state.params) // config.replicas.count:,} parameters x "
-          f"{config.replicas.count} replicas; {budget.steps_per_epoch} steps per epoch on "
+          f"{models.count_parameters(state.params) // config.replicas.count:,} parameters{proxy} "
+          f"x {config.replicas.count} replicas; {budget.steps_per_epoch} steps per epoch on "
           f"{data_parallel.mesh_size(mesh)} devices")
 
 

@@ -204,6 +204,7 @@ def validate_config(config) -> None:
   _validate_muon(config.muon)
   _validate_lookahead(config.lookahead)
   _validate_freeze(config.freeze)
+  _validate_select(config.select, config.model.name)
   _validate_replicas(config.replicas, config.optim)
   _validate_eval(config.eval)
   _validate_operations(config.operations)
@@ -233,12 +234,8 @@ def _validate_model(model) -> None:
   require(is_int(model.resnet.width) and model.resnet.width > 0, "model.resnet.width",
           "a positive integer", model.resnet.width)
   options = model.airbench
-  require(isinstance(options.widths, (tuple, list)) and len(options.widths) == 3
-          and all(is_int(w) and w > 0 for w in options.widths), "model.airbench.widths",
-          "three positive integers, the output channels of the conv groups", options.widths)
-  require(options.convs_per_group in (2, 3), "model.airbench.convs_per_group",
-          "2 (airbench94's groups) or 3 (airbench96's, with a residual over the last two)",
-          options.convs_per_group)
+  _validate_airbench_groups(options.widths, options.convs_per_group, "model.airbench.widths",
+                            "model.airbench.convs_per_group")
   require(is_number(options.output_scale) and options.output_scale > 0,
           "model.airbench.output_scale", "a positive number", options.output_scale)
   require(isinstance(options.head_unit_std, bool), "model.airbench.head_unit_std",
@@ -248,6 +245,31 @@ def _validate_model(model) -> None:
   require(is_int(options.whitening_examples) and options.whitening_examples > 0,
           "model.airbench.whitening_examples", "a positive number of training images",
           options.whitening_examples)
+
+
+def _validate_airbench_groups(widths, convs_per_group, widths_key: str, convs_key: str) -> None:
+  """An airbench network's conv groups: the model's, or the data selection's proxy."""
+  require(isinstance(widths, (tuple, list)) and len(widths) == 3
+          and all(is_int(w) and w > 0 for w in widths), widths_key,
+          "three positive integers, the output channels of the conv groups", widths)
+  require(convs_per_group in (2, 3), convs_key,
+          "2 (airbench94's groups) or 3 (airbench96's, with a residual over the last two)",
+          convs_per_group)
+
+
+def _validate_select(select, model_name: str) -> None:
+  require(is_number(select.keep_fraction) and 0 < select.keep_fraction <= 1,
+          "select.keep_fraction", "a number in (0, 1] (1: no data selection)",
+          select.keep_fraction)
+  if select.keep_fraction == 1:
+    return  # no proxy: its keys are not used
+  require(model_name == "airbench94", "select.keep_fraction",
+          f"1 with config.model.name={model_name!r} (the proxy is an airbench network: data "
+          f"selection is for model.name='airbench94')", select.keep_fraction)
+  _validate_airbench_groups(select.proxy_widths, select.proxy_convs_per_group,
+                            "select.proxy_widths", "select.proxy_convs_per_group")
+  require(is_int(select.proxy_update_every) and select.proxy_update_every > 0,
+          "select.proxy_update_every", "a positive number of steps", select.proxy_update_every)
 
 
 def _validate_data(data) -> None:

@@ -87,6 +87,10 @@ ADDED_KEYS = {
     "model.airbench.widths": [64, 256, 256],
     "model.airbench.convs_per_group": 2,
     "augment.cutout": 0,
+    "select.keep_fraction": 1.0,
+    "select.proxy_widths": [32, 64, 64],
+    "select.proxy_convs_per_group": 2,
+    "select.proxy_update_every": 4,
     "augment.brightness": 0.0,
     "augment.contrast": 0.0,
     # Runs before it computed BatchNorm in XLA: loaded, they evaluate to their recorded digits.

@@ -99,7 +99,8 @@ def traced_programs(config, mesh: Mesh | None, backend: str) -> dict[str, Any]:
   options = prepare.program_options(config, budget)
   tx = optim.create_optimizer(prepare.optimizer_options(config), budget)
   state = jax.eval_shape(lambda key: steps_lib.create_train_state(
-      model, key, tx, with_lookahead=config.lookahead.every_steps > 0), jax.random.key(0))
+      model, key, tx, with_lookahead=config.lookahead.every_steps > 0,
+      proxy=prepare.create_proxy(config, model, budget)), jax.random.key(0))
   mirrored, split = data_parallel.mirrored_sharding(mesh), data_parallel.split_sharding(mesh)
   state = _abstract(state, mirrored)
   images = lambda count: jax.ShapeDtypeStruct((count,) + input_pipeline.IMAGE_SHAPE, jnp.uint8,
