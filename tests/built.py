@@ -4,11 +4,15 @@ and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import pytest
+
 from convnet_jax import optim
 from convnet_jax import steps
 from convnet_jax.budget import StepBudget
 from convnet_jax.runs import prepare
 from convnet_jax.runs import reporting
+from convnet_jax.runs import validation
+from convnet_jax.errors import UserError
 
 
 def budget(config, steps_per_epoch: int) -> StepBudget:
@@ -52,3 +56,12 @@ def reporter(config, files, is_writer: bool = True) -> reporting.Reporter:
   """The reporter a run of `config` writes its files in `files` with."""
   return reporting.Reporter(files, prepare.config_values(config), config.operations,
                             is_writer=is_writer)
+
+
+def validation_error(config, key: str, value) -> str:
+  """The one line `validation.validate_config` refuses `config` with, once the dotted `key` is
+  set to `value` (the test fails where it accepts it)."""
+  with_values(config, {key: value})
+  with pytest.raises(UserError) as error:
+    validation.validate_config(config)
+  return str(error.value)

@@ -15,7 +15,6 @@ import pytest
 from convnet_jax.data import input_pipeline
 from convnet_jax.tools import device_check
 from tests.conftest import REPO_ROOT
-from tests.conftest import write_records
 
 SEED_CLASSES = (0, 1)  # the spec's CIFAR-2
 
