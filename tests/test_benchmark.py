@@ -138,3 +138,19 @@ def test_the_benchmark_times_the_program_a_run_executes(cifar10_dir):
     return [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(programs._arguments[0])]
 
   assert shapes(bench_programs) == shapes(run_programs)
+
+
+def test_the_step_flops_count_the_selection_proxys_convolutions_on_the_onednn_path():
+  """With oneDNN convolutions the step is counted on the im2col path: the proxy's too, so both
+  paths count the same FLOPs."""
+  from configs import cifar10_airbench96_faster
+
+  config = cifar10_airbench96_faster.get_config()
+  config.model.airbench.widths = config.select.proxy_widths = (16, 16, 16)
+  config.model.dtype, config.batch_size = "float32", 16
+  counts = {}
+  for implementation in ("onednn", "im2col"):
+    programs, state, num_steps = benchmark.synthetic_run(config, 32, 10, implementation)
+    counts[implementation] = benchmark._step_flops(config, state, programs.data, num_steps,
+                                                   implementation)
+  assert counts["onednn"] == pytest.approx(counts["im2col"], rel=1e-6)

@@ -270,13 +270,17 @@ def _step_flops(config, state, data, num_steps: int, conv_implementation: str) -
   """FLOPs of one training step, from XLA's cost analysis of the pure step. The training
   program's own count is of no use: XLA counts its loop's body once whatever the trip count,
   and nothing inside custom calls, so with oneDNN convolutions the step is counted on the
-  im2col path (the same convolutions as matrix products)."""
+  im2col path (the same convolutions as matrix products). With data selection, XLA counts the
+  proxy's conditional update as if it ran every step."""
+  budget = StepBudget(num_steps, config.num_epochs, config.freeze.late_epochs)
   if conv_implementation == "onednn":
-    state = state.replace(
-        apply_fn=models.create_model(config.model, len(config.data.classes), "im2col").apply)
+    counted = models.create_model(config.model, len(config.data.classes), "im2col")
+    state = state.replace(apply_fn=counted.apply)
+    if state.proxy is not None:  # the data selection's proxy: its convolutions counted too
+      state = state.replace(proxy=state.proxy.replace(
+          apply_fn=prepare.create_proxy(config, counted, budget).model.apply))
   batch_size = config.batch_size
   batch = input_pipeline.normalize(data.train_images[:batch_size], data.mean, data.std)
-  budget = StepBudget(num_steps, config.num_epochs, config.freeze.late_epochs)
   step = programs_lib.jitted_train_step(prepare.program_options(config, budget), None)
   return _flops(programs_lib.compile_for(step, None, state, batch,
                                          data.train_labels[:batch_size]))
