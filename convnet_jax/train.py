@@ -69,16 +69,13 @@ def test_time_accuracy(programs: programs_lib.Programs, state, test_time_augment
   return {"tta_test_acc": replicas.metric_values(accuracy, diverged)}
 
 
-def examples_trained(num_examples: int, batch_size: int, drop_last_batch: bool,
-                     steps_per_epoch: int, num_steps: int, keep_fraction: float = 1.0) -> int:
-  """Examples an epoch of `num_steps` steps trains on: all of them, the full batches only when
-  the short last batch is dropped, `num_steps` full batches in a fractional last epoch; with
-  data selection (`keep_fraction` < 1) the part of each batch kept (`steps.kept_count`)."""
-  if keep_fraction < 1:
-    return int(steps_lib.batch_sizes(num_examples, batch_size, num_steps, keep_fraction).sum())
-  if num_steps < steps_per_epoch or drop_last_batch:
-    return num_steps * batch_size
-  return num_examples
+def examples_trained(num_examples: int, batch_size: int, num_steps: int,
+                     keep_fraction: float = 1.0) -> int:
+  """Examples an epoch's first `num_steps` steps train on (`steps.batch_sizes`): all of them
+  when the steps reach the short last batch, else `num_steps` full batches (the short one
+  dropped, or a fractional last epoch); with data selection (`keep_fraction` < 1) the part of
+  each batch kept (`steps.kept_count`)."""
+  return int(steps_lib.batch_sizes(num_examples, batch_size, num_steps, keep_fraction).sum())
 
 
 def initial_divergence(num_replicas: int, history: list[dict]) -> np.ndarray:
@@ -231,13 +228,10 @@ class TrainingLoop:
           test = Totals(test_totals, programs.num_test)
       epoch_steps = progress.steps_done
       keep_fraction = config.select.keep_fraction
-      num_trained = examples_trained(programs.num_train, config.batch_size,
-                                     config.data.drop_last_batch, budget.steps_per_epoch,
-                                     epoch_steps, keep_fraction)
+      num_trained = examples_trained(programs.num_train, config.batch_size, epoch_steps,
+                                     keep_fraction)
       # Images per second count every image drawn, the proxy's scored ones too.
-      num_drawn = examples_trained(programs.num_train, config.batch_size,
-                                   config.data.drop_last_batch, budget.steps_per_epoch,
-                                   epoch_steps)
+      num_drawn = examples_trained(programs.num_train, config.batch_size, epoch_steps)
       train = Totals(progress.totals(programs.num_train, config.batch_size, keep_fraction),
                      num_trained)
       times = EpochTimes(time.perf_counter() - self.start, programs.compile_seconds)

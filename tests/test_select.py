@@ -105,9 +105,9 @@ def test_the_kept_count_and_the_trained_examples():
   assert steps.kept_count(1024, 1.0) == 1024
   # 10 examples in batches of 4 (4, 4, 2), half of each kept: 2, 2, 1.
   np.testing.assert_array_equal(steps.batch_sizes(10, 4, 3, 0.5), [2, 2, 1])
-  assert train.examples_trained(10, 4, False, 3, 3, 0.5) == 5
-  assert train.examples_trained(10, 4, True, 2, 2, 0.5) == 4
-  assert train.examples_trained(10, 4, False, 3, 3) == 10
+  assert train.examples_trained(10, 4, 3, 0.5) == 5
+  assert train.examples_trained(10, 4, 2, 0.5) == 4  # the short batch dropped
+  assert train.examples_trained(10, 4, 3) == 10
 
 
 def test_the_proxys_nth_update_takes_the_schedule_at_step_k_n():
