@@ -303,6 +303,29 @@ def test_the_kernels_this_cpu_gets_follow_its_bfloat16_instructions():
   assert onednn.load().bf16_native == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def test_wide_kernel_gradients_run_onednns_gemm_implementation_on_avx2_cpus():
+  """On an AVX2 CPU without AVX-512 (the kernel's CPU flags), a 3x3 kernel's gradient from 128
+  input channels up runs oneDNN's im2col + GEMM implementation; 127 channels, a 1x1 kernel and
+  the other passes keep the one oneDNN lists first (its direct AVX2 kernel for the gradient).
+  Elsewhere oneDNN's first everywhere."""
+  flags = set(open("/proc/cpuinfo").read().split())
+  avx2_only = "avx2" in flags and "avx512f" not in flags
+
+  def implementation(channels, kernel_size=3, pass_name="backward_weights"):
+    padding = (kernel_size // 2,) * 2
+    return onednn.conv_implementation(pass_name, (2, 8, 8, channels), kernel_size, 32,
+                                      padding=padding)
+
+  assert "gemm" not in implementation(127)
+  if avx2_only:
+    assert implementation(127) == "jit:avx2"
+  assert "gemm" not in implementation(128, kernel_size=1)
+  for pass_name in ("forward", "backward_data"):
+    assert "gemm" not in implementation(384, pass_name=pass_name)
+  for channels in (128, 384):
+    assert ("gemm" in implementation(channels)) == avx2_only
+
+
 @pytest.mark.parametrize("requested", ["auto", "onednn"])
 def test_float16_falls_back_to_im2col_and_data_parallel_keeps_onednn(requested):
   choice = conv.choose_conv_implementation(requested, dtype="float16")

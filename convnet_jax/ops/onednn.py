@@ -105,6 +105,8 @@ def load() -> Status:
   library.convnet_onednn_version.restype = ctypes.c_char_p
   for counter in (library.convnet_onednn_busy_nanoseconds, library.convnet_onednn_calls):
     counter.restype, counter.argtypes = ctypes.c_int64, [ctypes.c_int]
+  library.convnet_onednn_conv_implementation.restype = ctypes.c_char_p
+  library.convnet_onednn_conv_implementation.argtypes = [ctypes.c_int64] * 10
   library.convnet_onednn_batch_norm_workspace_bytes.restype = ctypes.c_int64
   library.convnet_onednn_batch_norm_workspace_bytes.argtypes = (
       [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64])
@@ -124,6 +126,26 @@ def batch_norm_workspace_bytes(shape: tuple[int, int, int, int], epsilon: float,
   if size < 0:
     raise RuntimeError(f"oneDNN has no batch normalisation for float32 NHWC {shape}")
   return size
+
+
+PASSES = ("forward", "backward_data", "backward_weights")
+
+
+def conv_implementation(pass_name: str, input_shape: tuple[int, int, int, int],
+                        kernel_size: int, out_channels: int, stride: int = 1,
+                        padding: tuple[int, int] = (1, 1)) -> str:
+  """oneDNN's name for the implementation that runs `pass_name` (one of `PASSES`) of a
+  float32 convolution of an NHWC `input_shape` in this process ("brgconv:avx2"). Raises
+  RuntimeError where the extension is not loaded or oneDNN refuses the shape."""
+  status = load()
+  if status.library is None:
+    raise RuntimeError(f"the oneDNN extension is not available: {status.detail}")
+  name = status.library.convnet_onednn_conv_implementation(
+      PASSES.index(pass_name), *input_shape, out_channels, kernel_size, stride, *padding)
+  if name is None:
+    raise RuntimeError(f"oneDNN has no {pass_name} convolution for float32 NHWC {input_shape}, "
+                       f"kernel {kernel_size}, {out_channels} outputs")
+  return name.decode()
 
 
 def call_clock() -> CallClock | None:

@@ -10,7 +10,9 @@
 //   convnet_onednn_conv_backward_data     dy[N,OH,OW,K], w[KH,KW,C,K] -> dx[N,H,W,C]
 //   convnet_onednn_conv_backward_weights  x[N,H,W,C], dy[N,OH,OW,K]  -> dw[KH,KW,C,K]
 // XLA's row-major buffers are handed to oneDNN as they are (its `nhwc` and `hwio` tags); only the
-// small kernels are reordered into the blocked layout oneDNN picks for each primitive.
+// small kernels are reordered into the blocked layout oneDNN picks for each primitive. Each pass
+// runs the implementation oneDNN lists first, except the kernel gradient of wide layers on AVX2
+// CPUs (`prefers_gemm_backward_weights`).
 // Every operand of a call is float32, or every one bfloat16 (oneDNN accumulates bfloat16 in
 // float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively. The batch
 // normalisations (below the convolutions) take float32 only.
@@ -70,6 +72,7 @@ struct Prepared {
   bool needs_reorder = false;
   dnnl::reorder weights_reorder;
   size_t scratchpad_bytes = 0;
+  std::string implementation;  // oneDNN's name for it ("brgconv:avx2"), for tests and the benchmark
 };
 
 struct Descs {
@@ -96,6 +99,16 @@ dnnl::convolution_forward::primitive_desc forward_desc(const Descs& d, const dnn
       d.weights_any, d.dst, d.strides, d.padding_low, d.padding_high, attr);
 }
 
+// Whether a 3x3 (or larger) kernel gradient should run oneDNN's im2col + GEMM implementation
+// in place of `first`, the one oneDNN lists first. On AVX2 CPUs oneDNN's first is its direct
+// "jit:avx2" kernel, which from 128 input channels up ran 1.15-1.66x slower than the GEMM one
+// on airbench95/96's layers and 0.93-1.24x on the speedrun's 256-channel ones, and faster below
+// (0.29-0.77x for 3 to 64 channels) (2-core Zen 3, float32; docs/speed.md). Other ISAs keep
+// oneDNN's own order: their first is a brgemm kernel, not measured against GEMM.
+bool prefers_gemm_backward_weights(const ConvShape& s, const char* first) {
+  return s.kernel > 1 && s.c >= 128 && std::strcmp(first, "jit:avx2") == 0;
+}
+
 Prepared prepare(Pass pass, const ConvShape& s) {
   Descs d = make_descs(s);
   dnnl::primitive_attr attr;
@@ -109,6 +122,7 @@ Prepared prepare(Pass pass, const ConvShape& s) {
   auto hint = forward_desc(d, attr);
   if (pass == Pass::kForward) {
     p.primitive = dnnl::convolution_forward(hint);
+    p.implementation = hint.impl_info_str();
     p.primitive_weights = hint.weights_desc();
     p.scratchpad_bytes = hint.scratchpad_desc().get_size();
   } else if (pass == Pass::kBackwardData) {
@@ -116,13 +130,28 @@ Prepared prepare(Pass pass, const ConvShape& s) {
         cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
         d.padding_low, d.padding_high, hint, attr);
     p.primitive = dnnl::convolution_backward_data(pd);
+    p.implementation = pd.impl_info_str();
     p.primitive_weights = pd.weights_desc();
     p.scratchpad_bytes = pd.scratchpad_desc().get_size();
   } else {
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst, d.strides,
-        d.padding_low, d.padding_high, hint, attr);
+    auto make = [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          cpu_engine(), dnnl::algorithm::convolution_direct, d.src, d.weights_any, d.dst,
+          d.strides, d.padding_low, d.padding_high, hint, attr);
+    };
+    auto pd = make();
+    if (prefers_gemm_backward_weights(s, pd.impl_info_str())) {
+      // oneDNN lists its implementations best first; step on to its im2col + GEMM one, or back
+      // to the first where this build has none.
+      while (std::strstr(pd.impl_info_str(), "gemm") == nullptr) {
+        if (!pd.next_impl()) {
+          pd = make();
+          break;
+        }
+      }
+    }
     p.primitive = dnnl::convolution_backward_weights(pd);
+    p.implementation = pd.impl_info_str();
     p.primitive_weights = pd.diff_weights_desc();
     p.scratchpad_bytes = pd.scratchpad_desc().get_size();
   }
@@ -550,4 +579,22 @@ extern "C" const char* convnet_onednn_version() {
     return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
   }();
   return version.c_str();
+}
+
+// oneDNN's name for the implementation that runs a pass (0: forward, 1: input gradient, 2:
+// kernel gradient) of a float32 convolution of this shape, as the handlers would run it
+// ("brgconv:avx2", "x64:gemm:jit"); null where oneDNN refuses the shape.
+extern "C" const char* convnet_onednn_conv_implementation(int64_t pass, int64_t n, int64_t h,
+                                                          int64_t w, int64_t c, int64_t k,
+                                                          int64_t kernel, int64_t stride,
+                                                          int64_t padding_low,
+                                                          int64_t padding_high) {
+  if (pass < 0 || pass > 2) return nullptr;
+  ConvShape s{n, h, w, c, k, kernel, stride, padding_low, padding_high};
+  if (check_shape(s).failure()) return nullptr;
+  try {
+    return cached(static_cast<Pass>(pass), s).implementation.c_str();
+  } catch (const std::exception&) {
+    return nullptr;
+  }
 }
