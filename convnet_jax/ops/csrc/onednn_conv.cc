@@ -72,7 +72,7 @@ struct Prepared {
   bool needs_reorder = false;
   dnnl::reorder weights_reorder;
   size_t scratchpad_bytes = 0;
-  std::string implementation;  // oneDNN's name for it ("brgconv:avx2"), for tests and the benchmark
+  std::string implementation;  // oneDNN's name for it ("brgconv:avx2"), for `onednn.conv_implementation`
 };
 
 struct Descs {
@@ -102,8 +102,9 @@ dnnl::convolution_forward::primitive_desc forward_desc(const Descs& d, const dnn
 // Whether a 3x3 (or larger) kernel gradient should run oneDNN's im2col + GEMM implementation
 // in place of `first`, the one oneDNN lists first. On AVX2 CPUs oneDNN's first is its direct
 // "jit:avx2" kernel, which from 128 input channels up ran 1.15-1.66x slower than the GEMM one
-// on airbench95/96's layers and 0.93-1.24x on the speedrun's 256-channel ones, and faster below
-// (0.29-0.77x for 3 to 64 channels) (2-core Zen 3, float32; docs/speed.md). Other ISAs keep
+// on airbench95/96's layers and 0.93-1.24x on the speedrun's 256-channel ones, and mostly faster
+// below (0.29-0.93x for 3 to 64 channels, 1.03x on one 64->256 layer) (2-core Zen 3, float32;
+// docs/speed.md). Other ISAs keep
 // oneDNN's own order: their first is a brgemm kernel, not measured against GEMM.
 bool prefers_gemm_backward_weights(const ConvShape& s, const char* first) {
   return s.kernel > 1 && s.c >= 128 && std::strcmp(first, "jit:avx2") == 0;
