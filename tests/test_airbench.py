@@ -20,6 +20,7 @@ from convnet_jax import steps
 from convnet_jax.data import input_pipeline
 from convnet_jax.data import tta
 from convnet_jax.models import airbench
+from convnet_jax.models import layers
 from convnet_jax.ops import conv
 from convnet_jax.runs import validation
 from convnet_jax.errors import UserError
@@ -63,6 +64,22 @@ def test_whitening_layer_applies_the_kernel_to_each_patch(implementation):
   got = conv.CONV_IMPLEMENTATIONS[implementation](jnp.asarray(images), jnp.asarray(kernel), 1, 0)
   expected = (_patch_rows(images) @ kernel.reshape(12, 24)).reshape(2, 5, 4, 24)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_whitening_bias_gradient_in_bfloat16_is_the_float32_sum_of_the_output_gradient():
+  # The bias gradient of a bfloat16 convolution is the sum of the output gradient over batch,
+  # rows and columns; summed in float64 here, it must come out to float32 precision, not to a
+  # bfloat16 sum's (which drifts by whole percents over 60,000 terms).
+  rng = np.random.default_rng(2)
+  layer = layers.Conv(features=24, kernel_size=2, padding=0, dtype=jnp.bfloat16, use_bias=True)
+  images = jnp.asarray(rng.standard_normal((64, 31, 31, 3)), jnp.float32)
+  params = layer.init(jax.random.key(0), images)["params"]
+  output_gradient = jnp.asarray(rng.standard_normal((64, 30, 30, 24)) + 0.3, jnp.bfloat16)
+  _, pullback = jax.vjp(lambda p: layer.apply({"params": p}, images), params)
+  got = pullback(output_gradient)[0]["bias"]
+  assert got.dtype == jnp.float32
+  expected = np.asarray(output_gradient, np.float64).sum(axis=(0, 1, 2))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
 def test_data_initialisation_puts_the_kernel_of_the_first_5000_normalised_images():

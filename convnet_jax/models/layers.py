@@ -258,8 +258,11 @@ class Conv(nn.Module):
     conv = conv_lib.CONV_IMPLEMENTATIONS[self.implementation]
     y = conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
-          y.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      # Added in float32 and rounded once, so that its gradient is a float32 sum of the output
+      # gradient: a bfloat16 bias's is summed in bfloat16 on the CPU (XLA's reduce-window), which
+      # lost a third of a 1024x31x31 map's sum and took 66 ms against 4 on an AMX Xeon.
+      y = (y.astype(jnp.float32) + bias).astype(y.dtype)
     return y
 
 
