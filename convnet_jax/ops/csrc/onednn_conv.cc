@@ -104,8 +104,8 @@ dnnl::convolution_forward::primitive_desc forward_desc(const Descs& d, const dnn
 // "jit:avx2" kernel, which from 128 input channels up ran 1.15-1.66x slower than the GEMM one
 // on airbench95/96's layers and 0.93-1.24x on the speedrun's 256-channel ones, and mostly faster
 // below (0.29-0.93x for 3 to 64 channels, 1.03x on one 64->256 layer) (2-core Zen 3, float32;
-// docs/speed.md). Other ISAs keep
-// oneDNN's own order: their first is a brgemm kernel, not measured against GEMM.
+// docs/speed.md). Other ISAs keep oneDNN's own order: their first is a brgemm kernel, not
+// measured against GEMM.
 bool prefers_gemm_backward_weights(const ConvShape& s, const char* first) {
   return s.kernel > 1 && s.c >= 128 && std::strcmp(first, "jit:avx2") == 0;
 }
