@@ -32,18 +32,72 @@ WHITENING_EXAMPLES = 5000
 WHITENING_EPSILON = 5e-4
 
 
+# The constants of the Gaussian's CDF and density: Phi(x) = (1 + erf(x / sqrt 2)) / 2, and
+# phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+_SQRT_HALF = float(np.sqrt(0.5))
+_INVERSE_SQRT_2PI = float(1 / np.sqrt(2 * np.pi))
+
+
+def _gaussian_cdf(x32: jax.Array) -> jax.Array:
+  return 0.5 * (1 + jax.lax.erf(x32 * _SQRT_HALF))
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  """The exact (erf) GELU of PyTorch's `nn.GELU()` (jax.nn.gelu defaults to the tanh form),
-  computed in float32 whatever the input dtype and returned in it: in bfloat16, XLA's CPU
-  backend would round each of the erf's dozen operations, forward and backward, to bfloat16
-  (a convert pair per operation, the largest part of a bfloat16 step outside convolutions)."""
-  return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+  """The exact GELU of PyTorch's `nn.GELU()`, x Phi(x) with its erf (jax.nn.gelu defaults to the
+  tanh form), computed in float32 whatever the input dtype and returned in it: in bfloat16,
+  XLA's CPU backend would round each of the erf's dozen operations to bfloat16.
+
+  Its gradient is written out, Phi(x) + x phi(x), from the input alone: autodiff of
+  `jax.nn.gelu` keeps three float32 maps (its erfc, exp and a product;
+  `jax.ad_checkpoint.print_saved_residuals`), 12 bytes an element written in the forward pass
+  and read in the backward one where a bfloat16 input is 2; recomputing the erf from the input
+  is a few multiply-adds on maps whose passes are bound by memory."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * _gaussian_cdf(x32)).astype(x.dtype)
 
 
+def _gelu_forward(x):
+  return gelu(x), x
+
+
+def _recomputed(x: jax.Array) -> jax.Array:
+  # The saved input in float32 behind a barrier: without it XLA merges the backward's erf with
+  # the forward's (common subexpressions) and stores that float32 map after all.
+  return jax.lax.optimization_barrier(x).astype(jnp.float32)
+
+
+def _gelu_backward(x, output_gradient):
+  x32 = _recomputed(x)
+  density = jnp.exp(-0.5 * jnp.square(x32)) * _INVERSE_SQRT_2PI
+  derivative = _gaussian_cdf(x32) + x32 * density
+  return ((output_gradient.astype(jnp.float32) * derivative).astype(output_gradient.dtype),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
+@jax.custom_vjp
 def silu(x: jax.Array) -> jax.Array:
   """PyTorch's `nn.SiLU()`, x sigmoid(x) (hiverge/cifar10-speedrun's activation: one
-  exponential where the erf GELU takes a polynomial), in float32 as `gelu`."""
-  return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+  exponential where the erf GELU takes a polynomial), in float32 as `gelu`, and as it with its
+  gradient, sigmoid(x) (1 + x (1 - sigmoid(x))), from the saved input alone."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.nn.sigmoid(x32)).astype(x.dtype)
+
+
+def _silu_forward(x):
+  return silu(x), x
+
+
+def _silu_backward(x, output_gradient):
+  x32 = _recomputed(x)
+  sigmoid = jax.nn.sigmoid(x32)
+  derivative = sigmoid * (1 + x32 * (1 - sigmoid))
+  return ((output_gradient.astype(jnp.float32) * derivative).astype(output_gradient.dtype),)
+
+
+silu.defvjp(_silu_forward, _silu_backward)
 
 
 # `model.airbench.activation`: the activation after every BatchNorm (the whitening's is GELU).
