@@ -166,6 +166,9 @@ def test_activation_gradients_are_the_derivatives_of_pytorchs_definitions(dtype)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float64), derivative, rtol=tolerance,
                                atol=tolerance)
+    nan_gradient = jax.grad(lambda v: jnp.sum(activation(v).astype(jnp.float32)))(
+        jnp.asarray([np.nan, 1.0], dtype))
+    assert np.isnan(float(nan_gradient[0])) and not np.isnan(float(nan_gradient[1]))
 
 
 def test_activations_keep_only_their_input_for_the_backward_pass(capsys):
