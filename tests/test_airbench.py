@@ -162,12 +162,12 @@ def test_activation_gradients_are_the_derivatives_of_pytorchs_definitions(dtype)
   }
   tolerance = 1e-6 if dtype == jnp.float32 else 2.0**-8
   for activation, derivative in expected.items():
-    got = jax.grad(lambda v: jnp.sum(activation(v).astype(jnp.float32)))(x)
+    gradient = jax.grad(lambda v: jnp.sum(activation(v).astype(jnp.float32)))
+    got = gradient(x)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float64), derivative, rtol=tolerance,
                                atol=tolerance)
-    nan_gradient = jax.grad(lambda v: jnp.sum(activation(v).astype(jnp.float32)))(
-        jnp.asarray([np.nan, 1.0], dtype))
+    nan_gradient = gradient(jnp.asarray([np.nan, 1.0], dtype))
     assert np.isnan(float(nan_gradient[0])) and not np.isnan(float(nan_gradient[1]))
 
 
