@@ -43,8 +43,9 @@ def get_config():
   # says which runs and why.
   config.model.conv_implementation = "auto"
   # How BatchNorm is computed (same math, other last digits): "onednn" (oneDNN's batch
-  # normalisation primitive, with the ReLU after it in the same pass where nothing comes between
-  # them: float32 on one device; other dtypes and data-parallel meshes run "jax"), "jax" (XLA's
+  # normalisation primitive, with a learnt offset and the ReLU in the same pass where no scale
+  # comes between them: float32, and bfloat16 without a scale where the CPU has bfloat16
+  # arithmetic, on one device; other maps and data-parallel meshes run "jax"), "jax" (XLA's
   # fusions), or "auto": onednn where the convolutions run in oneDNN, jax elsewhere.
   config.model.batch_norm_implementation = "auto"
   # The ResNets: channels of the stem and the first stage (the stages have 1, 2, 4 and 8 times

@@ -27,28 +27,33 @@ def extension_loaded():
   assert status.available, status.detail
 
 
-def numpy_batch_norm(x, epsilon, relu):
+def numpy_batch_norm(x, epsilon, relu, offset=0.0):
   """The definition in float64: per channel over N, H, W, y = (x - mean) / sqrt(var + eps) with
-  the biased variance, then max(y, 0) when relu."""
+  the biased variance, plus the per-channel offset, then max(y, 0) when relu."""
   x = np.asarray(x, np.float64)
   mean = x.mean(axis=(0, 1, 2))
   variance = ((x - mean) ** 2).mean(axis=(0, 1, 2))
-  y = (x - mean) / np.sqrt(variance + epsilon)
+  y = (x - mean) / np.sqrt(variance + epsilon) + np.asarray(offset, np.float64)
   return np.maximum(y, 0) if relu else y
 
 
-def numpy_batch_norm_gradient(x, g, epsilon, relu):
-  """dL/dx for output gradient g: through the ReLU (g where y > 0), then batch normalisation's
-  gradient written out by hand, dx = (g - mean(g) - y mean(g y)) / std over the M = N H W
-  values of a channel (from dy_i/dx_j = (delta_ij - 1/M - y_i y_j / M) / std)."""
+def numpy_batch_norm_gradient(x, g, epsilon, relu, offset=0.0):
+  """dL/dx for output gradient g: through the ReLU (g where y + offset > 0), then batch
+  normalisation's gradient written out by hand, dx = (g - mean(g) - y mean(g y)) / std over the
+  M = N H W values of a channel (from dy_i/dx_j = (delta_ij - 1/M - y_i y_j / M) / std)."""
+  return _numpy_gradients(x, g, epsilon, relu, offset)[0]
+
+
+def _numpy_gradients(x, g, epsilon, relu, offset=0.0):
+  """(dL/dx, dL/doffset): the offset's is the sum over N, H, W of g past the ReLU."""
   x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
   mean = x.mean(axis=(0, 1, 2))
   std = np.sqrt(((x - mean) ** 2).mean(axis=(0, 1, 2)) + epsilon)
   y = (x - mean) / std
   if relu:
-    g = np.where(y > 0, g, 0.0)
+    g = np.where(y + np.asarray(offset, np.float64) > 0, g, 0.0)
   axes = (0, 1, 2)
-  return (g - g.mean(axis=axes) - y * (g * y).mean(axis=axes)) / std
+  return (g - g.mean(axis=axes) - y * (g * y).mean(axis=axes)) / std, g.sum(axis=axes)
 
 
 SHAPES = [(4, 6, 6, 16), (3, 5, 7, 48), (8, 4, 4, 32), (2, 31, 31, 64)]
@@ -68,6 +73,41 @@ def test_forward_and_gradient_match_the_definition(shape, relu):
   np.testing.assert_allclose(y, numpy_batch_norm(x, 1e-5, relu), rtol=1e-5, atol=2e-6)
   np.testing.assert_allclose(vjp(g)[0], numpy_batch_norm_gradient(x, g, 1e-5, relu),
                              rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_offset_comes_before_the_relu_and_gets_its_gradient(relu):
+  x, g = _inputs((3, 5, 7, 48))
+  offset = jnp.linspace(-2.0, 2.0, 48)
+  y, vjp = jax.vjp(lambda x, o: norm_lib.batch_norm_relu_onednn(x, 1e-5, relu, o), x, offset)
+  np.testing.assert_allclose(y, numpy_batch_norm(x, 1e-5, relu, offset), rtol=1e-5, atol=2e-6)
+  dx, doffset = vjp(g)
+  expected_dx, expected_doffset = _numpy_gradients(x, g, 1e-5, relu, offset)
+  np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(doffset, expected_doffset, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_maps_where_the_cpu_has_bfloat16_arithmetic():
+  """bfloat16 in and out, float32 inside: each output is the float64 definition at the same
+  (bfloat16) inputs, offset included, rounded once (to 2^-8 of its size); elsewhere (AVX2)
+  oneDNN would emulate it, so such maps are refused (the module keeps them to the pure-JAX
+  path)."""
+  x, g = _inputs((4, 6, 6, 32))
+  x, g = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  offset = jnp.linspace(-1.0, 1.0, 32)
+  if not onednn.load().bf16_native:
+    assert not norm_lib.supports(x)
+    with pytest.raises(ValueError, match="bfloat16 where the CPU has bfloat16 arithmetic"):
+      norm_lib.batch_norm_relu_onednn(x, 1e-5, True, offset)
+    return
+  assert norm_lib.supports(x)
+  y, vjp = jax.vjp(lambda x, o: norm_lib.batch_norm_relu_onednn(x, 1e-5, True, o), x, offset)
+  dx, doffset = vjp(g)
+  assert (y.dtype, dx.dtype, doffset.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  expected_dx, expected_doffset = _numpy_gradients(x, g, 1e-5, True, offset)
+  for got, expected in ((y, numpy_batch_norm(x, 1e-5, True, offset)), (dx, expected_dx)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=2 ** -8, atol=1e-5)
+  np.testing.assert_allclose(doffset, expected_doffset, rtol=1e-5, atol=1e-4)
 
 
 def test_airbench_epsilon_and_a_constant_channel():
@@ -136,12 +176,43 @@ def test_the_module_matches_its_pure_jax_path(options):
   _assert_trees_close(results["onednn"], results["jax"], rtol=1e-4)
 
 
-def test_bfloat16_odd_channel_counts_and_population_statistics_keep_to_the_pure_jax_path():
+@pytest.mark.parametrize("options", [{"use_offset": True, "epsilon": 1e-12},
+                                     {"use_offset": True, "relu": True}])
+def test_the_bfloat16_module_matches_its_pure_jax_path(options):
+  """airbench's bfloat16 BatchNorm (offset, then its activation) through oneDNN where the CPU has
+  bfloat16 arithmetic: output and gradients within a rounding (2^-8) of the "jax" path's, which
+  also computes in float32 and rounds once."""
+  x, g = _inputs((6, 5, 5, 32))
+  x, g = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  modules = {name: layers.BatchNorm(implementation=name, **options) for name in ("jax", "onednn")}
+  params = modules["jax"].init(jax.random.key(0), x)
+  params = jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2),
+                                                                         p.shape), params)
+  results = {}
+  for name, module in modules.items():
+    y, vjp = jax.vjp(lambda params, x: module.apply(params, x), params, x)
+    results[name] = (y, *vjp(g))
+    _assert_runs_onednn(lambda x: module.apply(params, x), x,
+                        name == "onednn" and onednn.load().bf16_native)
+  for mine, reference in zip(jax.tree_util.tree_leaves(results["onednn"]),
+                             jax.tree_util.tree_leaves(results["jax"]), strict=True):
+    assert mine.dtype == reference.dtype
+    np.testing.assert_allclose(np.asarray(mine, np.float64), np.asarray(reference, np.float64),
+                               rtol=2 ** -8, atol=1e-3)
+
+
+def test_odd_channel_counts_scaled_bfloat16_and_population_statistics_keep_to_the_pure_jax_path():
   x, _ = _inputs((4, 5, 5, 16))
   module = layers.BatchNorm(implementation="onednn", relu=True)
-  for maps in (x.astype(jnp.bfloat16), x[..., :4], x[..., :8]):
-    jaxpr = str(jax.make_jaxpr(lambda x: module.apply({}, x))(maps))
-    assert "convnet_onednn_batch_norm" not in jaxpr, maps.shape
+  for maps in (x[..., :4], x[..., :8]):
+    _assert_runs_onednn(lambda x: module.apply({}, x), maps, False)
+  # bfloat16 maps run in oneDNN where it has bfloat16 arithmetic, unless a scale follows (it
+  # would come after oneDNN's rounding).
+  maps = x.astype(jnp.bfloat16)
+  _assert_runs_onednn(lambda x: module.apply({}, x), maps, onednn.load().bf16_native)
+  scaled = layers.BatchNorm(implementation="onednn", use_scale_and_offset=True)
+  params = scaled.init(jax.random.key(0), maps)
+  _assert_runs_onednn(lambda x: scaled.apply(params, x), maps, False)
   with pytest.raises(ValueError, match="multiple of 16 channels"):
     norm_lib.batch_norm_relu_onednn(x[..., :4], 1e-5, False)
   population = {layers.POPULATION: {"mean": jnp.full((16,), 1.5),

@@ -210,6 +210,25 @@ def test_batch_norm_gradient_matches_finite_differences():
   np.testing.assert_allclose(np.asarray(got).reshape(-1), expected, atol=2e-4)
 
 
+def test_bfloat16_batch_norm_gives_the_float64_gradient_rounded_once():
+  """A bfloat16 BatchNorm computes in float32: its gradient is the float64 formula's at the same
+  (bfloat16) values, rounded once."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(1.0, 2.0, size=(3, 2, 2, 2)), jnp.bfloat16)
+  r = rng.normal(size=x.shape)
+  loss = lambda v: jnp.sum(models.batch_norm(v).astype(jnp.float32) * jnp.asarray(r, jnp.float32))
+  x64 = np.asarray(x, np.float64)
+  numpy_loss = lambda v: np.sum(numpy_batch_norm(v) * r)
+  step = 1e-6
+  expected = np.array([(numpy_loss(x64 + e) - numpy_loss(x64 - e)) / (2 * step)
+                       for e in np.eye(x64.size).reshape(-1, *x64.shape) * step])
+  got = jax.grad(loss)(x)
+  assert got.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 significant bits: the float32 gradient rounded once, to 2^-8 relative.
+  np.testing.assert_allclose(np.asarray(got, np.float64).reshape(-1), expected.reshape(-1),
+                             rtol=2 ** -8, atol=2e-3)
+
+
 def test_max_pool_gradient_splits_ties_equally():
   """Each 2x2 window passes its gradient to the position of its maximum, split equally between
   tied maxima (jnp.max's rule), written out window by window."""

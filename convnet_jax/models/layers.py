@@ -92,10 +92,11 @@ class BatchNorm(nn.Module):
   offset (`use_scale_and_offset`, init 1 and 0) or a learnable offset alone (`use_offset`, the
   scale fixed at 1, as airbench has it), and a ReLU after it all (`relu`).
 
-  `implementation` "onednn" normalises float32 maps of a multiple of 16 channels with oneDNN's
-  primitive (the ReLU in the same pass where there is no scale or offset between them); other
-  maps, a batch split over a data-parallel mesh and the statistics below run the pure-JAX path
-  ("jax"), which computes the same function.
+  `implementation` "onednn" normalises maps of a multiple of 16 channels with oneDNN's
+  primitive: float32 ones, and bfloat16 ones where the CPU has bfloat16 arithmetic and there is
+  no scale (the offset and the ReLU go in the same pass, before its one rounding; a scale would
+  come after it). Other maps, a batch split over a data-parallel mesh and the statistics below
+  run the pure-JAX path ("jax"), which computes the same function.
 
   After training only: with a mutable `BATCH_STATISTICS` collection it also records the batch's
   mean and (biased) variance; given a `POPULATION` collection it normalises with its "mean" and
@@ -109,38 +110,44 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    affine = self.use_scale_and_offset or self.use_offset
+    channels = x.shape[-1]
+    scale = offset = None
+    if self.use_scale_and_offset:
+      scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    if self.use_scale_and_offset or self.use_offset:
+      offset = self.param("offset", nn.initializers.zeros, (channels,), jnp.float32)
     # In float32 to the end, scale and offset included, then returned in the input's dtype:
     # one rounding in a bfloat16 run instead of one per operation.
     x32 = x.astype(jnp.float32)
-    fused_relu = False
-    if self.has_variable(POPULATION, "mean"):
-      mean = self.get_variable(POPULATION, "mean")
-      variance = self.get_variable(POPULATION, "variance")
-      y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
-    elif self._runs_onednn(x):
-      fused_relu = self.relu and not affine
-      y = norm_lib.batch_norm_relu_onednn(x, self.epsilon, fused_relu)
-    else:
-      y = _normalize(x32, self.epsilon)
     # (In `init` every collection is mutable: nothing is recorded there.)
     if self.is_mutable_collection(BATCH_STATISTICS) and not self.is_initializing():
       mean, variance = _mean_and_variance(x32)
       self.sow(BATCH_STATISTICS, "mean", mean)
       self.sow(BATCH_STATISTICS, "variance", variance)
-    channels = x.shape[-1]
-    if self.use_scale_and_offset:
-      y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    if affine:
-      y = y + self.param("offset", nn.initializers.zeros, (channels,), jnp.float32)
-    if self.relu and not fused_relu:
+    if self.has_variable(POPULATION, "mean"):
+      mean = self.get_variable(POPULATION, "mean")
+      variance = self.get_variable(POPULATION, "variance")
+      y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+    elif self._runs_onednn(x):
+      if scale is None:
+        # The offset and the ReLU in oneDNN's pass, before its one rounding.
+        return norm_lib.batch_norm_relu_onednn(x, self.epsilon, self.relu, offset)
+      y = norm_lib.batch_norm_relu_onednn(x, self.epsilon, relu=False)
+    else:
+      y = _normalize(x32, self.epsilon)
+    if scale is not None:
+      y = y * scale
+    if offset is not None:
+      y = y + offset
+    if self.relu:
       y = nn.relu(y)
     return y.astype(x.dtype)
 
   def _runs_onednn(self, x: jax.Array) -> bool:
-    # Float32 maps of a multiple of 16 channels on one device only (see `ops.batch_norm`);
-    # `init` needs no custom call.
+    # Maps `ops.batch_norm` takes (float32, or bfloat16 without a scale: see above), on one
+    # device only; `init` needs no custom call.
     return (self.implementation == "onednn" and norm_lib.supports(x)
+            and (x.dtype == jnp.float32 or not self.use_scale_and_offset)
             and not self.is_initializing() and conv_lib.split_mesh(x.shape[0]) is None)
 
 

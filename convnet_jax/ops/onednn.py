@@ -109,22 +109,25 @@ def load() -> Status:
   library.convnet_onednn_conv_implementation.argtypes = [ctypes.c_int64] * 10
   library.convnet_onednn_batch_norm_workspace_bytes.restype = ctypes.c_int64
   library.convnet_onednn_batch_norm_workspace_bytes.argtypes = (
-      [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64])
+      [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_int64] * 3)
   return Status(True, f"oneDNN {library.convnet_onednn_version().decode()}",
                 bool(library.convnet_onednn_bf16_native()), library)
 
 
-def batch_norm_workspace_bytes(shape: tuple[int, int, int, int], epsilon: float,
-                               relu: bool) -> int:
-  """Bytes of the workspace oneDNN's float32 batch normalisation of an NHWC `shape` keeps for
-  its backward pass (the fused ReLU's mask; 0 without it). Raises RuntimeError where the
-  extension is not loaded or oneDNN refuses the shape."""
+def batch_norm_workspace_bytes(shape: tuple[int, int, int, int], epsilon: float, relu: bool,
+                               offset: bool = False, bfloat16: bool = False) -> int:
+  """Bytes of the workspace oneDNN's batch normalisation of an NHWC `shape` (bfloat16 maps where
+  `bfloat16`, else float32; with a learnt `offset` or not) keeps for its backward pass (the fused
+  ReLU's mask; 0 without it). Raises RuntimeError where the extension is not loaded or oneDNN
+  refuses the shape."""
   status = load()
   if status.library is None:
     raise RuntimeError(f"the oneDNN extension is not available: {status.detail}")
-  size = status.library.convnet_onednn_batch_norm_workspace_bytes(*shape, epsilon, int(relu))
+  size = status.library.convnet_onednn_batch_norm_workspace_bytes(
+      *shape, epsilon, int(relu), int(offset), int(bfloat16))
   if size < 0:
-    raise RuntimeError(f"oneDNN has no batch normalisation for float32 NHWC {shape}")
+    dtype = "bfloat16" if bfloat16 else "float32"
+    raise RuntimeError(f"oneDNN has no batch normalisation for {dtype} NHWC {shape}")
   return size
 
 

@@ -15,7 +15,8 @@
 // CPUs (`prefers_gemm_backward_weights`).
 // Every operand of a call is float32, or every one bfloat16 (oneDNN accumulates bfloat16 in
 // float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively. The batch
-// normalisations (below the convolutions) take float32 only.
+// normalisations (below the convolutions) take float32 or bfloat16 maps, with float32
+// statistics and offset.
 //
 // Primitives are built once per (pass, shape, stride, paddings) and kept in a mutex-guarded cache; each
 // executing thread has its own stream and its own scratch buffers (scratchpad and reordered
@@ -381,17 +382,24 @@ ffi::Error ConvBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
 }
 
 // ---------------------------------------------------------------------------------------------
-// Batch normalisation with the statistics of the batch (no scale or shift: the trainer adds
-// those in XLA), optionally followed by a ReLU in the same pass (oneDNN's fuse_norm_relu):
-//   convnet_onednn_batch_norm_forward   x[N,H,W,C] -> y[N,H,W,C], mean[C], variance[C],
-//                                       workspace[bytes] (the ReLU's mask; 1 byte unused without)
-//   convnet_onednn_batch_norm_backward  x, mean, variance, dy, workspace -> dx
-// float32 only; the variance is the biased one (divided by N*H*W), as the trainer's own.
+// Batch normalisation with the statistics of the batch, optionally plus a per-channel offset
+// (oneDNN's use_shift: airbench's learnt offset, added before the single rounding of a bfloat16
+// map; a scale the trainer multiplies in XLA) and a ReLU after it all in the same pass
+// (fuse_norm_relu):
+//   convnet_onednn_batch_norm_forward   x[N,H,W,C], offset[C] -> y[N,H,W,C], mean[C],
+//                                       variance[C], workspace[bytes] (the ReLU's mask; 1 byte
+//                                       unused without)
+//   convnet_onednn_batch_norm_backward  x, mean, variance, dy, workspace -> dx, doffset[C]
+// x, y, dy and dx are all float32 or all bfloat16 (computed in float32, rounded once); the
+// statistics and the offset are float32, the offset read (and its gradient written) only with
+// `offset` set; the variance is the biased one (divided by N*H*W), as the trainer's own.
 
 struct NormShape {
   int64_t n, h, w, c;
   float epsilon;
   bool relu;
+  bool offset;
+  memory::data_type type = memory::data_type::f32;
 };
 
 struct PreparedNorm {
@@ -403,16 +411,18 @@ struct PreparedNorm {
 
 PreparedNorm prepare_norm(const NormShape& s) {
   PreparedNorm p;
-  p.data = memory::desc({s.n, s.c, s.h, s.w}, memory::data_type::f32, tag::nhwc);
+  p.data = memory::desc({s.n, s.c, s.h, s.w}, s.type, tag::nhwc);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  const auto flags = s.relu ? dnnl::normalization_flags::fuse_norm_relu
-                            : dnnl::normalization_flags::none;
+  auto flags = dnnl::normalization_flags::none;
+  if (s.relu) flags |= dnnl::normalization_flags::fuse_norm_relu;
+  if (s.offset) flags |= dnnl::normalization_flags::use_shift;
   auto forward = dnnl::batch_normalization_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_training, p.data, p.data, s.epsilon, flags, attr);
+  // With an offset, `backward` also gives its gradient; `backward_data` gives dx alone.
   auto backward = dnnl::batch_normalization_backward::primitive_desc(
-      cpu_engine(), dnnl::prop_kind::backward_data, p.data, p.data, p.data, s.epsilon, flags,
-      forward, attr);
+      cpu_engine(), s.offset ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data,
+      p.data, p.data, p.data, s.epsilon, flags, forward, attr);
   p.forward = dnnl::batch_normalization_forward(forward);
   p.backward = dnnl::batch_normalization_backward(backward);
   p.statistics = forward.mean_desc();
@@ -424,10 +434,11 @@ PreparedNorm prepare_norm(const NormShape& s) {
 
 const PreparedNorm& cached_norm(const NormShape& s) {
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 6>, std::unique_ptr<PreparedNorm>> cache;
+  static std::map<std::array<int64_t, 8>, std::unique_ptr<PreparedNorm>> cache;
   int32_t epsilon_bits;
   std::memcpy(&epsilon_bits, &s.epsilon, sizeof(epsilon_bits));
-  std::array<int64_t, 6> key = {s.n, s.h, s.w, s.c, epsilon_bits, s.relu};
+  std::array<int64_t, 8> key = {s.n,    s.h,      s.w, s.c, epsilon_bits, s.relu, s.offset,
+                                static_cast<int64_t>(s.type)};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
@@ -441,13 +452,18 @@ memory scratchpad_memory(ScratchBuffer& buffer, size_t bytes) {
                 cpu_engine(), buffer.get(bytes ? bytes : 1));
 }
 
-ffi::Error norm_shape(const ffi::AnyBuffer& x, float epsilon, int64_t relu, NormShape* s) {
+ffi::Error norm_shape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& other, float epsilon,
+                      int64_t relu, int64_t offset, NormShape* s) {
   auto d = x.dimensions();
-  if (d.size() != 4 || x.element_type() != ffi::DataType::F32) {
+  if (d.size() != 4 || other.element_type() != x.element_type() ||
+      (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "convnet_onednn_batch_norm: expected 4-D float32 NHWC activations");
+                      "convnet_onednn_batch_norm: expected 4-D NHWC activations and gradients, "
+                      "all float32 or all bfloat16");
   }
-  *s = NormShape{d[0], d[1], d[2], d[3], epsilon, relu != 0};
+  *s = NormShape{d[0], d[1], d[2], d[3], epsilon, relu != 0, offset != 0,
+                 x.element_type() == ffi::DataType::BF16 ? memory::data_type::bf16
+                                                         : memory::data_type::f32};
   if (s->n < 1 || s->h < 1 || s->w < 1 || s->c < 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "convnet_onednn_batch_norm: expected non-empty NHWC activations");
@@ -455,11 +471,13 @@ ffi::Error norm_shape(const ffi::AnyBuffer& x, float epsilon, int64_t relu, Norm
   return ffi::Error::Success();
 }
 
-ffi::Error BatchNormForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
-                            ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> variance,
-                            ffi::Result<ffi::AnyBuffer> workspace, float epsilon, int64_t relu) {
+ffi::Error BatchNormForward(ffi::AnyBuffer x, ffi::AnyBuffer offset,
+                            ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> mean,
+                            ffi::Result<ffi::AnyBuffer> variance,
+                            ffi::Result<ffi::AnyBuffer> workspace, float epsilon, int64_t relu,
+                            int64_t use_offset) {
   NormShape s;
-  if (ffi::Error e = norm_shape(x, epsilon, relu, &s); e.failure()) return e;
+  if (ffi::Error e = norm_shape(x, *y, epsilon, relu, use_offset, &s); e.failure()) return e;
   return guarded("convnet_onednn_batch_norm", [&] {
     BusyScope busy(Clock::kBatchNorm);
     const PreparedNorm& p = cached_norm(s);
@@ -471,6 +489,7 @@ ffi::Error BatchNormForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
         {DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_MEAN, m}, {DNNL_ARG_VARIANCE, v},
         {DNNL_ARG_SCRATCHPAD, scratchpad_memory(r.scratchpad, p.forward_scratchpad)}};
     if (s.relu) args.emplace(DNNL_ARG_WORKSPACE, memory(p.workspace, eng, workspace->untyped_data()));
+    if (s.offset) args.emplace(DNNL_ARG_SHIFT, memory(p.statistics, eng, offset.untyped_data()));
     p.forward.execute(r.stream, args);
     r.stream.wait();
   });
@@ -478,9 +497,10 @@ ffi::Error BatchNormForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
 
 ffi::Error BatchNormBackward(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer variance,
                              ffi::AnyBuffer dy, ffi::AnyBuffer workspace,
-                             ffi::Result<ffi::AnyBuffer> dx, float epsilon, int64_t relu) {
+                             ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> doffset,
+                             float epsilon, int64_t relu, int64_t use_offset) {
   NormShape s;
-  if (ffi::Error e = norm_shape(x, epsilon, relu, &s); e.failure()) return e;
+  if (ffi::Error e = norm_shape(x, dy, epsilon, relu, use_offset, &s); e.failure()) return e;
   return guarded("convnet_onednn_batch_norm", [&] {
     BusyScope busy(Clock::kBatchNorm);
     const PreparedNorm& p = cached_norm(s);
@@ -494,6 +514,9 @@ ffi::Error BatchNormBackward(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuff
         {DNNL_ARG_DIFF_SRC, memory(p.data, eng, dx->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, scratchpad_memory(r.scratchpad, p.backward_scratchpad)}};
     if (s.relu) args.emplace(DNNL_ARG_WORKSPACE, memory(p.workspace, eng, workspace.untyped_data()));
+    if (s.offset) {
+      args.emplace(DNNL_ARG_DIFF_SHIFT, memory(p.statistics, eng, doffset->untyped_data()));
+    }
     p.backward.execute(r.stream, args);
     r.stream.wait();
   });
@@ -513,12 +536,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_conv_backward_weights, ConvBackward
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_batch_norm_forward, BatchNormForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("offset"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_batch_norm_backward, BatchNormBackward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -527,17 +552,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(convnet_onednn_batch_norm_backward, BatchNormBackw
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("epsilon")
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("offset"));
 
-// Bytes of the workspace a float32 batch normalisation of this NHWC shape keeps for its
-// backward pass (the fused ReLU's mask), 0 without the ReLU, or -1 where oneDNN refuses it.
+// Bytes of the workspace a batch normalisation of this NHWC shape (`bfloat16` maps, else
+// float32) keeps for its backward pass (the fused ReLU's mask), 0 without the ReLU, or -1 where
+// oneDNN refuses it.
 extern "C" int64_t convnet_onednn_batch_norm_workspace_bytes(int64_t n, int64_t h, int64_t w,
                                                              int64_t c, float epsilon,
-                                                             int64_t relu) {
+                                                             int64_t relu, int64_t offset,
+                                                             int64_t bfloat16) {
   try {
-    return static_cast<int64_t>(cached_norm(NormShape{n, h, w, c, epsilon, relu != 0})
-                                    .workspace.get_size());
+    const auto type = bfloat16 ? memory::data_type::bf16 : memory::data_type::f32;
+    return static_cast<int64_t>(
+        cached_norm(NormShape{n, h, w, c, epsilon, relu != 0, offset != 0, type})
+            .workspace.get_size());
   } catch (const std::exception&) {
     return -1;
   }
