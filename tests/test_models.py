@@ -25,6 +25,12 @@ def numpy_conv(x, w):
   return out
 
 
+def central_differences(loss, x, step=1e-6):
+  """The gradient of a float64 numpy `loss` at `x` by central differences, flattened."""
+  steps = np.eye(x.size).reshape(-1, *x.shape) * step
+  return np.array([(loss(x + e) - loss(x - e)) / (2 * step) for e in steps])
+
+
 def numpy_batch_norm(x, eps=1e-5):
   mean = x.mean(axis=(0, 1, 2))
   var = ((x - mean) ** 2).mean(axis=(0, 1, 2))  # biased
@@ -199,12 +205,7 @@ def test_batch_norm_gradient_matches_finite_differences():
   rng = np.random.default_rng(5)
   x = rng.normal(1.0, 2.0, size=(3, 2, 2, 2))
   r = rng.normal(size=x.shape)
-  loss = lambda x: np.sum(numpy_batch_norm(x) * r)
-  expected = np.zeros(x.size)
-  step = 1e-6
-  for k in range(x.size):
-    e = np.eye(x.size)[k].reshape(x.shape) * step
-    expected[k] = (loss(x + e) - loss(x - e)) / (2 * step)
+  expected = central_differences(lambda x: np.sum(numpy_batch_norm(x) * r), x)
   got = jax.grad(lambda x: jnp.sum(models.batch_norm(x) * jnp.asarray(r, jnp.float32)))(
       jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(np.asarray(got).reshape(-1), expected, atol=2e-4)
@@ -217,15 +218,12 @@ def test_bfloat16_batch_norm_gives_the_float64_gradient_rounded_once():
   x = jnp.asarray(rng.normal(1.0, 2.0, size=(3, 2, 2, 2)), jnp.bfloat16)
   r = rng.normal(size=x.shape)
   loss = lambda v: jnp.sum(models.batch_norm(v).astype(jnp.float32) * jnp.asarray(r, jnp.float32))
-  x64 = np.asarray(x, np.float64)
-  numpy_loss = lambda v: np.sum(numpy_batch_norm(v) * r)
-  step = 1e-6
-  expected = np.array([(numpy_loss(x64 + e) - numpy_loss(x64 - e)) / (2 * step)
-                       for e in np.eye(x64.size).reshape(-1, *x64.shape) * step])
+  expected = central_differences(lambda v: np.sum(numpy_batch_norm(v) * r),
+                                 np.asarray(x, np.float64))
   got = jax.grad(loss)(x)
   assert got.dtype == jnp.bfloat16
   # bfloat16 keeps 8 significant bits: the float32 gradient rounded once, to 2^-8 relative.
-  np.testing.assert_allclose(np.asarray(got, np.float64).reshape(-1), expected.reshape(-1),
+  np.testing.assert_allclose(np.asarray(got, np.float64).reshape(-1), expected,
                              rtol=2 ** -8, atol=2e-3)
 
 

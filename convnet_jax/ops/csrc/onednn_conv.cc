@@ -311,15 +311,16 @@ ffi::Error guarded_conv(const ConvShape& s, F&& body) {
   return guarded("convnet_onednn_conv", body);
 }
 
-// The oneDNN element type of an XLA buffer: float32 or bfloat16, else an error.
-ffi::Error element_type(ffi::DataType type, memory::data_type* out) {
+// The oneDNN element type of an XLA buffer: float32 or bfloat16, else an error whose message
+// starts with `name` (the handler family).
+ffi::Error element_type(ffi::DataType type, const char* name, memory::data_type* out) {
   if (type == ffi::DataType::F32) {
     *out = memory::data_type::f32;
   } else if (type == ffi::DataType::BF16) {
     *out = memory::data_type::bf16;
   } else {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "convnet_onednn_conv: expected float32 or bfloat16 operands");
+                      std::string(name) + ": expected float32 or bfloat16 operands");
   }
   return ffi::Error::Success();
 }
@@ -341,7 +342,7 @@ ffi::Error call_shape(const ffi::AnyBuffer& activations, const ffi::AnyBuffer& k
     }
   }
   *s = ConvShape{xd[0], xd[1], xd[2], xd[3], wd[3], wd[0], stride, padding_low, padding_high};
-  return element_type(activations.element_type(), &s->type);
+  return element_type(activations.element_type(), "convnet_onednn_conv", &s->type);
 }
 
 ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
@@ -437,7 +438,7 @@ const PreparedNorm& cached_norm(const NormShape& s) {
   static std::map<std::array<int64_t, 8>, std::unique_ptr<PreparedNorm>> cache;
   int32_t epsilon_bits;
   std::memcpy(&epsilon_bits, &s.epsilon, sizeof(epsilon_bits));
-  std::array<int64_t, 8> key = {s.n,    s.h,      s.w, s.c, epsilon_bits, s.relu, s.offset,
+  std::array<int64_t, 8> key = {s.n, s.h, s.w, s.c, epsilon_bits, s.relu, s.offset,
                                 static_cast<int64_t>(s.type)};
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
@@ -455,15 +456,16 @@ memory scratchpad_memory(ScratchBuffer& buffer, size_t bytes) {
 ffi::Error norm_shape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& other, float epsilon,
                       int64_t relu, int64_t offset, NormShape* s) {
   auto d = x.dimensions();
-  if (d.size() != 4 || other.element_type() != x.element_type() ||
-      (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)) {
+  if (d.size() != 4 || other.element_type() != x.element_type()) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "convnet_onednn_batch_norm: expected 4-D NHWC activations and gradients, "
-                      "all float32 or all bfloat16");
+                      "convnet_onednn_batch_norm: expected 4-D NHWC activations and gradients "
+                      "of one element type");
   }
-  *s = NormShape{d[0], d[1], d[2], d[3], epsilon, relu != 0, offset != 0,
-                 x.element_type() == ffi::DataType::BF16 ? memory::data_type::bf16
-                                                         : memory::data_type::f32};
+  *s = NormShape{d[0], d[1], d[2], d[3], epsilon, relu != 0, offset != 0};
+  if (ffi::Error e = element_type(x.element_type(), "convnet_onednn_batch_norm", &s->type);
+      e.failure()) {
+    return e;
+  }
   if (s->n < 1 || s->h < 1 || s->w < 1 || s->c < 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "convnet_onednn_batch_norm: expected non-empty NHWC activations");
