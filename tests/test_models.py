@@ -227,20 +227,37 @@ def test_bfloat16_batch_norm_gives_the_float64_gradient_rounded_once():
                              rtol=2 ** -8, atol=2e-3)
 
 
-def test_max_pool_gradient_splits_ties_equally():
-  """Each 2x2 window passes its gradient to the position of its maximum, split equally between
-  tied maxima (jnp.max's rule), written out window by window."""
+def _first_maximum_gradient(x, g):
+  """PyTorch's MaxPool2d(2) gradient, window by window: the whole of each window's gradient at
+  its first maximum in row-major order (numpy's argmax takes the first too)."""
+  expected = np.zeros_like(x)
+  for n, i, j, c in np.ndindex(g.shape):
+    window = x[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
+    row, column = np.unravel_index(np.argmax(window), (2, 2))
+    expected[n, 2 * i + row, 2 * j + column, c] = g[n, i, j, c]
+  return expected
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_gradient_goes_to_the_first_maximum_as_in_pytorch(dtype):
+  """Each 2x2 window passes its whole gradient to its first maximum: by hand on windows with
+  the maximum alone and tied at two, three and four positions, then on small integers (ties
+  everywhere, every position first somewhere)."""
   x = np.array([[1, 5, 2, 2], [3, 0, 2, 2], [7, 7, 0, 9], [7, 1, 9, 9]], np.float64)
   x = np.stack([x, -x], axis=-1)[None]  # (1, 4, 4, 2): a second channel with other maxima
   g = np.random.default_rng(6).normal(size=(1, 2, 2, 2))
-  expected = np.zeros_like(x)
-  for i in range(2):
-    for j in range(2):
-      for c in range(2):
-        window = x[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
-        ties = window == window.max()
-        expected[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c] = ties * g[0, i, j, c] / ties.sum()
-  pooled, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, jnp.float32))
-  np.testing.assert_array_equal(np.asarray(pooled[0, :, :, 0]), [[5, 2], [7, 9]])
-  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g, jnp.float32))[0]), expected,
-                             rtol=1e-6)
+  pooled, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, dtype))
+  np.testing.assert_array_equal(np.asarray(pooled[0, :, :, 0], np.float64), [[5, 2], [7, 9]])
+  got = np.asarray(vjp(jnp.asarray(g, dtype))[0], np.float64)
+  rounded_g = np.asarray(jnp.asarray(g, dtype), np.float64)
+  # Channel 0's windows: 5 alone at (0, 1); 2 at all four; 7 at three; 9 at three, from (0, 1).
+  assert [tuple(np.argwhere(got[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2, 0])[0])
+          for i in range(2) for j in range(2)] == [(0, 1), (0, 0), (0, 0), (0, 1)]
+  np.testing.assert_array_equal(got, _first_maximum_gradient(x, rounded_g))
+  rng = np.random.default_rng(7)
+  x = rng.integers(0, 3, size=(2, 6, 6, 3)).astype(np.float64)
+  g = rng.normal(size=(2, 3, 3, 3))
+  rounded_g = np.asarray(jnp.asarray(g, dtype), np.float64)
+  _, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, dtype))
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g, dtype))[0], np.float64),
+                                _first_maximum_gradient(x, rounded_g))

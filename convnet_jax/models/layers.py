@@ -224,15 +224,25 @@ def _max_pool_forward(x):
 
 
 def _max_pool_backward(residuals, output_gradient):
-  # jnp.max's own gradient: each window's gradient split equally between the positions that
-  # hold its maximum. The tie count comes from the four strided quarter-images (small, no
-  # reduction over the window axes, which XLA's CPU backend runs slowly) and the gradient is
-  # one elementwise pass over the input.
+  # PyTorch's rule (MaxPool2d): each window's whole gradient goes to its first maximum in
+  # row-major order. Written on the window layout so that XLA makes it one elementwise pass over
+  # the input: a position takes the gradient if it holds the maximum and no earlier position
+  # of its window does (the three earlier positions' tests are broadcasts, not a reduction).
+  # Splitting ties equally (jnp.max's rule) needs each window's tie count first: a second
+  # pass over the input, ~35% slower on a bfloat16 map of 1,536 x 30 x 30 x 64 on the CPU.
   x, y = residuals
-  ties = sum((x[:, i::2, j::2, :] == y).astype(y.dtype) for i in (0, 1) for j in (0, 1))
-  share = (output_gradient / ties)[:, :, None, :, None, :]
   windows = _windows(x)
-  gradient = jnp.where(windows == y[:, :, None, :, None, :], share, jnp.zeros_like(share))
+  is_max = windows == y[:, :, None, :, None, :]
+  first_row_first, first_row_second = is_max[:, :, :1, :, :1, :], is_max[:, :, :1, :, 1:, :]
+  second_row_first = is_max[:, :, 1:, :, :1, :]
+  row = jax.lax.broadcasted_iota(jnp.int32, windows.shape, 2)
+  column = jax.lax.broadcasted_iota(jnp.int32, windows.shape, 4)
+  earlier_max = jnp.where(
+      row == 0,
+      (column == 1) & first_row_first,
+      first_row_first | first_row_second | ((column == 1) & second_row_first))
+  gradient = output_gradient[:, :, None, :, None, :]
+  gradient = jnp.where(is_max & ~earlier_max, gradient, jnp.zeros_like(gradient))
   return (gradient.reshape(x.shape),)
 
 
