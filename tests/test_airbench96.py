@@ -10,7 +10,6 @@ import built
 import real_runs
 from configs import cifar10_airbench94
 from configs import cifar10_airbench95
-from configs import cifar10_airbench95_muon
 from configs import cifar10_airbench96
 from configs import cifar10_airbench96_faster
 from convnet_jax import models
@@ -156,8 +155,8 @@ def test_bad_values_of_the_new_keys_are_named(key, value, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config_module", [cifar10_airbench95, cifar10_airbench95_muon,
-                                           cifar10_airbench96, cifar10_airbench96_faster])
+@pytest.mark.parametrize("config_module", [cifar10_airbench95, cifar10_airbench96,
+                                           cifar10_airbench96_faster])
 def test_the_recipe_learns_on_real_cifar10(config_module, cifar10_dir, tmp_path):
   """Two epochs of 4 steps of the recipe at batch 500 on 2,000 real training images."""
   config = config_module.get_config()

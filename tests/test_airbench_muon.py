@@ -13,7 +13,6 @@ import pytest
 import real_runs
 from configs import cifar10_airbench94
 from configs import cifar10_airbench94_muon
-from configs import cifar10_airbench95_muon
 from conftest import DATA
 from convnet_jax import models
 from convnet_jax import optim
@@ -50,24 +49,6 @@ def test_the_recipe_is_airbench94_muons():
   assert (config.muon.learning_rate, config.muon.momentum, config.muon.nesterov) == (0.24, 0.6,
                                                                                      True)
   assert config.optim.label_smoothing == 0.2 and config.optim.loss_reduction == "sum"
-
-
-def test_the_muon_95_try_is_airbench95s_net_with_airbench94_muons_optimiser():
-  """configs/cifar10_airbench95_muon.py: airbench95.py's conv groups (128, 384, 384), the logits
-  divided by that head's width as airbench94_muon divides by its 256, 12 epochs (15 x 8 / 9.9,
-  rounded), and everything else airbench94_muon's."""
-  config = cifar10_airbench95_muon.get_config()
-  validation.validate_config(config)
-  assert tuple(config.model.airbench.widths) == (128, 384, 384)
-  assert config.model.airbench.output_scale == pytest.approx(1 / 384)
-  assert config.num_epochs == 12 and round(15 * 8 / 9.9) == 12
-  assert config.model.dtype == "auto"
-  # 2,000 images a step: 25 steps an epoch, 300 in all.
-  assert built.budget(config, 50_000 // config.batch_size).total_steps == 300
-  muon = cifar10_airbench94_muon.get_config()
-  config.model.airbench.widths, config.model.airbench.output_scale = (64, 256, 256), 1 / 256
-  config.num_epochs, config.model.dtype = 8, "bfloat16"
-  assert config == muon
 
 
 def test_muon_trains_the_group_kernels_and_sgd_the_rest():
