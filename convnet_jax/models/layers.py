@@ -196,7 +196,8 @@ def dirac_then_fan_in_uniform() -> nn.initializers.Initializer:
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 on NHWC; an odd last row or column is dropped (PyTorch's
-  `MaxPool2d(2)`: 31x31 -> 15x15).
+  `MaxPool2d(2)`: 31x31 -> 15x15). Its gradient is PyTorch's too: each window's to its first
+  maximum in row-major order, where `jnp.max` would split it between tied maxima.
 
   Written as a reshape and max rather than `nn.max_pool`: XLA's CPU gradient of `reduce_window`
   (select-and-scatter) is ~25x slower than the gradient of a plain reduction.
