@@ -243,21 +243,23 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_in_pytorch(dtype):
   """Each 2x2 window passes its whole gradient to its first maximum: by hand on windows with
   the maximum alone and tied at two, three and four positions, then on small integers (ties
   everywhere, every position first somewhere)."""
+
+  def gradient_and_expected(x, g):
+    _, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, dtype))
+    rounded_g = np.asarray(jnp.asarray(g, dtype), np.float64)
+    got = np.asarray(vjp(jnp.asarray(g, dtype))[0], np.float64)
+    return got, _first_maximum_gradient(x, rounded_g)
+
   x = np.array([[1, 5, 2, 2], [3, 0, 2, 2], [7, 7, 0, 9], [7, 1, 9, 9]], np.float64)
   x = np.stack([x, -x], axis=-1)[None]  # (1, 4, 4, 2): a second channel with other maxima
-  g = np.random.default_rng(6).normal(size=(1, 2, 2, 2))
-  pooled, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, dtype))
+  pooled = models.max_pool_2x2(jnp.asarray(x, dtype))
   np.testing.assert_array_equal(np.asarray(pooled[0, :, :, 0], np.float64), [[5, 2], [7, 9]])
-  got = np.asarray(vjp(jnp.asarray(g, dtype))[0], np.float64)
-  rounded_g = np.asarray(jnp.asarray(g, dtype), np.float64)
+  got, expected = gradient_and_expected(x, np.random.default_rng(6).normal(size=(1, 2, 2, 2)))
   # Channel 0's windows: 5 alone at (0, 1); 2 at all four; 7 at three; 9 at three, from (0, 1).
   assert [tuple(np.argwhere(got[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2, 0])[0])
           for i in range(2) for j in range(2)] == [(0, 1), (0, 0), (0, 0), (0, 1)]
-  np.testing.assert_array_equal(got, _first_maximum_gradient(x, rounded_g))
+  np.testing.assert_array_equal(got, expected)
   rng = np.random.default_rng(7)
-  x = rng.integers(0, 3, size=(2, 6, 6, 3)).astype(np.float64)
-  g = rng.normal(size=(2, 3, 3, 3))
-  rounded_g = np.asarray(jnp.asarray(g, dtype), np.float64)
-  _, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x, dtype))
-  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g, dtype))[0], np.float64),
-                                _first_maximum_gradient(x, rounded_g))
+  got, expected = gradient_and_expected(rng.integers(0, 3, size=(2, 6, 6, 3)).astype(np.float64),
+                                        rng.normal(size=(2, 3, 3, 3)))
+  np.testing.assert_array_equal(got, expected)
