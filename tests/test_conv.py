@@ -217,7 +217,8 @@ def _as_float64(values):
 @pytest.mark.parametrize("cin,cout,k,s,size,p", [
     (3, 16, 3, 1, 32, None), (64, 128, 3, 2, 16, None), (64, 128, 1, 2, 16, None),
     (128, 128, 3, 1, 8, None), (3, 24, 2, 1, 32, 0), (5, 6, 3, 2, 7, None),
-    (24, 64, 3, 1, 31, (1, 0)), (256, 256, 3, 1, 7, (1, 0))])
+    (24, 64, 3, 1, 31, (1, 0)), (256, 256, 3, 1, 7, (1, 0)), (256, 320, 3, 1, 7, None),
+    (320, 256, 3, 1, 3, None), (256, 256, 3, 1, 8, None)])
 def test_bfloat16_matches_the_exact_convolution_of_its_values_rounded_once(cin, cout, k, s, size,
                                                                            p):
   """bfloat16 in, bfloat16 out, sums in float32: each output, input gradient and kernel
@@ -324,6 +325,30 @@ def test_wide_kernel_gradients_run_onednns_gemm_implementation_on_avx2_cpus():
     assert "gemm" not in implementation(384, pass_name=pass_name)
   for channels in (128, 384):
     assert ("gemm" in implementation(channels)) == avx2_only
+
+
+def test_bfloat16_kernel_gradients_of_wide_layers_on_small_maps_run_on_patches_with_amx():
+  """On a CPU with AMX (the kernel's CPU flags), the bfloat16 kernel gradient of a stride-1 3x3
+  layer from 256 input channels with an output map of at most 7x7 runs as oneDNN's matrix
+  product on the patches; 255 channels, an 8x8 output, stride 2, float32 and the other passes
+  keep oneDNN's own convolution. Without AMX, oneDNN's own everywhere. (The values:
+  `test_bfloat16_matches_the_exact_convolution_of_its_values_rounded_once`.)"""
+  amx = "amx_bf16" in set(open("/proc/cpuinfo").read().split())
+
+  def implementation(channels, size, stride=1, bfloat16=True, pass_name="backward_weights",
+                     padding=(1, 1)):
+    return onednn.conv_implementation(pass_name, (2, size, size, channels), 3, 32, stride,
+                                      padding, bfloat16)
+
+  for channels, size, padding in ((256, 7, (1, 1)), (256, 7, (1, 0)), (384, 3, (1, 1)),
+                                  (512, 8, (1, 0))):
+    assert implementation(channels, size, padding=padding).startswith("patches+") == amx
+  assert not implementation(255, 7).startswith("patches+")
+  assert not implementation(256, 8).startswith("patches+")
+  assert not implementation(256, 7, stride=2).startswith("patches+")
+  assert not implementation(256, 7, bfloat16=False).startswith("patches+")
+  for pass_name in ("forward", "backward_data"):
+    assert not implementation(256, 7, pass_name=pass_name).startswith("patches+")
 
 
 @pytest.mark.parametrize("requested", ["auto", "onednn"])

@@ -106,7 +106,7 @@ def load() -> Status:
   for counter in (library.convnet_onednn_busy_nanoseconds, library.convnet_onednn_calls):
     counter.restype, counter.argtypes = ctypes.c_int64, [ctypes.c_int]
   library.convnet_onednn_conv_implementation.restype = ctypes.c_char_p
-  library.convnet_onednn_conv_implementation.argtypes = [ctypes.c_int64] * 10
+  library.convnet_onednn_conv_implementation.argtypes = [ctypes.c_int64] * 11
   library.convnet_onednn_batch_norm_workspace_bytes.restype = ctypes.c_int64
   library.convnet_onednn_batch_norm_workspace_bytes.argtypes = (
       [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_int64] * 3)
@@ -136,17 +136,21 @@ PASSES = ("forward", "backward_data", "backward_weights")
 
 def conv_implementation(pass_name: str, input_shape: tuple[int, int, int, int],
                         kernel_size: int, out_channels: int, stride: int = 1,
-                        padding: tuple[int, int] = (1, 1)) -> str:
+                        padding: tuple[int, int] = (1, 1), bfloat16: bool = False) -> str:
   """oneDNN's name for the implementation that runs `pass_name` (one of `PASSES`) of a
-  float32 convolution of an NHWC `input_shape` in this process ("brgconv:avx2"). Raises
-  RuntimeError where the extension is not loaded or oneDNN refuses the shape."""
+  convolution of an NHWC `input_shape` (bfloat16 operands where `bfloat16`, else float32) in
+  this process ("brgconv:avx2"; "patches+" and the matrix product's name where the kernel
+  gradient runs on the patches, see `onednn_conv.cc`). Raises RuntimeError where the extension
+  is not loaded or oneDNN refuses the shape."""
   status = load()
   if status.library is None:
     raise RuntimeError(f"the oneDNN extension is not available: {status.detail}")
   name = status.library.convnet_onednn_conv_implementation(
-      PASSES.index(pass_name), *input_shape, out_channels, kernel_size, stride, *padding)
+      PASSES.index(pass_name), *input_shape, out_channels, kernel_size, stride, *padding,
+      int(bfloat16))
   if name is None:
-    raise RuntimeError(f"oneDNN has no {pass_name} convolution for float32 NHWC {input_shape}, "
+    dtype = "bfloat16" if bfloat16 else "float32"
+    raise RuntimeError(f"oneDNN has no {pass_name} convolution for {dtype} NHWC {input_shape}, "
                        f"kernel {kernel_size}, {out_channels} outputs")
   return name.decode()
 

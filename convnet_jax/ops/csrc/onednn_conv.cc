@@ -12,7 +12,9 @@
 // XLA's row-major buffers are handed to oneDNN as they are (its `nhwc` and `hwio` tags); only the
 // small kernels are reordered into the blocked layout oneDNN picks for each primitive. Each pass
 // runs the implementation oneDNN lists first, except the kernel gradient of wide layers on AVX2
-// CPUs (`prefers_gemm_backward_weights`).
+// CPUs (`prefers_gemm_backward_weights`) and the bfloat16 kernel gradient of wide layers on small
+// maps on AMX CPUs, which runs as oneDNN's matrix product on the input's patches
+// (`prefers_patches_backward_weights`).
 // Every operand of a call is float32, or every one bfloat16 (oneDNN accumulates bfloat16 in
 // float32); `convnet_onednn_bf16_native` says whether this CPU runs bfloat16 natively. The batch
 // normalisations (below the convolutions) take float32 or bfloat16 maps, with float32
@@ -74,6 +76,15 @@ struct Prepared {
   dnnl::reorder weights_reorder;
   size_t scratchpad_bytes = 0;
   std::string implementation;  // oneDNN's name for it ("brgconv:avx2"), for `onednn.conv_implementation`
+  // The kernel gradient as one matrix product of the input's patches and the output gradient
+  // (`prefers_patches_backward_weights`): `primitive` is then the matmul, and these lay out the
+  // patches, a zero-padded copy of the input and, for each tap, its window copied into the
+  // tap's columns (im2col by oneDNN reorders).
+  bool patches = false;
+  memory::desc padded_interior, tap_window, tap_columns;
+  memory::desc patches_matrix, dst_matrix, kernel_matrix;  // the product's operands, as matrices
+  dnnl::reorder pad_reorder, tap_reorder;
+  size_t padded_bytes = 0, patches_bytes = 0;
 };
 
 struct Descs {
@@ -111,6 +122,48 @@ bool prefers_gemm_backward_weights(const ConvShape& s, const char* first) {
   return s.kernel > 1 && s.c >= 128 && std::strcmp(first, "jit:avx2") == 0;
 }
 
+// Whether a kernel gradient should run as patches times output gradient (`prepare_patches`) in
+// place of `first`, oneDNN's own: on AMX its direct kernel gradient (`brgconv_bwd_w`) ran the
+// 3x3 layers of small maps at 0.2-0.7 TFLOP/s against 2.0-2.3 for the forward pass, where its
+// matrix product on the patches ran 1.5-2 TFLOP/s (2-core Xeon, model 207; docs/speed.md).
+// Stride 1, bfloat16, from 256 input channels on output maps of at most 7x7.
+bool prefers_patches_backward_weights(const ConvShape& s, const char* first) {
+  return s.type == memory::data_type::bf16 && s.stride == 1 && s.kernel > 1 && s.c >= 256 &&
+         s.out_h() * s.out_w() <= 49 && std::strstr(first, "amx") != nullptr;
+}
+
+// The kernel gradient by patches: dw[KH*KW*C, K] = patches[M, KH*KW*C]^T dy[M, K], M = N*OH*OW,
+// a patch's columns tap by tap (row-major over the kernel) and channel within (HWIO's order).
+void prepare_patches(const ConvShape& s, Prepared* p) {
+  const int64_t taps = s.kernel * s.kernel, columns = taps * s.c, m = s.n * s.out_h() * s.out_w();
+  const int64_t padded_h = s.h + s.padding_low + s.padding_high;
+  const int64_t padded_w = s.w + s.padding_low + s.padding_high;
+  // Logical dims {N, C, H, W}; strides of an NHWC buffer of the padded size.
+  const memory::dims padded_strides = {padded_h * padded_w * s.c, 1, padded_w * s.c, s.c};
+  p->padded_interior = memory::desc({s.n, s.c, s.h, s.w}, s.type, padded_strides);
+  p->tap_window = memory::desc({s.n, s.c, s.out_h(), s.out_w()}, s.type, padded_strides);
+  p->tap_columns = memory::desc({s.n, s.c, s.out_h(), s.out_w()}, s.type,
+                                {s.out_h() * s.out_w() * columns, 1, s.out_w() * columns, columns});
+  p->pad_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), p->src, cpu_engine(),
+                                                               p->padded_interior));
+  p->tap_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), p->tap_window,
+                                                               cpu_engine(), p->tap_columns));
+  p->padded_bytes = p->padded_interior.get_size();
+  p->patches_bytes = static_cast<size_t>(m * columns) * memory::data_type_size(s.type);
+  // The patches read transposed (strides {1, columns}); dy and dw as they lie, row-major.
+  p->patches_matrix = memory::desc({columns, m}, s.type, {1, columns});
+  p->dst_matrix = memory::desc({m, s.k}, s.type, {s.k, 1});
+  p->kernel_matrix = memory::desc({columns, s.k}, s.type, {s.k, 1});
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto pd = dnnl::matmul::primitive_desc(cpu_engine(), p->patches_matrix, p->dst_matrix,
+                                         p->kernel_matrix, attr);
+  p->primitive = dnnl::matmul(pd);
+  p->implementation = std::string("patches+") + pd.impl_info_str();
+  p->scratchpad_bytes = pd.scratchpad_desc().get_size();
+  p->patches = true;
+}
+
 Prepared prepare(Pass pass, const ConvShape& s) {
   Descs d = make_descs(s);
   dnnl::primitive_attr attr;
@@ -142,6 +195,10 @@ Prepared prepare(Pass pass, const ConvShape& s) {
           d.strides, d.padding_low, d.padding_high, hint, attr);
     };
     auto pd = make();
+    if (prefers_patches_backward_weights(s, pd.impl_info_str())) {
+      prepare_patches(s, &p);
+      return p;
+    }
     if (prefers_gemm_backward_weights(s, pd.impl_info_str())) {
       // oneDNN lists its implementations best first; step on to its im2col + GEMM one, or back
       // to the first where this build has none.
@@ -201,7 +258,7 @@ struct ScratchBuffer {
 
 struct ThreadResources {
   dnnl::stream stream{cpu_engine()};
-  ScratchBuffer scratchpad, weights;
+  ScratchBuffer scratchpad, weights, padded, patches;
 };
 
 ThreadResources& thread_resources() {
@@ -248,6 +305,34 @@ struct BusyScope {
   ~BusyScope() { clock.stop(); }
 };
 
+// The kernel gradient by patches (`prepare_patches`) into `dw`: the input `x` into a zeroed
+// padded copy, each tap's window of that into the tap's columns of the patches, then the matrix
+// product with the output gradient `dy`.
+void run_patches(const Prepared& p, const ConvShape& s, ThreadResources& r, void* x, void* dy,
+                 void* dw, memory& scratchpad) {
+  dnnl::engine& eng = cpu_engine();
+  const size_t element = memory::data_type_size(s.type);
+  const int64_t padded_w = s.w + s.padding_low + s.padding_high;
+  char* padded = static_cast<char*>(r.padded.get(p.padded_bytes));
+  char* patches = static_cast<char*>(r.patches.get(p.patches_bytes));
+  std::memset(padded, 0, p.padded_bytes);
+  memory input(p.src, eng, x);
+  memory interior(p.padded_interior, eng,
+                  padded + (s.padding_low * padded_w + s.padding_low) * s.c * element);
+  p.pad_reorder.execute(r.stream, input, interior);
+  for (int64_t i = 0; i < s.kernel; ++i) {
+    for (int64_t j = 0; j < s.kernel; ++j) {
+      memory window(p.tap_window, eng, padded + (i * padded_w + j) * s.c * element);
+      memory columns(p.tap_columns, eng, patches + (i * s.kernel + j) * s.c * element);
+      p.tap_reorder.execute(r.stream, window, columns);
+    }
+  }
+  p.primitive.execute(r.stream, {{DNNL_ARG_SRC, memory(p.patches_matrix, eng, patches)},
+                                 {DNNL_ARG_WEIGHTS, memory(p.dst_matrix, eng, dy)},
+                                 {DNNL_ARG_DST, memory(p.kernel_matrix, eng, dw)},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
+}
+
 // Runs one pass. `x`, `w`, `y` are the (possibly unused) src, user-layout weights and dst
 // pointers: dy/dx take the place of y/x in the backward passes.
 void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
@@ -270,6 +355,8 @@ void run(Pass pass, const ConvShape& s, void* x, void* w, void* y) {
     if (p.needs_reorder) p.weights_reorder.execute(r.stream, user_weights, weights);
     p.primitive.execute(r.stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, weights},
                                    {DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (p.patches) {
+    run_patches(p, s, r, x, y, w, scratchpad);
   } else {
     p.primitive.execute(r.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst},
                                    {DNNL_ARG_DIFF_WEIGHTS, weights},
@@ -616,15 +703,17 @@ extern "C" const char* convnet_onednn_version() {
 }
 
 // oneDNN's name for the implementation that runs a pass (0: forward, 1: input gradient, 2:
-// kernel gradient) of a float32 convolution of this shape, as the handlers would run it
-// ("brgconv:avx2", "x64:gemm:jit"); null where oneDNN refuses the shape.
+// kernel gradient) of a convolution of this shape (bfloat16 operands where `bfloat16`, else
+// float32), as the handlers would run it ("brgconv:avx2", "x64:gemm:jit", or "patches+" and the
+// matrix product's name); null where oneDNN refuses the shape.
 extern "C" const char* convnet_onednn_conv_implementation(int64_t pass, int64_t n, int64_t h,
                                                           int64_t w, int64_t c, int64_t k,
                                                           int64_t kernel, int64_t stride,
                                                           int64_t padding_low,
-                                                          int64_t padding_high) {
+                                                          int64_t padding_high, int64_t bfloat16) {
   if (pass < 0 || pass > 2) return nullptr;
-  ConvShape s{n, h, w, c, k, kernel, stride, padding_low, padding_high};
+  ConvShape s{n, h, w, c, k, kernel, stride, padding_low, padding_high,
+              bfloat16 ? memory::data_type::bf16 : memory::data_type::f32};
   if (check_shape(s).failure()) return nullptr;
   try {
     return cached(static_cast<Pass>(pass), s).implementation.c_str();
