@@ -351,6 +351,25 @@ def test_bfloat16_kernel_gradients_of_wide_layers_on_small_maps_run_on_patches_w
     assert not implementation(256, 7, pass_name=pass_name).startswith("patches+")
 
 
+def test_bfloat16_kernel_gradients_of_several_layers_and_replicas_share_the_patch_buffers():
+  """Two layers of different sizes (7x7, then 3x3 reusing the larger buffers) under vmap over two
+  replicas, in one program: each kernel gradient is still its replica's exact one, rounded once
+  (on the patches path where the CPU has AMX, oneDNN's own elsewhere)."""
+  cases = [_case(256, 32, 3, 1, size, batch=2, seed=size) for size in (7, 3)]
+
+  def kernel_gradients(inputs):
+    return [jax.vjp(lambda w: conv.conv_onednn(x, w), w)[1](dy)[0] for x, w, dy in inputs]
+
+  replicated = [tuple(_bf16(np.stack([a, a[::-1] * 0.5])) for a in case) for case in cases]
+  got = jax.jit(jax.vmap(kernel_gradients))(replicated)
+  for (x, w, dy), g in zip(replicated, got):
+    for replica in range(2):
+      _, exact = numpy_conv_gradients(_as_float64(x[replica]), _as_float64(w[replica]), 1,
+                                      _as_float64(dy[replica]))
+      np.testing.assert_allclose(_as_float64(g[replica]), exact, rtol=BF16_ROUNDING * 1.01,
+                                 atol=1e-5 * np.max(np.abs(exact)))
+
+
 @pytest.mark.parametrize("requested", ["auto", "onednn"])
 def test_float16_falls_back_to_im2col_and_data_parallel_keeps_onednn(requested):
   choice = conv.choose_conv_implementation(requested, dtype="float16")
