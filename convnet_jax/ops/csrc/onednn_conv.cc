@@ -123,10 +123,12 @@ bool prefers_gemm_backward_weights(const ConvShape& s, const char* first) {
 }
 
 // Whether a kernel gradient should run as patches times output gradient (`prepare_patches`) in
-// place of `first`, oneDNN's own: on AMX its direct kernel gradient (`brgconv_bwd_w`) ran the
-// 3x3 layers of small maps at 0.2-0.7 TFLOP/s against 2.0-2.3 for the forward pass, where its
-// matrix product on the patches ran 1.5-2 TFLOP/s (2-core Xeon, model 207; docs/speed.md).
-// Stride 1, bfloat16, from 256 input channels on output maps of at most 7x7.
+// place of `first`, oneDNN's own: on AMX its direct kernel gradient (`brgconv_bwd_w`) ran
+// airbench's 384- and 512-channel 3x3 layers on 7x7 and 3x3 maps at 0.2-0.7 TFLOP/s, the
+// patches and oneDNN's AMX matrix product at 1.1-1.4 (1.6-7.5x faster; the speedrun's 256-channel
+// layers 1.04-3.9x), where from 128 channels on 15x15 maps its own was as fast (2-core Xeon,
+// model 207; docs/speed.md). Stride 1, bfloat16, from 256 input channels on output maps of at
+// most 7x7.
 bool prefers_patches_backward_weights(const ConvShape& s, const char* first) {
   return s.type == memory::data_type::bf16 && s.stride == 1 && s.kernel > 1 && s.c >= 256 &&
          s.out_h() * s.out_w() <= 49 && std::strstr(first, "amx") != nullptr;
