@@ -82,9 +82,9 @@ struct Prepared {
   // tap's columns (im2col by oneDNN reorders).
   bool patches = false;
   memory::desc padded_interior, tap_window, tap_columns;
-  memory::desc patches_matrix, dst_matrix, kernel_matrix;  // the product's operands, as matrices
+  // The product's operands as matrices: patches^T (read transposed), dy, dw.
+  memory::desc patches_matrix, output_gradient_matrix, kernel_matrix;
   dnnl::reorder pad_reorder, tap_reorder;
-  size_t padded_bytes = 0, patches_bytes = 0;
 };
 
 struct Descs {
@@ -150,16 +150,14 @@ void prepare_patches(const ConvShape& s, Prepared* p) {
                                                                p->padded_interior));
   p->tap_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), p->tap_window,
                                                                cpu_engine(), p->tap_columns));
-  p->padded_bytes = p->padded_interior.get_size();
-  p->patches_bytes = static_cast<size_t>(m * columns) * memory::data_type_size(s.type);
   // The patches read transposed (strides {1, columns}); dy and dw as they lie, row-major.
   p->patches_matrix = memory::desc({columns, m}, s.type, {1, columns});
-  p->dst_matrix = memory::desc({m, s.k}, s.type, {s.k, 1});
+  p->output_gradient_matrix = memory::desc({m, s.k}, s.type, {s.k, 1});
   p->kernel_matrix = memory::desc({columns, s.k}, s.type, {s.k, 1});
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  auto pd = dnnl::matmul::primitive_desc(cpu_engine(), p->patches_matrix, p->dst_matrix,
-                                         p->kernel_matrix, attr);
+  auto pd = dnnl::matmul::primitive_desc(cpu_engine(), p->patches_matrix,
+                                         p->output_gradient_matrix, p->kernel_matrix, attr);
   p->primitive = dnnl::matmul(pd);
   p->implementation = std::string("patches+") + pd.impl_info_str();
   p->scratchpad_bytes = pd.scratchpad_desc().get_size();
@@ -315,9 +313,11 @@ void run_patches(const Prepared& p, const ConvShape& s, ThreadResources& r, void
   dnnl::engine& eng = cpu_engine();
   const size_t element = memory::data_type_size(s.type);
   const int64_t padded_w = s.w + s.padding_low + s.padding_high;
-  char* padded = static_cast<char*>(r.padded.get(p.padded_bytes));
-  char* patches = static_cast<char*>(r.patches.get(p.patches_bytes));
-  std::memset(padded, 0, p.padded_bytes);
+  // The padded copy's size is that of its interior's descriptor (the strides span the padding).
+  const size_t padded_bytes = p.padded_interior.get_size();
+  char* padded = static_cast<char*>(r.padded.get(padded_bytes));
+  char* patches = static_cast<char*>(r.patches.get(p.patches_matrix.get_size()));
+  std::memset(padded, 0, padded_bytes);
   memory input(p.src, eng, x);
   memory interior(p.padded_interior, eng,
                   padded + (s.padding_low * padded_w + s.padding_low) * s.c * element);
@@ -330,7 +330,7 @@ void run_patches(const Prepared& p, const ConvShape& s, ThreadResources& r, void
     }
   }
   p.primitive.execute(r.stream, {{DNNL_ARG_SRC, memory(p.patches_matrix, eng, patches)},
-                                 {DNNL_ARG_WEIGHTS, memory(p.dst_matrix, eng, dy)},
+                                 {DNNL_ARG_WEIGHTS, memory(p.output_gradient_matrix, eng, dy)},
                                  {DNNL_ARG_DST, memory(p.kernel_matrix, eng, dw)},
                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
 }
