@@ -226,6 +226,12 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128
   config.eval.test_time_augmentation = "none"
+  # What BatchNorm normalises each test batch with: "batch", its own statistics (the
+  # specification's BatchNorm, as in training); "population", precise BatchNorm statistics of
+  # the first <= 10,000 un-augmented training images; "augmented", of those images augmented as
+  # in training (airbench96's evaluation: its cutout moves the statistics training learnt for).
+  # Computed in each evaluation from the parameters alone (`steps.population_statistics`).
+  config.eval.batch_norm_statistics = "batch"
 
   # How a run is operated, not what it computes: a workdir may be resumed with other values
   # here (e.g. on a machine with more devices). Everything outside this group and `benchmark`

@@ -1,11 +1,12 @@
 """`python -m convnet_jax.evaluate --workdir W [--data PATH]`: a trained run's accuracy as one
 JSON line (`trained.TrainedModel.evaluate`).
 
-By default on the run's own test set, in its evaluation batch size, with each batch's own
-BatchNorm statistics: the run's last recorded accuracy, to the digit. `--data` evaluates another
-labelled set: a folder in CIFAR-10's binary layout (its test_batch.bin), one binary batch file,
-or a numpy .npz of `images` (uint8, N x 32 x 32 x 3) and `labels` (CIFAR-10 class numbers 0-9),
-keeping the classes the run trained on, as its own test set does.
+By default on the run's own test set, in its evaluation batch size, with the BatchNorm
+statistics it evaluated with (`eval.batch_norm_statistics`): the run's last recorded accuracy.
+`--data` evaluates another labelled set: a folder in CIFAR-10's binary layout (its
+test_batch.bin), one binary batch file, or a numpy .npz of `images` (uint8, N x 32 x 32 x 3)
+and `labels` (CIFAR-10 class numbers 0-9), keeping the classes the run trained on, as its own
+test set does.
 """
 
 # First, before JAX and the rest are imported: the restart that sets the C allocator
@@ -28,9 +29,11 @@ flags.DEFINE_string("workdir", None, "The run's folder (--workdir of convnet_jax
 flags.mark_flags_as_required(["workdir"])
 flags.DEFINE_string("data", None, "Another labelled set: a CIFAR-10 binary folder or file, or an "
                     ".npz of images and labels (default: the run's test set).")
-flags.DEFINE_enum("batch_norm_statistics", "batch", ["batch", "population"],
-                  "BatchNorm's statistics: each batch's own (as in training) or the population "
-                  "statistics of the training images (computed once, kept in the workdir).")
+flags.DEFINE_enum("batch_norm_statistics", None, ["batch", "population", "augmented"],
+                  "BatchNorm's statistics: each batch's own (as in training) or precise "
+                  "statistics of the training images, as they are or augmented as in training "
+                  "(computed once, kept in the workdir); default: the run's "
+                  "eval.batch_norm_statistics.")
 flags.DEFINE_integer("batch_size", None, "Evaluation batch size (default: the run's "
                      "eval.batch_size).")
 flags.DEFINE_string("test_time_augmentation", None, "none, mirror or mirror_translate "
@@ -55,7 +58,9 @@ def main(argv):
   source = FLAGS.data or "the run's test set"
   print(json.dumps({"workdir": str(model.workdir), "step": model.step,
                     "epochs": len(model.history), "data": source,
-                    "batch_norm_statistics": FLAGS.batch_norm_statistics, **record}),
+                    "batch_norm_statistics": (FLAGS.batch_norm_statistics
+                                              or model.config.eval.batch_norm_statistics),
+                    **record}),
         flush=True)
 
 

@@ -2,9 +2,10 @@
 per image with the class name and its probability (`trained.TrainedModel.predict`).
 
 IMAGES are 32x32 RGB image files (PNG, JPEG: anything Pillow reads) or numpy .npz files of
-uint8 `images` (N x 32 x 32 x 3). BatchNorm normalises with the population statistics of the
-training images by default (computed once, kept in the workdir): a handful of images normalised
-by their own statistics would not get the model's predictions.
+uint8 `images` (N x 32 x 32 x 3). BatchNorm normalises with precise statistics of the
+training images by default (the run's `eval.batch_norm_statistics` where it names them, else
+"population"; computed once, kept in the workdir): a handful of images normalised by their own
+statistics would not get the model's predictions.
 """
 
 # First, before JAX and the rest are imported: the restart that sets the C allocator
@@ -25,10 +26,12 @@ from convnet_jax.runs import cli
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run's folder (--workdir of convnet_jax.main).")
 flags.mark_flags_as_required(["workdir"])
-flags.DEFINE_enum("batch_norm_statistics", "population", ["batch", "population"],
-                  "BatchNorm's statistics: the population statistics of the training images, "
-                  "or each batch's own (as in training; refused for fewer images than the "
-                  "minimum, whose predictions would not be the model's).")
+flags.DEFINE_enum("batch_norm_statistics", None, ["batch", "population", "augmented"],
+                  "BatchNorm's statistics: precise statistics of the training images, as they "
+                  "are or augmented as in training (default: the run's eval."
+                  "batch_norm_statistics, or population where that is batch), or each batch's "
+                  "own (as in training; refused for fewer images than the minimum, whose "
+                  "predictions would not be the model's).")
 flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's eval.batch_size).")
 flags.DEFINE_string("test_time_augmentation", "none", "none, mirror or mirror_translate.")
 flags.DEFINE_string("data_dir", None, "Where the run's CIFAR-10 binary files are now, if not "

@@ -47,11 +47,14 @@ class ProgramOptions:
   over the mesh when the programs are built), the evaluation's batch size, and whether the
   state stacks replicas trained together (`vmap`); `first_evaluation`: the test-time
   augmentation of the run's first evaluation, whose program is compiled with the training
-  program (so that a bad evaluation batch fails before training)."""
+  program (so that a bad evaluation batch fails before training); `eval_population`: the
+  evaluation normalises with precise BatchNorm statistics from the training images
+  (`steps.population_statistics`), None: with each test batch's own."""
   epoch: steps_lib.EpochOptions
   eval_batch_size: int
   replicated: bool = False
   first_evaluation: str = "none"
+  eval_population: steps_lib.PopulationOptions | None = None
 
 
 def put_data(data: input_pipeline.Dataset, mesh) -> DeviceData:
@@ -83,7 +86,8 @@ def jitted_evaluate(options: ProgramOptions, apply_fn: Callable, mesh,
   run = functools.partial(steps_lib.evaluate, apply_fn=apply_fn,
                           batch_size=options.eval_batch_size,
                           batch_sharding=data_parallel.split_sharding(mesh),
-                          test_time_augmentation=test_time_augmentation)
+                          test_time_augmentation=test_time_augmentation,
+                          population=options.eval_population)
   if options.replicated:
     run = jax.vmap(run, in_axes=(0, None))
   return jax.jit(run, out_shardings=data_parallel.mirrored_sharding(mesh))

@@ -22,6 +22,7 @@ from flax.training import train_state as flax_train_state
 
 from convnet_jax import optim
 from convnet_jax.data import input_pipeline
+from convnet_jax.models import layers
 from convnet_jax.data import tta
 from convnet_jax.parallel import data_parallel
 
@@ -441,13 +442,112 @@ def batch_sizes(num_examples: int, batch_size: int, num_steps: int,
   return np.array([kept_count(int(size), keep_fraction) for size in sizes], np.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+# `eval.batch_norm_statistics`: what BatchNorm normalises a test batch with. "batch": the batch's
+# own statistics (the specification's BatchNorm, as in training). "population": precise BatchNorm
+# over un-augmented training images; "augmented": over training batches augmented as training
+# augments them (`population_statistics`).
+BATCH_NORM_STATISTICS = ("batch", "population", "augmented")
+# Precise BatchNorm's statistics come from at most this many training images (in full batches of
+# the run's training batch size, at least one): ~10,000 values per channel of the smallest map
+# estimate a mean to ~1% of a standard deviation.
+POPULATION_EXAMPLES = 10_000
+# "augmented" statistics draw their augmentation from this key: the same draws in every
+# evaluation, so the statistics are a function of the parameters alone.
+POPULATION_AUGMENT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationOptions:
+  """Where precise BatchNorm's statistics come from (static; `population_statistics`): the
+  first full batches of `batch_size` training images, augmented as `augment` says (None: as
+  they are)."""
+  batch_size: int
+  augment: AugmentOptions | None = None
+
+
+def population_options(batch_norm_statistics: str, batch_size: int,
+                       augment: AugmentOptions | None) -> PopulationOptions | None:
+  """The `PopulationOptions` of a `BATCH_NORM_STATISTICS` choice (None for "batch") for a run
+  that trains in batches of `batch_size` with `augment`."""
+  if batch_norm_statistics == "batch":
+    return None
+  if batch_norm_statistics == "population" or augment is None:
+    return PopulationOptions(batch_size)
+  if augment.flip == "alternate":
+    # In any one epoch each image is flipped or not with probability 1/2, as "random" draws.
+    augment = dataclasses.replace(augment, flip="random")
+  return PopulationOptions(batch_size, augment)
+
+
+def population_statistics(params, images: jax.Array, mean: jax.Array, std: jax.Array, *,
+                          apply_fn: Callable, options: PopulationOptions, batch_sharding=None):
+  """Precise BatchNorm (Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the network
+  runs over the first full batches of `options.batch_size` of the uint8 training `images` (up
+  to `POPULATION_EXAMPLES` of them, at least one batch), each normalised (`mean`, `std`) and,
+  with `options.augment`, augmented as a training step augments its batch (the draws keyed by
+  `POPULATION_AUGMENT_SEED` and the batch), BatchNorm normalising each batch by its own
+  statistics as in training; returns each BatchNorm input's mean and (biased) variance over all
+  those values, a `models.POPULATION` collection ({"mean", "variance"} float32 per layer).
+
+  Why "augmented": a BatchNorm trained on augmented batches learns its offsets for their
+  statistics; airbench's scripts evaluate with running averages of exactly those. Where the
+  augmentation moves the statistics (airbench96's cutout zeroes 14% of every image), a test
+  batch's own statistics, or un-augmented ones, normalise with other values than training did."""
+  batch_size = min(options.batch_size, images.shape[0])
+  num_batches = max(1, min(images.shape[0], POPULATION_EXAMPLES) // batch_size)
+  key = jax.random.key(POPULATION_AUGMENT_SEED)
+  augment = options.augment
+  # "random" flips are drawn per batch; "none" flips nothing.
+  flips = jnp.zeros(batch_size, bool) if augment is not None and augment.flip == "none" else None
+
+  def batch_statistics(_, index):
+    batch = jax.lax.dynamic_slice_in_dim(images, index * batch_size, batch_size)
+    batch = training_batch(jax.random.fold_in(key, index), batch, (mean, std), options.augment,
+                           flips)
+    _, variables = apply_fn({"params": params}, data_parallel.split_batch(batch, batch_sharding),
+                            mutable=[layers.BATCH_STATISTICS])
+    return None, variables[layers.BATCH_STATISTICS]
+
+  _, per_batch = jax.lax.scan(batch_statistics, None, jnp.arange(num_batches))
+  return _combined_statistics(per_batch)
+
+
+def _combined_statistics(node: dict) -> dict:
+  """Per-batch means and variances (stacked along axis 0; batches of one size) -> those of all
+  the values: the mean of the means, and the mean variance plus the variance of the means."""
+  if "mean" not in node:
+    return {name: _combined_statistics(child) for name, child in node.items()}
+  # `sow` keeps a tuple per layer, one entry per call; each BatchNorm is called once.
+  (means,), (variances,) = node["mean"], node["variance"]
+  mean = jnp.mean(means, axis=0)
+  variance = jnp.mean(variances + jnp.square(means - mean), axis=0)
+  return {"mean": mean, "variance": variance}
+
+
+def with_population(apply_fn: Callable, population) -> Callable:
+  """`apply_fn` with the BatchNorm statistics `population` (`models.POPULATION`) added to the
+  variables it is given: every batch normalised with them."""
+  def apply(variables, images, **kwargs):
+    return apply_fn({**variables, layers.POPULATION: population}, images, **kwargs)
+  return apply
+
+
 def evaluate(params, data: DeviceData, *, apply_fn: Callable, batch_size: int,
-             batch_sharding=None, test_time_augmentation: str = "none"):
+             batch_sharding=None, test_time_augmentation: str = "none",
+             population: PopulationOptions | None = None):
   """Evaluates on the whole test set of `data` in order, in batches of `batch_size` (the last
-  one short), as BatchNorm uses each batch's statistics; with `batch_sharding` each batch is
-  split over its devices. Returns the predictions and the summed metrics (`STEP_METRICS`) of the
-  images as they are; with `test_time_augmentation`, in the same pass, also the sums of the
-  weighted views of `tta.views` (`AUGMENTED_METRICS`)."""
+  one short), as BatchNorm uses each batch's statistics, or with `population` the precise
+  BatchNorm statistics `population_statistics` computes from `data`'s training images first;
+  with `batch_sharding` each batch is split over its devices. Returns the predictions and the
+  summed metrics (`STEP_METRICS`) of the images as they are; with `test_time_augmentation`, in
+  the same pass, also the sums of the weighted views of `tta.views` (`AUGMENTED_METRICS`)."""
+  if population is not None:
+    apply_fn = with_population(apply_fn, population_statistics(
+        params, data.train_images, data.mean, data.std, apply_fn=apply_fn, options=population,
+        batch_sharding=batch_sharding))
   images, labels, mean, std = data.test_images, data.test_labels, data.mean, data.std
   num_examples = labels.shape[0]
   num_full = num_examples // batch_size

@@ -6,13 +6,15 @@
     trained.predict(images)                         # uint8 NHWC images -> class probabilities
 
 BatchNorm here normalises with the statistics of the batch it is given (the specification's
-choice; no running averages): the run's own evaluation, in batches of `eval.batch_size`, is
-reproduced exactly that way. A batch of one image, or of a few of one class, is normalised by
-its own statistics, so its predictions are not the model's. For those, `batch_norm_statistics=
-"population"` normalises every image with statistics computed once from the training images
-(precise BatchNorm: each BatchNorm input's mean and variance over up to `POPULATION_EXAMPLES`
-un-augmented training images, in training-sized batches normalised as in training), stored in
-the workdir beside the checkpoints and never used in training.
+choice; no running averages), unless the run evaluated with precise statistics
+(`eval.batch_norm_statistics`): the run's own evaluation, in batches of `eval.batch_size`, is
+reproduced that way by default. A batch of one image, or of a few of one class, is normalised
+by its own statistics, so its predictions are not the model's. For those,
+`batch_norm_statistics="population"` normalises every image with statistics computed once from
+the training images (precise BatchNorm: each BatchNorm input's mean and variance over up to
+`steps.POPULATION_EXAMPLES` training images, in training-sized batches normalised as in
+training; "augmented": those images augmented as in training), stored in the workdir beside
+the checkpoints and never used in training.
 
 `python -m convnet_jax.evaluate` and `python -m convnet_jax.predict` are the command lines.
 """
@@ -44,12 +46,9 @@ from convnet_jax.runs import validation
 from convnet_jax.runs import workdir as workdir_lib
 
 # `batch_norm_statistics`: normalise each batch by its own statistics (the specification's, as
-# in training) or by the population statistics of the training images.
-BATCH_NORM_STATISTICS = ("batch", "population")
-# Population statistics come from at most this many training images (in full batches of the
-# run's training batch size, at least one): ~10,000 values per channel of the smallest map
-# estimate a mean to ~1% of a standard deviation.
-POPULATION_EXAMPLES = 10_000
+# in training) or by precise BatchNorm statistics of the training images, as they are
+# ("population") or augmented as in training ("augmented"): `steps.population_statistics`.
+BATCH_NORM_STATISTICS = steps_lib.BATCH_NORM_STATISTICS
 # With "batch" statistics, prediction refuses fewer images than this: in smaller batches the
 # seed net and the speedrun lose accuracy measurably (docs/operations.md, "Using a trained
 # model": the table by batch size).
@@ -66,50 +65,22 @@ def _check_statistics(batch_norm_statistics: str) -> None:
                     f"{', '.join(BATCH_NORM_STATISTICS)}")
 
 
-def _apply_with_population(apply_fn: Callable, population) -> Callable:
-  """`apply_fn` with the BatchNorm population statistics added to the variables it is given."""
-  def apply(variables, images):
-    return apply_fn({**variables, models.POPULATION: population}, images)
-  return apply
-
-
 def population_statistics(model: nn.Module, params, images: np.ndarray, mean: np.ndarray,
-                          std: np.ndarray, batch_size: int) -> dict:
-  """Precise BatchNorm's statistics: each BatchNorm's input mean and (biased) variance over the
-  first full batches of `batch_size` of uint8 `images` (up to `POPULATION_EXAMPLES` of them, at
-  least one batch), the network normalising each batch as in training.
+                          std: np.ndarray, batch_size: int,
+                          augment: steps_lib.AugmentOptions | None = None) -> dict:
+  """Precise BatchNorm's statistics (`steps.population_statistics`, as a run's evaluation
+  computes them): each BatchNorm's input mean and (biased) variance over the first full batches
+  of `batch_size` of uint8 `images` (up to `steps.POPULATION_EXAMPLES` of them, at least one
+  batch), augmented as `augment` says (None: as they are), the network normalising each batch
+  as in training.
 
   Returns:
     A `models.POPULATION` collection: per BatchNorm, {"mean", "variance"} float32 arrays.
   """
-  batch_size = min(batch_size, len(images))
-  num_batches = max(1, min(len(images), POPULATION_EXAMPLES) // batch_size)
-
-  @jax.jit
-  def batch_statistics(params, batch):
-    _, variables = model.apply({"params": params},
-                               input_pipeline.normalize(batch, mean, std),
-                               mutable=[models.BATCH_STATISTICS])
-    return variables[models.BATCH_STATISTICS]
-
-  batches = [jax.device_get(batch_statistics(params, images[i * batch_size:
-                                                            (i + 1) * batch_size]))
-             for i in range(num_batches)]
-  stacked = jax.tree_util.tree_map(lambda *values: np.stack(values).astype(np.float64),
-                                   *batches)
-  return _combined(stacked)
-
-
-def _combined(node: dict) -> dict:
-  """Per-batch means and variances (stacked along axis 0; batches of one size) -> those of all
-  the values: the mean of the means, and the mean variance plus the variance of the means."""
-  if "mean" not in node:
-    return {name: _combined(child) for name, child in node.items()}
-  # `sow` keeps a tuple per layer, one entry per call; each BatchNorm is called once.
-  (means,), (variances,) = node["mean"], node["variance"]
-  mean = means.mean(axis=0)
-  variance = (variances + np.square(means - mean)).mean(axis=0)
-  return {"mean": mean.astype(np.float32), "variance": variance.astype(np.float32)}
+  options = steps_lib.PopulationOptions(batch_size, augment)
+  compute = jax.jit(functools.partial(steps_lib.population_statistics, apply_fn=model.apply,
+                                      options=options))
+  return jax.device_get(compute(params, images, mean, std))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,25 +110,39 @@ class TrainedModel:
   # The jitted probability functions, by (statistics, test-time augmentation): repeated
   # predictions compile once per batch shape.
   _probability_fns: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  # The precise BatchNorm statistics, by `batch_norm_statistics`, once computed or read.
+  _populations: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def class_names(self) -> tuple[str, ...]:
     return self.data.class_names
 
-  @functools.cached_property
-  def population(self) -> dict:
-    """The population statistics of this checkpoint (`population_statistics`): read from the
-    workdir when computed before, else computed and stored there (kept in memory only where
-    the workdir cannot be written)."""
+  def _population_options(self, batch_norm_statistics: str
+                          ) -> steps_lib.PopulationOptions | None:
+    return steps_lib.population_options(batch_norm_statistics, self.config.batch_size,
+                                        steps_lib.augment_options(self.config.augment))
+
+  def population(self, batch_norm_statistics: str = "population") -> dict:
+    """The precise BatchNorm statistics of this checkpoint (`population_statistics`) for
+    "population" or "augmented": read from the workdir when computed before, else computed and
+    stored there (kept in memory only where the workdir cannot be written)."""
+    if batch_norm_statistics not in self._populations:
+      self._populations[batch_norm_statistics] = self._stored_population(batch_norm_statistics)
+    return self._populations[batch_norm_statistics]
+
+  def _stored_population(self, batch_norm_statistics: str) -> dict:
     path = self.workdir / "population_statistics" / (
         f"step{self.step}" + (f"_replica{self.replica}" if self.config.replicas.count > 1
-                              else "") + ".npz")
+                              else "")
+        + ("_augmented" if batch_norm_statistics == "augmented" else "") + ".npz")
     if path.is_file():
       with np.load(path) as saved:
         return traverse_util.unflatten_dict({key: saved[key] for key in saved.files},
                                             sep="/")
+    options = self._population_options(batch_norm_statistics)
     statistics = population_statistics(self.model, self.params, self.data.train_images,
-                                       self.data.mean, self.data.std, self.config.batch_size)
+                                       self.data.mean, self.data.std, options.batch_size,
+                                       options.augment)
     try:
       path.parent.mkdir(exist_ok=True)
       workdir_lib.write_atomically(
@@ -169,12 +154,12 @@ class TrainedModel:
 
   def _apply_fn(self, batch_norm_statistics: str) -> Callable:
     _check_statistics(batch_norm_statistics)
-    if batch_norm_statistics == "population":
-      return _apply_with_population(self.model.apply, self.population)
+    if batch_norm_statistics != "batch":
+      return steps_lib.with_population(self.model.apply, self.population(batch_norm_statistics))
     return self.model.apply
 
   def evaluate(self, images: np.ndarray | None = None, labels: np.ndarray | None = None, *,
-               batch_size: int | None = None, batch_norm_statistics: str = "batch",
+               batch_size: int | None = None, batch_norm_statistics: str | None = None,
                test_time_augmentation: str | None = None) -> dict[str, Any]:
     """Accuracy and mean loss on labelled images, in order, in batches of `batch_size` (the last
     one short), as the run evaluated its test set after each epoch.
@@ -183,7 +168,8 @@ class TrainedModel:
       images: uint8 NHWC 32x32 RGB images (default: the run's test set).
       labels: their labels, 0..k-1 in the run's class order (`class_names`).
       batch_size: default: the run's `eval.batch_size`.
-      batch_norm_statistics: "batch" (each batch's own, as in training) or "population".
+      batch_norm_statistics: "batch" (each batch's own, as in training), "population" or
+        "augmented" (`BATCH_NORM_STATISTICS`); default: the run's `eval.batch_norm_statistics`.
       test_time_augmentation: also the accuracy with these views (`tta.LEVELS`); default: the
         run's `eval.test_time_augmentation`.
 
@@ -204,7 +190,7 @@ class TrainedModel:
     if level not in tta.LEVELS:
       raise UserError(f"test_time_augmentation: {level!r}, expected one of "
                       f"{', '.join(tta.LEVELS)}")
-    apply_fn = self._apply_fn(batch_norm_statistics)
+    apply_fn = self._apply_fn(batch_norm_statistics or self.config.eval.batch_norm_statistics)
     # The data the run's own evaluation program takes, with these images as its test set; it
     # reads no training image, so none is copied to the device.
     data = programs_lib.put_data(dataclasses.replace(
@@ -227,10 +213,13 @@ class TrainedModel:
     return record
 
   def probabilities(self, images: np.ndarray, *, batch_size: int | None = None,
-                    batch_norm_statistics: str = "population",
+                    batch_norm_statistics: str | None = None,
                     test_time_augmentation: str = "none") -> np.ndarray:
     """Class probabilities (N, classes) of uint8 NHWC 32x32 RGB `images`, in batches of
-    `batch_size` (default: the run's `eval.batch_size`; the last one short).
+    `batch_size` (default: the run's `eval.batch_size`; the last one short), BatchNorm
+    normalising with `batch_norm_statistics` (`BATCH_NORM_STATISTICS`; default: the run's
+    `eval.batch_norm_statistics` where those are precise statistics, else "population", so that
+    no prediction depends on its batch).
 
     With "batch" statistics, fewer than `MIN_IMAGES_FOR_BATCH_STATISTICS` images raise a
     `UserError`: normalised by their own statistics, their probabilities are not the model's.
@@ -240,6 +229,10 @@ class TrainedModel:
         images.dtype != np.uint8:
       raise UserError(f"predict: images of shape {images.shape} and dtype {images.dtype}, "
                       f"expected uint8 (N, 32, 32, 3)")
+    if batch_norm_statistics is None:
+      batch_norm_statistics = self.config.eval.batch_norm_statistics
+      if batch_norm_statistics == "batch":
+        batch_norm_statistics = "population"
     _check_statistics(batch_norm_statistics)
     if batch_norm_statistics == "batch" and len(images) < MIN_IMAGES_FOR_BATCH_STATISTICS:
       raise UserError(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 import built
 import real_runs
+import convnet_jax
 from configs import cifar10_airbench94
 from configs import cifar10_airbench95
 from configs import cifar10_airbench96
@@ -121,6 +122,9 @@ def test_the_recipes_are_the_scripts():
       0.85, 64.0, 0.2)
   assert (a96.freeze.late_epochs, a96.lookahead.every_steps) == (3, 5)
   assert a96.model.dtype == "auto"
+  # airbench96.py evaluates with BatchNorm's running averages of its (cut out) training batches.
+  assert (a96.eval.batch_norm_statistics, base.eval.batch_norm_statistics) == ("augmented",
+                                                                               "batch")
   for config in (a95, a96):
     validation.validate_config(config)
 
@@ -147,6 +151,8 @@ def test_airbench96s_schedule_warms_up_over_a_tenth_then_falls_to_zero():
     ("model.airbench.widths", (128, 384), "expected three positive integers"),
     ("augment.cutout", 33, "expected 0 (none) or a square's side in pixels, at most 32"),
     ("augment.cutout", -1, "expected 0 (none) or a square's side"),
+    ("eval.batch_norm_statistics", "running",
+     "expected one of ('batch', 'population', 'augmented')"),
 ])
 def test_bad_values_of_the_new_keys_are_named(key, value, message):
   config = cifar10_airbench96.get_config()
@@ -168,3 +174,11 @@ def test_the_recipe_learns_on_real_cifar10(config_module, cifar10_dir, tmp_path)
   # Chance is 0.1; 0.14 is four standard errors above it on 1,000 test images.
   assert records[1]["test_acc"] > 0.14
   assert last == records[1] and 0.14 < last["tta_test_acc"] <= 1
+  # The trained model, loaded, evaluates as the run did: airbench96's with the precise
+  # statistics of augmented training batches (stored in the workdir), the others' with each
+  # test batch's own.
+  evaluated = convnet_jax.load(tmp_path).evaluate()
+  assert (evaluated["test_acc"], evaluated["tta_test_acc"]) == (last["test_acc"],
+                                                               last["tta_test_acc"])
+  stored = tmp_path / "population_statistics" / "step8_augmented.npz"
+  assert stored.is_file() == (config.eval.batch_norm_statistics == "augmented")

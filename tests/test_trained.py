@@ -2,6 +2,7 @@
 statistics against every value a layer saw, image files, and `load`/`evaluate`/`predict` on
 real saved workdirs against what those runs recorded."""
 
+import functools
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from test_models import numpy_seed_convnet
 
 import convnet_jax
 from convnet_jax import models
+from convnet_jax import steps as steps_lib
 from convnet_jax import trained
 from convnet_jax.data import images as images_lib
 from convnet_jax.data import input_pipeline
@@ -86,7 +88,7 @@ def test_population_statistics_are_the_mean_and_variance_of_every_value_a_layer_
   params = init_params(model)
   images = _uint8_images(14)
   # Full batches of 4 within at most 10 images: the first two batches, 8 images.
-  monkeypatch.setattr(trained, "POPULATION_EXAMPLES", 10)
+  monkeypatch.setattr(steps_lib, "POPULATION_EXAMPLES", 10)
   got = trained.population_statistics(model, params, images, MEAN, STD, batch_size=4)
   expected = _numpy_population(params, images, batch_size=4, num_batches=2)
   assert sorted(expected) == ["block1/bn", "block2/bn", "block3/bn", "stem_bn"]
@@ -102,6 +104,106 @@ def test_population_statistics_of_fewer_images_than_a_batch_use_them_all():
   got = trained.population_statistics(model, params, images, MEAN, STD, batch_size=128)
   expected = _numpy_population(params, images, batch_size=3, num_batches=1)
   np.testing.assert_allclose(got["stem_bn"]["variance"], expected["stem_bn"][1], rtol=1e-4)
+
+
+def _numpy_statistics_of_batches(params, normalized_batches):
+  """Each BatchNorm input's mean and variance over every value it took in these (already
+  normalised) batches, the network normalising each batch by its own statistics."""
+  seen = {}
+
+  def record(name, a):
+    seen.setdefault(name, []).append(a)
+    return numpy_batch_norm(a)
+
+  for batch in normalized_batches:
+    numpy_seed_convnet(params, np.asarray(batch, np.float64), norm=record)
+  values = {name: np.concatenate(parts) for name, parts in seen.items()}
+  return {name: (a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2))) for name, a in values.items()}
+
+
+def _statistics(model, params, images, batch_size, augment):
+  return trained.population_statistics(model, params, images, MEAN, STD, batch_size, augment)
+
+
+def test_augmented_statistics_are_those_of_the_batches_a_training_step_sees(monkeypatch):
+  model = make_model()
+  params = init_params(model)
+  images = _uint8_images(12, seed=5)
+  monkeypatch.setattr(steps_lib, "POPULATION_EXAMPLES", 8)  # two batches of 4
+  augment = steps_lib.AugmentOptions(translate=2, padding="reflect", flip="random", cutout=3)
+  got = _statistics(model, params, images, 4, augment)
+  # The definition: training's own augmentation of each batch (`steps.training_batch`, tested
+  # in test_augmentation.py), under the fixed key of the statistics and the batch's index.
+  key = jax.random.key(steps_lib.POPULATION_AUGMENT_SEED)
+  batches = [steps_lib.training_batch(jax.random.fold_in(key, index),
+                                      jnp.asarray(images[4 * index:4 * (index + 1)]),
+                                      (MEAN, STD), augment) for index in range(2)]
+  expected = _numpy_statistics_of_batches(params, batches)
+  for name, (mean, variance) in expected.items():
+    np.testing.assert_allclose(_get(got, name)["mean"], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_get(got, name)["variance"], variance, rtol=1e-4, atol=1e-6)
+  # And they are not the un-augmented ones.
+  plain = _statistics(model, params, images, 4, None)
+  assert not np.allclose(plain["stem_bn"]["variance"], got["stem_bn"]["variance"], rtol=1e-2)
+
+
+def test_a_cutout_of_the_whole_image_leaves_batch_norm_only_zeros():
+  # The seed net has no biases before its BatchNorms: zero images give zero at every one.
+  model = make_model()
+  params = init_params(model)
+  augment = steps_lib.AugmentOptions(translate=0, flip="none", cutout=8)  # 8x8 images
+  got = _statistics(model, params, _uint8_images(8, seed=6), 4, augment)
+  for leaf in jax.tree_util.tree_leaves(got):
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_an_augmentation_that_changes_nothing_gives_the_population_statistics():
+  model = make_model()
+  params = init_params(model)
+  images = _uint8_images(8, seed=7)
+  identity = steps_lib.AugmentOptions(translate=0, flip="none", cutout=0)
+  got = _statistics(model, params, images, 4, identity)
+  expected = _numpy_population(params, images, batch_size=4, num_batches=2)
+  for name, (mean, variance) in expected.items():
+    np.testing.assert_allclose(_get(got, name)["mean"], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_get(got, name)["variance"], variance, rtol=1e-4)
+
+
+def test_population_options_of_each_choice():
+  augment = steps_lib.AugmentOptions(translate=4, padding="reflect", flip="alternate", cutout=12)
+  assert steps_lib.population_options("batch", 1024, augment) is None
+  assert steps_lib.population_options("population", 1024, augment) == \
+      steps_lib.PopulationOptions(1024)
+  # airbench's alternating flips flip each image with probability 1/2 in any one epoch.
+  assert steps_lib.population_options("augmented", 1024, augment) == steps_lib.PopulationOptions(
+      1024, steps_lib.AugmentOptions(translate=4, padding="reflect", flip="random", cutout=12))
+  # A run without augmentation: its training batches are the images as they are.
+  assert steps_lib.population_options("augmented", 64, None) == steps_lib.PopulationOptions(64)
+
+
+def test_evaluation_with_population_statistics_normalises_every_test_batch_with_them():
+  model = make_model()
+  params = init_params(model)
+  train_images, test_images = _uint8_images(8, seed=8), _uint8_images(6, seed=9)
+  test_labels = np.array([0, 1, 1, 0, 1, 0], np.int32)
+  data = steps_lib.DeviceData(jnp.asarray(train_images), jnp.zeros(8, jnp.int32),
+                              jnp.asarray(test_images), jnp.asarray(test_labels),
+                              jnp.asarray(MEAN), jnp.asarray(STD))
+  population = _numpy_population(params, train_images, batch_size=4, num_batches=2)
+
+  def norm(name, a):
+    mean, variance = population[name]
+    return (a - mean) / np.sqrt(variance + 1e-5)
+
+  logits = numpy_seed_convnet(params, _normalized(test_images), norm=norm)
+  log_probabilities = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  expected_loss = -log_probabilities[np.arange(6), test_labels].sum()
+  for batch_size in (1, 4, 6):  # the batches no longer matter
+    predictions, totals = jax.jit(functools.partial(
+        steps_lib.evaluate, apply_fn=model.apply, batch_size=batch_size,
+        population=steps_lib.PopulationOptions(4)))(params, data)
+    np.testing.assert_array_equal(predictions, logits.argmax(axis=1))
+    np.testing.assert_allclose(totals["loss_sum"], expected_loss, rtol=1e-4)
 
 
 def _tiny_trained(params, model, train_images):
@@ -120,7 +222,7 @@ def test_population_normalisation_gives_what_numpy_computes_with_those_statistic
   statistics = trained.population_statistics(model, params, _uint8_images(8), MEAN, STD,
                                              batch_size=4)
   images = _uint8_images(5, seed=2)
-  apply = trained._apply_with_population(model.apply, statistics)
+  apply = steps_lib.with_population(model.apply, statistics)
   got = jax.jit(apply)({"params": params}, jnp.asarray(_normalized(images), jnp.float32))
 
   def norm(name, a):
@@ -158,10 +260,10 @@ def test_combining_batches_gives_the_statistics_of_all_their_values():
   rng = np.random.default_rng(3)
   batches = rng.normal(2.0, 3.0, (5, 7, 2)) + rng.normal(0, 1, (5, 1, 2))  # batch means differ
   node = {"mean": (batches.mean(axis=1),), "variance": (batches.var(axis=1),)}
-  got = trained._combined({"layer": node})["layer"]
+  got = steps_lib._combined_statistics({"layer": node})["layer"]  # in float32
   every_value = batches.reshape(-1, 2)
-  np.testing.assert_allclose(got["mean"], every_value.mean(axis=0), rtol=1e-6)
-  np.testing.assert_allclose(got["variance"], every_value.var(axis=0), rtol=1e-6)
+  np.testing.assert_allclose(got["mean"], every_value.mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(got["variance"], every_value.var(axis=0), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def program_options(config, budget: StepBudget) -> programs_lib.ProgramOptions:
   return programs_lib.ProgramOptions(
       epoch, eval_batch_size=config.eval.batch_size, replicated=config.replicas.count > 1,
       # Evaluated only after the last epoch: with its test-time augmentation (`train.py`).
-      first_evaluation=config.eval.test_time_augmentation if only_last else "none")
+      first_evaluation=config.eval.test_time_augmentation if only_last else "none",
+      eval_population=steps_lib.population_options(config.eval.batch_norm_statistics,
+                                                   config.batch_size, epoch.augment))
 
 
 def run_identity(config) -> dict:

@@ -16,6 +16,7 @@ import ml_collections
 
 from convnet_jax import models
 from convnet_jax import optim
+from convnet_jax import steps as steps_lib
 from convnet_jax.data import input_pipeline
 from convnet_jax.data import tta
 from convnet_jax.errors import UserError
@@ -392,6 +393,9 @@ def _validate_eval(eval_config) -> None:
           "a positive integer", eval_config.batch_size)
   require(eval_config.test_time_augmentation in tta.LEVELS, "eval.test_time_augmentation",
           f"one of {tta.LEVELS}", eval_config.test_time_augmentation)
+  require(eval_config.batch_norm_statistics in steps_lib.BATCH_NORM_STATISTICS,
+          "eval.batch_norm_statistics", f"one of {steps_lib.BATCH_NORM_STATISTICS}",
+          eval_config.batch_norm_statistics)
 
 
 def _validate_replicas(replicas, optim_config) -> None:

@@ -93,6 +93,7 @@ ADDED_KEYS = {
     "select.proxy_update_every": 4,
     "augment.brightness": 0.0,
     "augment.contrast": 0.0,
+    "eval.batch_norm_statistics": "batch",
     # Runs before it computed BatchNorm in XLA: loaded, they evaluate to their recorded digits.
     # (Not part of a run's identity, see `identity`: resumed, they go on as the command says.)
     "model.batch_norm_implementation": "jax",
