@@ -22,8 +22,8 @@ from flax.training import train_state as flax_train_state
 
 from convnet_jax import optim
 from convnet_jax.data import input_pipeline
-from convnet_jax.models import layers
 from convnet_jax.data import tta
+from convnet_jax.models import layers
 from convnet_jax.parallel import data_parallel
 
 
